@@ -1,0 +1,236 @@
+"""fedsparse: federated averaging where each client uploads only part of its model update.
+
+Run:     python main.py -c ./utils/conf.json [--set prop=0.5 ...] [--out DIR]
+Resume:  python main.py --out DIR --resume          (continues an interrupted run to the same end)
+Sweep:   python main.py -c ./utils/conf.json --sweep prop=1.0,0.8,0.5 [--out DIR]
+
+Each round: sample k clients; each trains from the global model on its own data and uploads its masked weight
+diff as an encoded payload; the server decodes and averages the uploads into the global model and evaluates it.
+One line per round is printed, and <out>/metrics.csv, <out>/config.json and <out>/checkpoint.pt are written.
+"""
+import argparse
+import copy
+import os
+import sys
+import time
+
+import torch
+
+import datasets
+import models
+from client import Client
+from server import Server
+from utils import config, partition, payload, run_files
+from utils.seeding import derive_seed, generator
+
+
+CLEAR_LINE = "\r\033[K"  # carriage return + erase line: replaces the progress line on a terminal
+
+
+class RunError(Exception):
+    """A run that cannot start as asked (nothing to resume, an occupied folder, no CUDA)."""
+
+
+def run(conf, out, resume=False):
+    """Train `conf` into folder `out` (continuing it when `resume`); returns the metrics rows."""
+    device = pick_device(conf["device"])
+    dataset = datasets.load(conf["type"], conf["data_dir"], device)
+    shares = partition.split(dataset.train_labels, conf)
+    print(f"data: {conf['type']} from {dataset.source}, {len(dataset.train_labels)} train / "
+          f"{len(dataset.test_labels)} test; partition {conf['partition']}: "
+          f"{partition.summary(shares, dataset.train_labels)}")
+    torch.manual_seed(derive_seed(conf["seed"], "init"))
+    server = Server(models.build(conf["model_name"], dataset.image_shape, dataset.num_classes, conf["pretrained"]),
+                    conf, device)
+    workspace = copy.deepcopy(server.model)  # the one model every client trains in turn
+    clients = [Client(i, share, conf) for i, share in enumerate(shares)]
+    dense_bytes = len(payload.encode(payload.DENSE, server.flat_globals, [None] * len(server.numels), 0))
+    rows = restore(out, server, clients, device) if resume else []
+    run_files.write_config(out, conf)
+    show_progress = sys.stdout.isatty()
+    for round_index in range(len(rows) + 1, conf["global_epochs"] + 1):
+        started = time.perf_counter()
+        chosen = torch.randperm(conf["no_models"], generator=generator(conf["seed"], "sample", round_index))
+        chosen = sorted(chosen[:conf["k"]].tolist())
+        upload_bytes = entries = 0
+        losses, rejected = [], 0
+        for position, client_id in enumerate(chosen):
+            progress = progress_printer(round_index, position, len(chosen)) if show_progress else None
+            upload = clients[client_id].local_train(workspace, server.global_state(), dataset, round_index, progress)
+            problem = server.receive(upload.payload)
+            if problem:
+                rejected += 1
+                print(f"round {round_index}: rejected client {client_id}'s upload: {problem}", file=sys.stderr)
+            upload_bytes += len(upload.payload)
+            entries += upload.entries_sent
+            losses.append(upload.train_loss)
+        server.aggregate()
+        accuracy, loss = server.evaluate(dataset.test_images, dataset.test_labels)
+        rows.append({
+            "round": round_index, "accuracy": round(accuracy, 6), "loss": round(loss, 6),
+            "train_loss": round(sum(losses) / len(losses), 6), "upload_bytes": upload_bytes,
+            "dense_upload_bytes": dense_bytes * len(chosen), "download_bytes": dense_bytes * len(chosen),
+            "upload_fraction": round(entries / (sum(server.numels) * len(chosen)), 6),
+            "clients": " ".join(map(str, chosen)), "rejected": rejected,
+            "seconds": round(time.perf_counter() - started, 3),
+        })
+        save(out, server, clients, rows)
+        print_row(rows[-1], conf["global_epochs"], show_progress)
+    return rows
+
+
+def pick_device(asked):
+    if asked == "cuda" and not torch.cuda.is_available():
+        raise RunError("device 'cuda' was asked for, but CUDA is not available here")
+    return torch.device("cuda" if asked != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def save(out, server, clients, rows):
+    """Checkpoint first, then metrics.csv from the same rows, so the two never disagree after a restart."""
+    run_files.save_checkpoint(out, {
+        "rows": rows,
+        "model": server.model.state_dict(),
+        "velocity": server.velocity,
+        "residuals": {str(c.id): c.residual for c in clients if c.residual is not None},
+    })
+    run_files.write_metrics(out, rows)
+
+
+def restore(out, server, clients, device):
+    state = run_files.load_checkpoint(out, device)
+    server.model.load_state_dict(state["model"])
+    server.velocity = state["velocity"]
+    for client_id, residual in state["residuals"].items():
+        clients[int(client_id)].residual = residual
+    print(f"resuming {out} after round {len(state['rows'])}")
+    return state["rows"]
+
+
+def print_row(row, total_rounds, clear_progress):
+    share = row["upload_bytes"] / row["dense_upload_bytes"]
+    print(f"{CLEAR_LINE if clear_progress else ''}round {row['round']:>3}/{total_rounds}  "
+          f"acc {row['accuracy']:.4f}  loss {row['loss']:.4f}  "
+          f"upload {row['upload_bytes'] / 1e6:.3f} MB ({share:.1%} of dense)  {row['seconds']:.1f} s", flush=True)
+
+
+def progress_printer(round_index, position, count):
+    last = [0.0]
+
+    def show(step, steps):
+        now = time.monotonic()
+        if now - last[0] > 0.2 or step == steps:
+            last[0] = now
+            print(f"{CLEAR_LINE}round {round_index}: client {position + 1}/{count}  step {step}/{steps}", end="", flush=True)
+    return show
+
+
+def resolve(args):
+    """(config, run folder, resume) from the command line; a resumed run keeps the config it started with."""
+    overrides = config.load(args.conf) if args.conf else {}
+    for assignment in args.set:
+        key, value = config.parse_assignment(assignment)
+        overrides[key] = value
+    if not args.resume:
+        if not args.conf:
+            raise RunError("give a config with -c FILE (or --resume with --out DIR)")
+        conf = config.validate(overrides)
+        out = args.out or new_run_dir(conf)
+        if os.path.exists(run_files.checkpoint_path(out)):
+            raise RunError(f"{out} already holds a run: continue it with --resume, or choose another --out")
+        return conf, out
+    if not args.out or not os.path.exists(run_files.checkpoint_path(args.out)):
+        raise RunError(f"nothing to resume: no checkpoint.pt in {args.out or '(give the run folder with --out)'}")
+    saved = config.validate(run_files.read_config(args.out))
+    conf = config.validate({**saved, **overrides} if not args.conf else overrides)
+    changed = [key for key in conf if conf[key] != saved[key] and key != "global_epochs"]
+    if changed:
+        raise RunError(f"--resume: config differs from {args.out}/config.json in {', '.join(changed)}")
+    return conf, args.out
+
+
+def new_run_dir(conf):
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = os.path.join("runs", f"{stamp}-{conf['type']}-{conf['sparsifier']}-prop{conf['prop']:g}")
+    path, n = base, 1
+    while os.path.exists(path):
+        n += 1
+        path = f"{base}-{n}"
+    return path
+
+
+def sweep(args):
+    """One run per value of the swept key into <out>/<key>=<value>/, then the comparison figure."""
+    key, sep, values = args.sweep.partition("=")
+    if not sep or not values:
+        raise RunError(f"--sweep expects KEY=V1,V2,..., got {args.sweep!r}")
+    base_out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-sweep-{key}")
+    run_dirs = []
+    for raw in values.split(","):
+        run_dir = os.path.join(base_out, f"{key}={raw}")
+        sub_args = copy.copy(args)
+        sub_args.set, sub_args.out = args.set + [f"{key}={raw}"], run_dir
+        sub_args.resume = args.resume and os.path.exists(run_files.checkpoint_path(run_dir))
+        run_dirs.append((sub_args, run_dir))
+    confs = [resolve(sub_args) for sub_args, _ in run_dirs]  # check every value before the first run starts
+    for (conf, run_dir), (sub_args, _) in zip(confs, run_dirs):
+        print(f"== {run_dir}")
+        start(conf, run_dir, sub_args.resume)
+    from utils import plot  # matplotlib loads only when a figure is drawn
+    figure = os.path.join(base_out, "comparison.png")
+    plot.plot_runs([run_dir for _, run_dir in run_dirs], figure)
+    print(f"figure: {figure}")
+
+
+def start(conf, out, resume):
+    os.makedirs(out, exist_ok=True)
+    try:
+        rows = run(conf, out, resume)
+    except KeyboardInterrupt:
+        raise Interrupted(out) from None
+    if rows:
+        print(f"done: {out} (final accuracy {rows[-1]['accuracy']:.4f})")
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a run: what finished is saved in `out`."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line and status 2, instead of argparse's usage block
+        raise RunError(message)
+
+
+def parse_args(argv):
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-c", "--conf", help="JSON config file (utils/conf.json)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key; VALUE is JSON or a bare string; may repeat")
+    parser.add_argument("--out", help="the run's folder (default: a new folder under runs/)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    parser.add_argument("--sweep", metavar="KEY=V1,V2,...", help="one run per value, then a comparison figure")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+        if args.sweep:
+            sweep(args)
+        else:
+            conf, out = resolve(args)
+            start(conf, out, args.resume)
+    except (config.ConfigError, datasets.DataError, models.ModelError, partition.PartitionError, RunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(f"\ninterrupted: finished rounds are saved in {e}; continue with: python main.py --out {e} --resume",
+              file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("\ninterrupted before the first round", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

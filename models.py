@@ -1,0 +1,54 @@
+"""Models: a small CNN for 28x28 and 32x32 images (the default), and torchvision's ResNets and VGGs adapted to them."""
+import torch
+import torchvision
+from torch import nn
+
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+VGGS = ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")
+MODEL_NAMES = ("cnn",) + RESNETS + VGGS
+
+
+class ModelError(Exception):
+    """The model cannot be built (unknown name, weights that cannot be fetched)."""
+
+
+def small_cnn(in_channels, image_size, num_classes):
+    """Two 3x3 conv + max-pool stages and two dense layers: fast on a CPU, ~0.91 on Fashion-MNIST."""
+    flat = 64 * (image_size // 4) ** 2
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(flat, 128), nn.ReLU(), nn.Linear(128, num_classes),
+    )
+
+
+def build(name, image_shape, num_classes, pretrained=False):
+    """Model `name` for images of `image_shape` (C, H, W) and `num_classes` outputs, on the CPU."""
+    in_channels, image_size = image_shape[0], image_shape[1]
+    if name == "cnn":
+        if pretrained:
+            raise ModelError("model 'cnn' has no pretrained weights; set pretrained to false")
+        return small_cnn(in_channels, image_size, num_classes)
+    if name not in MODEL_NAMES:
+        raise ModelError(f"unknown model_name '{name}' (choose from {', '.join(MODEL_NAMES)})")
+    try:
+        model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None)
+    except Exception as e:  # torchvision raises URLError, RuntimeError, ... when weights cannot be fetched
+        raise ModelError(f"cannot fetch pretrained weights for {name}: {e}") from None
+    if name in RESNETS:
+        # ImageNet's 7x7 stride-2 stem and max-pool would shrink a 32x32 image to 8x8 before the first block
+        model.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+        model.fc = nn.Linear(model.fc.in_features, num_classes)
+    else:
+        first = model.features[0]
+        model.features[0] = nn.Conv2d(in_channels, first.out_channels, 3, padding=1) if in_channels != 3 else first
+        if image_size < 32:  # a fifth 2x2 pool would shrink 28 -> 14 -> 7 -> 3 -> 1 -> 0
+            model.features[-1] = nn.Identity()
+        model.classifier[-1] = nn.Linear(model.classifier[-1].in_features, num_classes)
+    return model
+
+
+def floating_names(model):
+    """State-dict names of the floating-point tensors: the ones clients upload diffs for."""
+    return [name for name, tensor in model.state_dict().items() if torch.is_floating_point(tensor)]

@@ -1,0 +1,88 @@
+"""The server: owns the global model, decodes uploads into running sums, applies the aggregation rule, evaluates."""
+import torch
+import torch.nn.functional as F
+
+from utils import payload
+
+EVAL_BATCH_SIZE = 2000  # large batches: evaluation needs no gradients, and fewer batches run faster
+
+
+class Server:
+    def __init__(self, model, conf, device):
+        self.model = model.to(device)
+        self.conf = conf
+        state = self.model.state_dict()
+        # flat views into the global model's floating tensors, in the order uploads carry them
+        self.flat_globals = [t.view(-1) for t in state.values() if torch.is_floating_point(t)]
+        self.numels = [t.numel() for t in self.flat_globals]
+        self.velocity = None  # server momentum buffer, created on first use
+        self._start_round()
+
+    def _start_round(self):
+        self.weighted_sums = [torch.zeros_like(t) for t in self.flat_globals]  # sum of n_i * diff_i per entry
+        self.weights = [torch.zeros_like(t) for t in self.flat_globals]  # sum of n_i over the clients that sent it
+        self.total_weight = 0  # sum of n_i over accepted uploads
+        self.accepted = 0
+
+    def global_state(self):
+        return self.model.state_dict()
+
+    def receive(self, upload_bytes):
+        """Decode one upload and add it to this round's sums; returns None, or why it was rejected."""
+        try:
+            num_samples, positions, values = payload.decode(upload_bytes, self.numels)
+        except payload.PayloadError as e:
+            return f"malformed payload ({e})"
+        if not all(torch.isfinite(v).all() for v in values):
+            return "holds NaN or Inf"
+        device = self.flat_globals[0].device
+        for weighted_sum, weight, kept, value in zip(self.weighted_sums, self.weights, positions, values):
+            value = value.to(device) * num_samples
+            if kept is None:
+                weighted_sum += value
+                weight += num_samples
+            else:
+                kept = kept.to(device)
+                weighted_sum.index_add_(0, kept, value)
+                weight.index_add_(0, kept, torch.full_like(value, num_samples))
+        self.total_weight += num_samples
+        self.accepted += 1
+        return None
+
+    @torch.no_grad()
+    def aggregate(self):
+        """Move the global model by this round's accepted uploads under the configured rule, then start afresh."""
+        if self.accepted:
+            updates = [self._update(s, w) for s, w in zip(self.weighted_sums, self.weights)]
+            beta = self.conf["server_momentum"]
+            if beta:
+                if self.velocity is None:
+                    self.velocity = [torch.zeros_like(u) for u in updates]
+                for v, u in zip(self.velocity, updates):
+                    v.mul_(beta).add_(u)
+                updates = self.velocity
+            for global_entries, update in zip(self.flat_globals, updates):
+                global_entries.add_(update)
+        self._start_round()
+
+    def _update(self, weighted_sum, weight):
+        rule = self.conf["aggregation"]
+        if rule == "masked_mean":  # per entry, over the clients that sent it; unsent entries do not move
+            return torch.where(weight > 0, weighted_sum / weight.clamp(min=1e-12), 0.0)
+        mean = weighted_sum / self.total_weight  # unsent entries count as zero
+        if rule == "mean":
+            return mean
+        # the chapter's global += lambda * sum(diffs), each diff weighted by its client's share of the samples
+        return self.conf["lambda"] * self.accepted * mean
+
+    @torch.no_grad()
+    def evaluate(self, images, labels):
+        """(accuracy, mean cross-entropy) of the global model on a split."""
+        self.model.eval()
+        correct, loss_sum = 0, 0.0
+        for start in range(0, len(labels), EVAL_BATCH_SIZE):
+            logits = self.model(images[start:start + EVAL_BATCH_SIZE])
+            target = labels[start:start + EVAL_BATCH_SIZE]
+            loss_sum += F.cross_entropy(logits, target, reduction="sum")
+            correct += (logits.argmax(1) == target).sum()
+        return float(correct) / len(labels), float(loss_sum) / len(labels)

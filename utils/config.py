@@ -1,0 +1,133 @@
+"""Run configuration: every key, its default and its meaning, defined once, plus validation.
+
+A conf file holding only the chapter's keys runs: every newer key has a default here.
+"""
+import json
+import math
+
+# key: (default, meaning). The chapter's keys come first, with the chapter's meaning.
+KEYS = {
+    "model_name": ("cnn", "model: 'cnn' (small CNN) or a torchvision name (resnet18, resnet50, vgg16, ...)"),
+    "no_models": (10, "number of clients the training set is split across"),
+    "type": ("fashion-mnist", "dataset: mnist | fashion-mnist | cifar (CIFAR-10; also 'cifar10') | synthetic"),
+    "global_epochs": (20, "number of federated rounds"),
+    "local_epochs": (1, "passes a sampled client makes over its own data each round"),
+    "k": (2, "clients sampled per round"),
+    "batch_size": (32, "local SGD mini-batch size"),
+    "lr": (0.01, "local SGD learning rate"),
+    "momentum": (0.9, "local SGD momentum (the optimizer is fresh each round, as in the chapter)"),
+    "lambda": (0.1, "server step for aggregation='lambda': global += lambda * sum of client diffs"),
+    "prop": (0.6, "fraction of each tensor's entries a client uploads (the mask's density)"),
+    "seed": (0, "seeds the partition, client sampling, masks, shuffling and initial weights"),
+    "device": ("auto", "auto (CUDA when available) | cpu | cuda"),
+    "data_dir": ("./data", "where datasets are looked for first, and downloaded to when online"),
+    "aggregation": ("masked_mean", "masked_mean (per entry, over the clients that sent it) | mean (unsent = 0) | lambda"),
+    "pretrained": (False, "start torchvision models from their ImageNet weights (needs them downloaded)"),
+    "sparsifier": ("random", "random (Bernoulli(prop) mask) | topk (largest |diff| per tensor) | none (dense)"),
+    "mask": ("fixed", "random masks: fixed (drawn once per client, the chapter's) | round (fresh every round)"),
+    "error_feedback": (False, "clients keep what they did not send and add it to their next diff"),
+    "topk_scope": ("tensor", "topk: keep the largest entries per tensor, or over the whole model ('model')"),
+    "server_momentum": (0.0, "momentum of the server's update (FedAvgM); 0 applies each round's average as is"),
+    "partition": ("iid", "iid | dirichlet (label mix per client ~ Dirichlet(alpha)) | shards (few labels per client)"),
+    "alpha": (0.5, "Dirichlet concentration for partition='dirichlet': small is skewed, large is near IID"),
+    "shards_per_client": (2, "partition='shards': how many labels (one shard each) every client holds"),
+}
+DEFAULTS = {key: default for key, (default, _) in KEYS.items()}
+
+CHOICES = {
+    "type": ("mnist", "fashion-mnist", "cifar", "cifar10", "synthetic"),
+    "device": ("auto", "cpu", "cuda"),
+    "aggregation": ("masked_mean", "mean", "lambda"),
+    "sparsifier": ("random", "topk", "none"),
+    "mask": ("fixed", "round"),
+    "topk_scope": ("tensor", "model"),
+    "partition": ("iid", "dirichlet", "shards"),
+}
+
+# key: (lowest, highest, whether the lowest is allowed)
+RANGES = {
+    "no_models": (1, math.inf, True),
+    "global_epochs": (0, math.inf, True),
+    "local_epochs": (1, math.inf, True),
+    "k": (1, math.inf, True),
+    "batch_size": (1, math.inf, True),
+    "lr": (0, math.inf, False),
+    "momentum": (0, 1, True),
+    "lambda": (0, math.inf, True),
+    "prop": (0, 1, True),
+    "seed": (0, 2**63 - 1, True),
+    "server_momentum": (0, 1, True),
+    "alpha": (0, math.inf, False),
+    "shards_per_client": (1, math.inf, True),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration the simulator cannot run; its message names the key and the problem."""
+
+
+def _check_type(key, value):
+    expected = type(DEFAULTS[key])
+    if expected is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, expected)
+    if not ok:
+        raise ConfigError(f"config key '{key}' must be {expected.__name__}, got {value!r}")
+
+
+def validate(overrides):
+    """Merge `overrides` over the defaults and check every key; returns the resolved config."""
+    unknown = sorted(set(overrides) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(f"unknown config key '{unknown[0]}' (known keys: {', '.join(DEFAULTS)})")
+    conf = {**DEFAULTS, **overrides}
+    for key, value in conf.items():
+        _check_type(key, value)
+        if type(DEFAULTS[key]) is float:
+            conf[key] = value = float(value)
+        if key in CHOICES and value not in CHOICES[key]:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(CHOICES[key])}, got {value!r}")
+        if key in RANGES:
+            low, high, low_allowed = RANGES[key]
+            if not math.isfinite(value) or value > high or value < low or (value == low and not low_allowed):
+                bound = "" if high == math.inf else f" and <= {high}"
+                raise ConfigError(f"config key '{key}' must be {'>=' if low_allowed else '>'} {low}{bound}, got {value!r}")
+    if conf["k"] > conf["no_models"]:
+        raise ConfigError(f"config key 'k' ({conf['k']}) must not exceed 'no_models' ({conf['no_models']})")
+    if conf["type"] == "cifar10":
+        conf["type"] = "cifar"
+    return conf
+
+
+def load(path):
+    """Read a JSON conf file into a dict (not yet validated)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            conf = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+    if not isinstance(conf, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object")
+    return conf
+
+
+def parse_assignment(text):
+    """'KEY=VALUE' -> (key, value); VALUE is JSON, or a bare string when it is not JSON."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), parse_value(raw)
+
+
+def parse_value(raw):
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
