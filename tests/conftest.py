@@ -1,0 +1,87 @@
+"""Shared fixtures: a tiny config builder, a tiny model, and a helper that runs main.main and captures its output."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+# The test machine has 2 cores shared with other work: one intra-op thread avoids oversubscription, which can make
+# small CNN steps an order of magnitude slower. Results do not depend on it (every test compares within one process
+# or against hand-computed values).
+torch.set_num_threads(1)
+
+import datasets  # noqa: E402
+import main  # noqa: E402
+from utils import config  # noqa: E402
+
+# Small end-to-end settings: 4 clients of 750 synthetic examples, 2 sampled per round.
+TINY = {"type": "synthetic", "no_models": 4, "k": 2, "global_epochs": 3, "batch_size": 64, "lr": 0.05}
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    path = tmp_path / "data"
+    path.mkdir()
+    return str(path)
+
+
+@pytest.fixture
+def make_conf(data_dir):
+    """Build a validated config dict: TINY settings, a temporary data_dir, then the given overrides."""
+    def build(**overrides):
+        return config.validate({**TINY, "data_dir": data_dir, **overrides})
+    return build
+
+
+@pytest.fixture
+def write_conf(tmp_path, data_dir):
+    """Write a JSON conf file (TINY settings plus overrides, data_dir in tmp) and return its path."""
+    counter = [0]
+
+    def write(**overrides):
+        counter[0] += 1
+        path = tmp_path / f"conf{counter[0]}.json"
+        path.write_text(json.dumps({**TINY, "data_dir": data_dir, **overrides}))
+        return str(path)
+    return write
+
+
+@pytest.fixture
+def run_main(capsys):
+    """Call main.main(argv); returns (exit status, stdout, stderr)."""
+    def call(*argv):
+        status = main.main([str(a) for a in argv])
+        captured = capsys.readouterr()
+        return status, captured.out, captured.err
+    return call
+
+
+@pytest.fixture
+def tiny_model():
+    """nn.Linear(3, 2) with known weights: weight [[1,2,3],[4,5,6]] (flat 1..6), bias [0.5, -0.5]."""
+    model = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.arange(1.0, 7.0).view(2, 3))
+        model.bias.copy_(torch.tensor([0.5, -0.5]))
+    return model
+
+
+@pytest.fixture(scope="session")
+def synthetic():
+    return datasets.load("synthetic", "unused", torch.device("cpu"))
+
+
+def read_csv(path):
+    """metrics.csv as a list of dicts of strings (plain csv module, independent of utils.run_files)."""
+    import csv
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def without_seconds(rows):
+    return [{key: value for key, value in row.items() if key != "seconds"} for row in rows]

@@ -1,0 +1,240 @@
+"""End-to-end runs through main.main on the synthetic data: run files, determinism, interrupt and resume."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import datasets
+import main
+import models
+from conftest import TINY, read_csv, without_seconds
+from server import Server
+from utils import config, run_files
+
+REQUIRED_COLUMNS = {"round", "accuracy", "loss", "upload_bytes", "dense_upload_bytes", "download_bytes", "seconds"}
+
+
+def call_main(*argv):
+    return main.main([str(a) for a in argv])
+
+
+def write_json(path, data):
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def cnn_parameter_count():
+    model = models.build("cnn", datasets.SYNTHETIC_SHAPE, 10)
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---- one 3-round run, shared by the checks on its files ----------------------------------------------------------
+
+E2E = {**TINY, "global_epochs": 3, "prop": 0.5}
+
+
+@pytest.fixture(scope="module")
+def e2e_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("e2e")
+    conf = {**E2E, "data_dir": str(base / "data")}
+    out = base / "run"
+    assert call_main("-c", write_json(base / "conf.json", conf), "--out", out) == 0
+    return out, conf
+
+
+def test_metrics_csv_has_one_row_per_round(e2e_run):
+    out, _ = e2e_run
+    rows = read_csv(out / "metrics.csv")
+    assert REQUIRED_COLUMNS <= set(rows[0])
+    assert [int(r["round"]) for r in rows] == [1, 2, 3]
+    for r in rows:
+        clients = [int(c) for c in r["clients"].split()]
+        assert len(clients) == 2 and len(set(clients)) == 2 and all(0 <= c < 4 for c in clients)
+        assert int(r["rejected"]) == 0
+        assert float(r["seconds"]) >= 0
+
+
+def test_accuracy_rises_above_chance(e2e_run):
+    rows = read_csv(e2e_run[0] / "metrics.csv")
+    assert float(rows[-1]["accuracy"]) > 0.3  # 10 classes: chance is 0.1
+    assert float(rows[-1]["loss"]) < math.log(10)  # below the loss of a uniform guess
+
+
+def test_byte_counts(e2e_run):
+    rows = read_csv(e2e_run[0] / "metrics.csv")
+    n = cnn_parameter_count()
+    dense_per_client = 10 + 4 * n  # header + every value as f32
+    for r in rows:
+        upload, dense = int(r["upload_bytes"]), int(r["dense_upload_bytes"])
+        assert dense == 2 * dense_per_client
+        assert int(r["download_bytes"]) == 2 * dense_per_client
+        assert upload < dense
+        # random payloads: header + mask seed/prop + 4 bytes per kept entry, for each of the 2 clients
+        entries = round(float(r["upload_fraction"]) * 2 * n)
+        assert upload == 2 * (10 + 16) + 4 * entries
+        assert abs(entries - 0.5 * 2 * n) <= 4 * math.sqrt(2 * n * 0.25)
+
+
+def test_config_json_holds_the_resolved_config(e2e_run):
+    out, conf = e2e_run
+    saved = json.loads((out / "config.json").read_text())
+    assert set(saved) == set(config.DEFAULTS)
+    for key, value in saved.items():
+        expected = conf.get(key, config.DEFAULTS[key])
+        assert value == expected, key
+        if isinstance(config.DEFAULTS[key], float):
+            assert isinstance(value, float), key
+
+
+def test_checkpoint_holds_the_final_model(e2e_run):
+    out, _ = e2e_run
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert len(state["rows"]) == 3
+    model = models.build("cnn", datasets.SYNTHETIC_SHAPE, 10)
+    model.load_state_dict(state["model"])
+    data = datasets.load("synthetic", "unused", torch.device("cpu"))
+    with torch.no_grad():
+        logits = model(data.test_images)
+    accuracy = (logits.argmax(1) == data.test_labels).float().mean().item()
+    loss = F.cross_entropy(logits, data.test_labels).item()
+    final = read_csv(out / "metrics.csv")[-1]
+    assert accuracy == pytest.approx(float(final["accuracy"]), abs=1e-6)
+    assert loss == pytest.approx(float(final["loss"]), abs=1e-4)
+
+
+def test_read_metrics_matches_the_csv(e2e_run):
+    rows = run_files.read_metrics(e2e_run[0])
+    plain = read_csv(e2e_run[0] / "metrics.csv")
+    assert len(rows) == len(plain) == 3
+    for got, raw in zip(rows, plain):
+        assert got["upload_bytes"] == float(raw["upload_bytes"]) and got["accuracy"] == float(raw["accuracy"])
+        assert got["clients"] == raw["clients"]
+
+
+def test_occupied_folder_is_refused(e2e_run, run_main, tmp_path):
+    out, conf = e2e_run
+    before = (out / "metrics.csv").read_text()
+    status, _, err = run_main("-c", write_json(tmp_path / "c.json", conf), "--out", out)
+    assert status == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1
+    assert (out / "metrics.csv").read_text() == before
+
+
+def test_resume_refuses_a_changed_config(e2e_run, run_main):
+    out, _ = e2e_run
+    before = (out / "metrics.csv").read_text()
+    status, _, err = run_main("--out", out, "--resume", "--set", "prop=0.3", "--set", "global_epochs=5")
+    assert status == 2 and err.startswith("error:") and "prop" in err and len(err.strip().splitlines()) == 1
+    assert (out / "metrics.csv").read_text() == before
+
+
+# ---- determinism -----------------------------------------------------------------------------------------------
+
+def test_same_config_same_metrics(write_conf, tmp_path):
+    conf = write_conf(global_epochs=2, sparsifier="topk", prop=0.2)
+    for name in ("a", "b"):
+        assert call_main("-c", conf, "--out", tmp_path / name) == 0
+    assert call_main("-c", conf, "--set", "seed=1", "--out", tmp_path / "c") == 0
+    a, b, c = (read_csv(tmp_path / name / "metrics.csv") for name in ("a", "b", "c"))
+    assert len(a) == 2
+    assert without_seconds(a) == without_seconds(b)
+    assert without_seconds(a) != without_seconds(c)  # the seed matters, so the comparison above can fail
+    model_a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
+    model_b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+
+
+# ---- interrupt and resume --------------------------------------------------------------------------------------
+
+VARIANTS = {
+    "random": {},
+    "topk-ef-momentum": {"sparsifier": "topk", "prop": 0.1, "error_feedback": True, "server_momentum": 0.5},
+    "dirichlet-roundmask-lambda": {"partition": "dirichlet", "mask": "round", "aggregation": "lambda", "prop": 0.3},
+}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """Per variant: (conf file for 2 rounds, metrics of the uninterrupted 4-round run)."""
+    base = tmp_path_factory.mktemp("resume")
+    results = {}
+    for name, overrides in VARIANTS.items():
+        conf = write_json(base / f"{name}.json",
+                          {**TINY, "global_epochs": 2, "data_dir": str(base / "data"), **overrides})
+        out = base / f"{name}-full"
+        assert call_main("-c", conf, "--set", "global_epochs=4", "--out", out) == 0
+        results[name] = conf, read_csv(out / "metrics.csv")
+    return results
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_resume_with_more_rounds_equals_uninterrupted(uninterrupted, tmp_path, variant):
+    conf, full = uninterrupted[variant]
+    assert len(full) == 4
+    out = tmp_path / "run"
+    assert call_main("-c", conf, "--out", out) == 0
+    assert len(read_csv(out / "metrics.csv")) == 2
+    if variant == "random":
+        resumed = call_main("--out", out, "--resume", "--set", "global_epochs=4")
+    else:  # the conf file may be given again, with only global_epochs changed
+        resumed = call_main("-c", conf, "--set", "global_epochs=4", "--out", out, "--resume")
+    assert resumed == 0
+    assert without_seconds(read_csv(out / "metrics.csv")) == without_seconds(full)
+    assert json.loads((out / "config.json").read_text())["global_epochs"] == 4
+
+
+def interrupt_on_evaluation(monkeypatch, call_number):
+    """Make Server.evaluate raise KeyboardInterrupt on its `call_number`-th call (once)."""
+    original, calls = Server.evaluate, [0]
+
+    def evaluate(self, images, labels):
+        calls[0] += 1
+        if calls[0] == call_number:
+            raise KeyboardInterrupt
+        return original(self, images, labels)
+    monkeypatch.setattr(Server, "evaluate", evaluate)
+    return calls
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_interrupt_then_resume_equals_uninterrupted(uninterrupted, tmp_path, monkeypatch, capsys, variant):
+    conf, full = uninterrupted[variant]
+    out = tmp_path / "run"
+    interrupt_on_evaluation(monkeypatch, 3)
+    assert call_main("-c", conf, "--set", "global_epochs=4", "--out", out) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert without_seconds(read_csv(out / "metrics.csv")) == without_seconds(full[:2])
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert len(state["rows"]) == 2
+    if VARIANTS[variant].get("error_feedback"):
+        assert state["residuals"] and all(r.abs().sum() > 0 for rs in state["residuals"].values() for r in rs)
+    if VARIANTS[variant].get("server_momentum"):
+        assert state["velocity"] is not None
+    assert call_main("--out", out, "--resume") == 0
+    assert without_seconds(read_csv(out / "metrics.csv")) == without_seconds(full)
+
+
+def test_resume_needs_the_saved_residuals_and_velocity(uninterrupted, tmp_path):
+    """Control for the equality above: a checkpoint without residuals and velocity resumes differently."""
+    conf, full = uninterrupted["topk-ef-momentum"]
+    out = tmp_path / "run"
+    assert call_main("-c", conf, "--out", out) == 0
+    path = out / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    state["residuals"], state["velocity"] = {}, None
+    torch.save(state, path)
+    assert call_main("--out", out, "--resume", "--set", "global_epochs=4") == 0
+    resumed = without_seconds(read_csv(out / "metrics.csv"))
+    assert resumed[:2] == without_seconds(full[:2]) and resumed != without_seconds(full)
+
+
+def test_interrupt_before_the_first_round(write_conf, tmp_path, monkeypatch, run_main):
+    interrupt_on_evaluation(monkeypatch, 1)
+    out = tmp_path / "run"
+    status, _, err = run_main("-c", write_conf(), "--out", out)
+    assert status == 130 and "interrupted" in err and "Traceback" not in err
+    assert not (out / "checkpoint.pt").exists()
+    monkeypatch.undo()
+    status, _, _ = run_main("-c", write_conf(global_epochs=1), "--out", out)  # nothing saved: start afresh
+    assert status == 0 and len(read_csv(out / "metrics.csv")) == 1
