@@ -125,11 +125,17 @@ def progress_printer(round_index, position, count):
 
 
 def resolve(args):
-    """(config, run folder, resume) from the command line; a resumed run keeps the config it started with."""
+    """(config, run folder) from the command line; a resumed run keeps the config it started with."""
     overrides = config.load(args.conf) if args.conf else {}
     for assignment in args.set:
         key, value = config.parse_assignment(assignment)
         overrides[key] = value
+    conf, out = _resolve_config(args, overrides)
+    pick_device(conf["device"])  # fail before creating any folder when CUDA is asked for but missing
+    return conf, out
+
+
+def _resolve_config(args, overrides):
     if not args.resume:
         if not args.conf:
             raise RunError("give a config with -c FILE (or --resume with --out DIR)")

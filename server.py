@@ -33,6 +33,8 @@ class Server:
             num_samples, positions, values = payload.decode(upload_bytes, self.numels)
         except payload.PayloadError as e:
             return f"malformed payload ({e})"
+        if num_samples == 0:
+            return "claims 0 training examples, so it has no weight"
         if not all(torch.isfinite(v).all() for v in values):
             return "holds NaN or Inf"
         device = self.flat_globals[0].device

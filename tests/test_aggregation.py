@@ -149,6 +149,14 @@ def test_nan_or_inf_upload_is_rejected_and_changes_nothing(tiny_model, make_conf
     assert_close(flat_globals(server), [[g + 1 for g in GLOBAL_W], [g + 2 for g in GLOBAL_B]])
 
 
+def test_upload_claiming_no_examples_is_rejected(tiny_model, make_conf):
+    server = server_for(tiny_model, make_conf, aggregation="mean")
+    reason = server.receive(dense_upload(0, [1] * 6, [1, 1]))
+    assert isinstance(reason, str) and "0 training examples" in reason
+    server.aggregate()
+    assert flat_globals(server) == [GLOBAL_W, GLOBAL_B]
+
+
 def test_malformed_upload_is_rejected(tiny_model, make_conf):
     server = server_for(tiny_model, make_conf)
     good = dense_upload(5, [1] * 6, [1, 1])

@@ -102,6 +102,12 @@ def test_topk_per_tensor(prop):
         assert kept.tolist() == reference_topk(d.tolist(), count)
 
 
+@pytest.mark.parametrize("prop, numel, count", [(0.07, 100, 7), (0.29, 100, 29), (0.01, 1, 1), (0.011, 1000, 11)])
+def test_topk_count_ignores_float_noise(prop, numel, count):  # 0.07 * 100 == 7.000000000000001 in floats
+    diff = torch.arange(numel, dtype=torch.float32)
+    assert len(topk_positions([diff], prop, "tensor")[0]) == count
+
+
 @pytest.mark.parametrize("prop", [0.0, 0.01, 0.1, 0.5, 1.0])
 def test_topk_over_the_whole_model(prop):
     g = torch.Generator().manual_seed(12)

@@ -1,0 +1,81 @@
+"""Sweeps, the plot/table tool, and the README's promise to document every config key."""
+import csv
+import json
+import os
+
+import matplotlib.image
+
+import main
+from utils import config, plot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_conf(tmp_path):
+    path = tmp_path / "conf.json"
+    path.write_text(json.dumps({"type": "synthetic", "no_models": 4, "k": 2, "global_epochs": 2, "batch_size": 64,
+                                "data_dir": str(tmp_path / "data")}))
+    return str(path)
+
+
+def read_rows(run_dir):
+    with open(os.path.join(run_dir, "metrics.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_sweep_runs_each_value_and_draws_the_comparison(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    status = main.main(["-c", write_conf(tmp_path), "--sweep", "prop=1.0,0.5", "--set", "seed=3", "--out", str(out)])
+    assert status == 0
+    for value in ("1.0", "0.5"):
+        run_dir = out / f"prop={value}"
+        saved = json.loads((run_dir / "config.json").read_text())
+        assert saved["prop"] == float(value) and saved["seed"] == 3  # the swept value and --set both apply
+        assert len(read_rows(run_dir)) == 2
+    full, half = read_rows(out / "prop=1.0"), read_rows(out / "prop=0.5")
+    assert int(half[0]["upload_bytes"]) < int(full[0]["upload_bytes"])
+    image = matplotlib.image.imread(out / "comparison.png")
+    assert image.shape[0] > 100 and image.shape[1] > 3 * image.shape[0] / 2  # three panels side by side
+    # a finished sweep resumed does no more rounds; its figure is redrawn
+    os.remove(out / "comparison.png")
+    assert main.main(["-c", write_conf(tmp_path), "--sweep", "prop=1.0,0.5", "--set", "seed=3",
+                      "--out", str(out), "--resume"]) == 0
+    assert len(read_rows(out / "prop=0.5")) == 2 and (out / "comparison.png").exists()
+
+
+def test_sweep_rejects_a_bad_value_before_running_anything(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main.main(["-c", write_conf(tmp_path), "--sweep", "prop=0.5,1.5", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "prop" in err[0]
+    assert not (out / "prop=0.5" / "metrics.csv").exists()
+
+
+def test_table_and_labels_follow_the_runs(tmp_path, capsys):
+    conf = write_conf(tmp_path)
+    dirs = [str(tmp_path / name) for name in ("a", "b")]
+    assert main.main(["-c", conf, "--out", dirs[0]]) == 0
+    assert main.main(["-c", conf, "--set", "aggregation=mean", "--out", dirs[1]]) == 0
+    assert plot.labels_for(dirs) == ["aggregation=masked_mean", "aggregation=mean"]
+    capsys.readouterr()
+    assert plot.main(dirs + ["--table"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    for run_dir, line in zip(dirs, lines[2:]):
+        rows = read_rows(run_dir)
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        sent = sum(int(r["upload_bytes"]) for r in rows)
+        dense = sum(int(r["dense_upload_bytes"]) for r in rows)
+        assert float(cells[1]) == float(rows[-1]["accuracy"])
+        assert float(cells[3]) == round(sent / 1e6, 2)
+        assert cells[4] == f"{sent / dense:.2%}"
+
+
+def test_plot_refuses_a_folder_without_metrics(tmp_path, capsys):
+    assert plot.main([str(tmp_path), "-o", str(tmp_path / "x.png")]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+
+
+def test_readme_documents_every_config_key():
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    for key, default in config.DEFAULTS.items():
+        assert f"| `{key}` | `{json.dumps(default)}` |" in readme, key
