@@ -63,7 +63,7 @@ class Dataset:
             images = self.train_images[batch]
             if self.augment:
                 images = self._crop_and_flip(images, generator)
-            yield images, self.train_labels[batch]
+            yield images.contiguous(memory_format=torch.channels_last), self.train_labels[batch]
 
     def _crop_and_flip(self, images, generator):
         n, channels, height, width = images.shape
@@ -96,7 +96,8 @@ def load(name, data_dir, device):
 
 def _to_dataset(name, splits, pad_value, source, device):
     (train_x, train_y), (test_x, test_y) = splits["train"], splits["test"]
-    return Dataset(name, train_x.to(device), train_y.to(device), test_x.to(device), test_y.to(device),
+    train_x, test_x = (x.to(device).contiguous(memory_format=torch.channels_last) for x in (train_x, test_x))
+    return Dataset(name, train_x, train_y.to(device), test_x, test_y.to(device),
                    num_classes=int(train_y.max()) + 1, augment=name == "cifar", pad_value=pad_value, source=source)
 
 

@@ -44,7 +44,7 @@ def run(conf, out, resume=False):
                     conf, device)
     workspace = copy.deepcopy(server.model)  # the one model every client trains in turn
     clients = [Client(i, share, conf) for i, share in enumerate(shares)]
-    dense_bytes = len(payload.encode(payload.DENSE, server.flat_globals, [None] * len(server.numels), 0))
+    dense_bytes = len(payload.encode(payload.DENSE, server.flat_globals(), [None] * len(server.numels), 0))
     rows = restore(out, server, clients, device) if resume else []
     run_files.write_config(out, conf)
     show_progress = sys.stdout.isatty()

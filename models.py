@@ -23,7 +23,12 @@ def small_cnn(in_channels, image_size, num_classes):
 
 
 def build(name, image_shape, num_classes, pretrained=False):
-    """Model `name` for images of `image_shape` (C, H, W) and `num_classes` outputs, on the CPU."""
+    """Model `name` for images of `image_shape` (C, H, W) and `num_classes` outputs, on the CPU, channels-last."""
+    # channels-last convolutions train ~20% and evaluate ~3x faster on a CPU (benchmarks/bench.py), and suit cuDNN
+    return _build(name, image_shape, num_classes, pretrained).to(memory_format=torch.channels_last)
+
+
+def _build(name, image_shape, num_classes, pretrained):
     in_channels, image_size = image_shape[0], image_shape[1]
     if name == "cnn":
         if pretrained:

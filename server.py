@@ -4,28 +4,31 @@ import torch.nn.functional as F
 
 from utils import payload
 
-EVAL_BATCH_SIZE = 2000  # large batches: evaluation needs no gradients, and fewer batches run faster
+EVAL_BATCH_SIZE = 256  # on a CPU, larger batches fall out of cache and run slower per image
 
 
 class Server:
     def __init__(self, model, conf, device):
         self.model = model.to(device)
         self.conf = conf
-        state = self.model.state_dict()
-        # flat views into the global model's floating tensors, in the order uploads carry them
-        self.flat_globals = [t.view(-1) for t in state.values() if torch.is_floating_point(t)]
-        self.numels = [t.numel() for t in self.flat_globals]
+        # the global model's floating tensors, in the order uploads carry them (flattened, in logical order)
+        self.globals = [t for t in self.model.state_dict().values() if torch.is_floating_point(t)]
+        self.numels = [t.numel() for t in self.globals]
         self.velocity = None  # server momentum buffer, created on first use
         self._start_round()
 
     def _start_round(self):
-        self.weighted_sums = [torch.zeros_like(t) for t in self.flat_globals]  # sum of n_i * diff_i per entry
-        self.weights = [torch.zeros_like(t) for t in self.flat_globals]  # sum of n_i over the clients that sent it
+        self.weighted_sums = [t.new_zeros(t.numel()) for t in self.globals]  # sum of n_i * diff_i per entry
+        self.weights = [t.new_zeros(t.numel()) for t in self.globals]  # sum of n_i over the clients that sent it
         self.total_weight = 0  # sum of n_i over accepted uploads
         self.accepted = 0
 
     def global_state(self):
         return self.model.state_dict()
+
+    def flat_globals(self):
+        """The global model's floating tensors, flattened in logical order (copies where memory is channels-last)."""
+        return [t.flatten() for t in self.globals]
 
     def receive(self, upload_bytes):
         """Decode one upload and add it to this round's sums; returns None, or why it was rejected."""
@@ -37,7 +40,7 @@ class Server:
             return "claims 0 training examples, so it has no weight"
         if not all(torch.isfinite(v).all() for v in values):
             return "holds NaN or Inf"
-        device = self.flat_globals[0].device
+        device = self.globals[0].device
         for weighted_sum, weight, kept, value in zip(self.weighted_sums, self.weights, positions, values):
             value = value.to(device) * num_samples
             if kept is None:
@@ -63,8 +66,8 @@ class Server:
                 for v, u in zip(self.velocity, updates):
                     v.mul_(beta).add_(u)
                 updates = self.velocity
-            for global_entries, update in zip(self.flat_globals, updates):
-                global_entries.add_(update)
+            for global_tensor, update in zip(self.globals, updates):
+                global_tensor.add_(update.view(global_tensor.shape))
         self._start_round()
 
     def _update(self, weighted_sum, weight):

@@ -37,7 +37,7 @@ def server_for(model, make_conf, **overrides):
 
 
 def flat_globals(server):
-    return [t.tolist() for t in server.flat_globals]
+    return [t.tolist() for t in server.flat_globals()]
 
 
 def assert_close(got, expected):
@@ -49,8 +49,8 @@ def test_server_wraps_a_linear_model(tiny_model, make_conf):
     server = server_for(tiny_model, make_conf)
     assert server.numels == [6, 2]
     assert flat_globals(server) == [GLOBAL_W, GLOBAL_B]
-    # the flat views are the model's own storage: moving them moves the model
-    server.flat_globals[0][0] += 1
+    # the server's tensors are the model's own storage: moving them moves the model
+    server.globals[0][0, 0] += 1
     assert tiny_model.weight[0, 0].item() == 2.0
 
 
@@ -108,11 +108,11 @@ def test_rules_against_a_plain_loop(make_conf, rule):
     """Three clients with random positions and sample counts, against a per-entry reference in float64."""
     model = models.build("cnn", (1, 8, 8), 4)
     server = Server(model, make_conf(aggregation=rule, **{"lambda": 0.3}), CPU)
-    start = [t.double().clone() for t in server.flat_globals]
+    start = [t.double().clone() for t in server.flat_globals()]
     g = torch.Generator().manual_seed(0)
     clients = []
     for i, (n, prop) in enumerate([(10, 0.2), (35, 0.5), (7, 0.9)]):
-        diffs = [torch.randn(t.numel(), generator=g) for t in server.flat_globals]
+        diffs = [torch.randn(t.numel(), generator=g) for t in server.flat_globals()]
         kept = payload.random_positions(100 + i, prop, server.numels)
         clients.append((n, diffs, kept))
         assert server.receive(payload.encode(payload.RANDOM, diffs, kept, n, 100 + i, prop)) is None
@@ -132,7 +132,7 @@ def test_rules_against_a_plain_loop(make_conf, rule):
             expected += sums / total
         else:
             expected += 0.3 * 3 * sums / total
-        assert torch.allclose(server.flat_globals[t].double(), expected, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(server.flat_globals()[t].double(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_nan_or_inf_upload_is_rejected_and_changes_nothing(tiny_model, make_conf):
