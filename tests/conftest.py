@@ -85,3 +85,16 @@ def read_csv(path):
 
 def without_seconds(rows):
     return [{key: value for key, value in row.items() if key != "seconds"} for row in rows]
+
+
+def dense_from(positions, values, numels):
+    """Scatter decoded (positions, values) into zero tensors: the masked diff the server sees."""
+    out = []
+    for kept, value, numel in zip(positions, values, numels):
+        full = torch.zeros(numel)
+        if kept is None:
+            full[:] = value
+        else:
+            full[kept] = value
+        out.append(full)
+    return out

@@ -7,6 +7,7 @@ import torch
 
 import models
 from client import Client, topk_positions
+from conftest import dense_from
 from utils import payload
 
 
@@ -17,15 +18,7 @@ def flat_float_state(model):
 def decoded_dense(encoded, numels):
     """The diff the server reconstructs from an upload, as dense flat tensors (zeros where nothing was sent)."""
     _, positions, values = payload.decode(encoded, numels)
-    out = []
-    for kept, value, numel in zip(positions, values, numels):
-        full = torch.zeros(numel)
-        if kept is None:
-            full[:] = value
-        else:
-            full[kept] = value
-        out.append(full)
-    return out, positions
+    return dense_from(positions, values, numels), positions
 
 
 def perturbed(model, seed, scale=0.1):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import models
+from conftest import dense_from
 from utils import payload
 
 HEADER_BYTES, RANDOM_HEADER_BYTES, TENSOR_HEADER_BYTES, VALUE_BYTES = 10, 16, 5, 4
@@ -19,19 +20,6 @@ def cnn_numels():
 def random_diffs(numels, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(n, generator=g) for n in numels]
-
-
-def dense_from(positions, values, numels):
-    """Scatter decoded (positions, values) into zero tensors: the masked diff the server sees."""
-    out = []
-    for kept, value, numel in zip(positions, values, numels):
-        full = torch.zeros(numel)
-        if kept is None:
-            full[:] = value
-        else:
-            full[kept] = value
-        out.append(full)
-    return out
 
 
 def masked_plainly(diffs, masks):
