@@ -11,6 +11,7 @@ One line per round is printed, and <out>/metrics.csv, <out>/config.json and <out
 import argparse
 import copy
 import os
+import shlex
 import sys
 import time
 
@@ -178,9 +179,16 @@ def sweep(args):
         sub_args.resume = args.resume and os.path.exists(run_files.checkpoint_path(run_dir))
         run_dirs.append((sub_args, run_dir))
     confs = [resolve(sub_args) for sub_args, _ in run_dirs]  # check every value before the first run starts
-    for (conf, run_dir), (sub_args, _) in zip(confs, run_dirs):
-        print(f"== {run_dir}")
-        start(conf, run_dir, sub_args.resume)
+    try:
+        for (conf, run_dir), (sub_args, _) in zip(confs, run_dirs):
+            print(f"== {run_dir}")
+            start(conf, run_dir, sub_args.resume)
+    except Interrupted as e:
+        if not e.args[0] and not any(os.path.exists(run_files.checkpoint_path(d)) for _, d in run_dirs):
+            raise
+        sets = "".join(f" --set {shlex.quote(s)}" for s in args.set)
+        raise Interrupted(f"python main.py -c {shlex.quote(args.conf or '')}{sets} --sweep {shlex.quote(args.sweep)}"
+                          f" --out {shlex.quote(base_out)} --resume") from None
     from utils import plot  # matplotlib loads only when a figure is drawn
     figure = os.path.join(base_out, "comparison.png")
     plot.plot_runs([run_dir for _, run_dir in run_dirs], figure)
@@ -192,13 +200,17 @@ def start(conf, out, resume):
     try:
         rows = run(conf, out, resume)
     except KeyboardInterrupt:
-        raise Interrupted(out) from None
+        saved = os.path.exists(run_files.checkpoint_path(out))
+        raise Interrupted(f"python main.py --out {shlex.quote(out)} --resume" if saved else None) from None
     if rows:
-        print(f"done: {out} (final accuracy {rows[-1]['accuracy']:.4f})")
+        sent = sum(row["upload_bytes"] for row in rows)
+        dense = sum(row["dense_upload_bytes"] for row in rows)
+        print(f"done: {out}  final accuracy {rows[-1]['accuracy']:.4f}, "
+              f"uploaded {sent / 1e6:.2f} MB ({sent / dense:.1%} of dense)")
 
 
 class Interrupted(Exception):
-    """Ctrl-C during a run: what finished is saved in `out`."""
+    """Ctrl-C during a run: the finished rounds are saved; the message is the command that continues."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -228,12 +240,10 @@ def main(argv=None):
     except (config.ConfigError, datasets.DataError, models.ModelError, partition.PartitionError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Interrupted as e:
-        print(f"\ninterrupted: finished rounds are saved in {e}; continue with: python main.py --out {e} --resume",
-              file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print("\ninterrupted before the first round", file=sys.stderr)
+    except (Interrupted, KeyboardInterrupt) as e:
+        resume = e.args[0] if isinstance(e, Interrupted) else None
+        print(f"\ninterrupted: finished rounds are saved; continue with: {resume}" if resume else
+              "\ninterrupted before any round finished: nothing was saved", file=sys.stderr)
         return 130
     return 0
 

@@ -6,7 +6,8 @@ On the same model, data and number of SGD steps and evaluations it times:
   (a) the simulator: main.run for a few rounds (data loading excluded, checkpoints included);
   (b) a plain training loop over the same tensors in memory: the compute limit;
   (c) a chapter-style loop: torchvision dataset with per-sample ToTensor through DataLoaders, a model object per
-      client, state-dict copies, evaluation through a DataLoader of the training batch size.
+      client in PyTorch's default memory format, state-dict copies, evaluation through a DataLoader of the training
+      batch size.
 Then it measures the simulator's peak memory (one round, in a fresh process) with 10 and with 1000 clients.
 The last line is machine-readable:
     overhead=<simulator/plain> speedup=<chapter/simulator> memory_ratio=<1000 clients/10 clients>
@@ -99,6 +100,7 @@ def time_chapter(conf, dataset, shares, rounds, root):
     train_set, test_set = torchvision_fashion_mnist(root)
     torch.manual_seed(0)
     global_model = models.build(conf["model_name"], dataset.image_shape, dataset.num_classes)
+    global_model = global_model.to(memory_format=torch.contiguous_format)  # the chapter's models use the default
     clients = []
     for client_id, share in enumerate(shares):
         local_model = copy.deepcopy(global_model)

@@ -2,10 +2,13 @@
 import csv
 import json
 import os
+import shlex
 
 import matplotlib.image
 
 import main
+from conftest import without_seconds
+from server import Server
 from utils import config, plot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,6 +44,30 @@ def test_sweep_runs_each_value_and_draws_the_comparison(tmp_path, capsys):
     assert main.main(["-c", write_conf(tmp_path), "--sweep", "prop=1.0,0.5", "--set", "seed=3",
                       "--out", str(out), "--resume"]) == 0
     assert len(read_rows(out / "prop=0.5")) == 2 and (out / "comparison.png").exists()
+
+
+def test_interrupted_sweep_says_how_to_finish_it(tmp_path, monkeypatch, capsys):
+    out, conf = tmp_path / "sweep", write_conf(tmp_path)
+    argv = ["-c", conf, "--sweep", "prop=1.0,0.5", "--out", str(out)]
+    assert main.main(argv) == 0
+    finished = {v: read_rows(out / f"prop={v}") for v in ("1.0", "0.5")}
+    interrupted_out = tmp_path / "interrupted"
+    evaluate, calls = Server.evaluate, []
+
+    def interrupt_on_third(self, images, labels):  # two rounds of prop=1.0, then the first of prop=0.5
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return evaluate(self, images, labels)
+    monkeypatch.setattr(Server, "evaluate", interrupt_on_third)
+    assert main.main(argv[:-1] + [str(interrupted_out)]) == 130
+    monkeypatch.undo()
+    command = shlex.split(capsys.readouterr().err.split("continue with:")[1])
+    assert "--sweep" in command and "--resume" in command
+    assert main.main(command[2:]) == 0
+    for value, rows in finished.items():
+        got = read_rows(interrupted_out / f"prop={value}")
+        assert without_seconds(got) == without_seconds(rows)
 
 
 def test_sweep_rejects_a_bad_value_before_running_anything(tmp_path, capsys):
