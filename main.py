@@ -40,6 +40,9 @@ def run(conf, out, resume=False):
     print(f"data: {conf['type']} from {dataset.source}, {len(dataset.train_labels)} train / "
           f"{len(dataset.test_labels)} test; partition {conf['partition']}: "
           f"{partition.summary(shares, dataset.train_labels)}")
+    if conf["error_feedback"] and conf["sparsifier"] == "random" and conf["mask"] == "fixed":
+        print("note: with a fixed random mask the residual of error feedback is never sent; "
+              "set mask to 'round' to send it", file=sys.stderr)
     torch.manual_seed(derive_seed(conf["seed"], "init"))
     server = Server(models.build(conf["model_name"], dataset.image_shape, dataset.num_classes, conf["pretrained"]),
                     conf, device)
