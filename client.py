@@ -65,7 +65,8 @@ class Client:
         kind, positions, seed = self._select(diffs, round_index)
         encoded = payload.encode(kind, diffs, positions, len(self.indices), seed, self.conf["prop"])
         if self.conf["error_feedback"]:
-            self.residual = [_unsent(diff, kept) for diff, kept in zip(diffs, positions)]
+            decay = self.conf["residual_decay"]
+            self.residual = [_unsent(diff, kept).mul_(decay) for diff, kept in zip(diffs, positions)]
         entries = sum(diff.numel() if kept is None else len(kept) for diff, kept in zip(diffs, positions))
         return Upload(self.id, encoded, entries, train_loss)
 

@@ -149,9 +149,11 @@ def test_client_topk_upload_sends_the_largest_entries(make_conf, tiny_model):
 
 # ---- error feedback --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("sparsifier, prop", [("topk", 0.1), ("random", 0.3), ("none", 1.0)])
-def test_error_feedback_conserves_mass(make_conf, sparsifier, prop):
-    conf = make_conf(sparsifier=sparsifier, prop=prop, error_feedback=True)
+@pytest.mark.parametrize("sparsifier, prop, decay", [("topk", 0.1, 1.0), ("random", 0.3, 1.0), ("none", 1.0, 1.0),
+                                                    ("topk", 0.1, 0.5), ("random", 0.3, 0.0)])
+def test_error_feedback_conserves_mass(make_conf, sparsifier, prop, decay):
+    """sent + residual / decay == diff + old residual: what is not sent is kept (scaled by residual_decay)."""
+    conf = make_conf(sparsifier=sparsifier, prop=prop, error_feedback=True, residual_decay=decay, mask="round")
     model = models.build("cnn", (1, 16, 16), 10)
     global_flat = flat_float_state(model)
     numels = [t.numel() for t in global_flat]
@@ -165,10 +167,11 @@ def test_error_feedback_conserves_mass(make_conf, sparsifier, prop):
         sent, positions = decoded_dense(upload.payload, numels)
         new_residual = client.residual
         for s, r, d, old, kept in zip(sent, new_residual, diff, old_residual, positions):
-            assert torch.allclose(s + r, d + old, atol=1e-6, rtol=0)
+            if decay:
+                assert torch.allclose(s + r / decay, d + old, atol=1e-6, rtol=0)
             if kept is not None:
                 assert torch.all(r[kept] == 0)  # what was sent leaves the residual
-        if sparsifier == "none":
+        if sparsifier == "none" or decay == 0:
             assert all(torch.all(r == 0) for r in new_residual)
         else:
             assert sum(float(r.abs().sum()) for r in new_residual) > 0

@@ -26,6 +26,7 @@ KEYS = {
     "sparsifier": ("random", "random (Bernoulli(prop) mask) | topk (largest |diff| per tensor) | none (dense)"),
     "mask": ("fixed", "random masks: fixed (drawn once per client, the chapter's) | round (fresh every round)"),
     "error_feedback": (False, "clients keep what they did not send and add it to their next diff"),
+    "residual_decay": (1.0, "error feedback: the fraction of the unsent residual a client keeps (1: all of it)"),
     "topk_scope": ("tensor", "topk: keep the largest entries per tensor, or over the whole model ('model')"),
     "server_momentum": (0.0, "momentum of the server's update (FedAvgM); 0 applies each round's average as is"),
     "partition": ("iid", "iid | dirichlet (label mix per client ~ Dirichlet(alpha)) | shards (few labels per client)"),
@@ -57,6 +58,7 @@ RANGES = {
     "prop": (0, 1, True),
     "seed": (0, 2**63 - 1, True),
     "server_momentum": (0, 1, True),
+    "residual_decay": (0, 1, True),
     "alpha": (0, math.inf, False),
     "shards_per_client": (1, math.inf, True),
 }
