@@ -50,6 +50,7 @@ def run(conf, out, resume=False):
     clients = [Client(i, share, conf) for i, share in enumerate(shares)]
     dense_bytes = len(payload.encode(payload.DENSE, server.flat_globals(), [None] * len(server.numels), 0))
     rows = restore(out, server, clients, device) if resume else []
+    os.makedirs(out, exist_ok=True)
     run_files.write_config(out, conf)
     show_progress = sys.stdout.isatty()
     for round_index in range(len(rows) + 1, conf["global_epochs"] + 1):
@@ -135,7 +136,9 @@ def resolve(args):
         key, value = config.parse_assignment(assignment)
         overrides[key] = value
     conf, out = _resolve_config(args, overrides)
-    pick_device(conf["device"])  # fail before creating any folder when CUDA is asked for but missing
+    # fail before loading data or creating a folder
+    pick_device(conf["device"])
+    models.check_name(conf["model_name"])
     return conf, out
 
 
@@ -199,7 +202,6 @@ def sweep(args):
 
 
 def start(conf, out, resume):
-    os.makedirs(out, exist_ok=True)
     try:
         rows = run(conf, out, resume)
     except KeyboardInterrupt:

@@ -22,6 +22,11 @@ def small_cnn(in_channels, image_size, num_classes):
     )
 
 
+def check_name(name):
+    if name not in MODEL_NAMES:
+        raise ModelError(f"unknown model_name '{name}' (choose from {', '.join(MODEL_NAMES)})")
+
+
 def build(name, image_shape, num_classes, pretrained=False):
     """Model `name` for images of `image_shape` (C, H, W) and `num_classes` outputs, on the CPU, channels-last."""
     # channels-last convolutions train ~20% and evaluate ~3x faster on a CPU (benchmarks/bench.py), and suit cuDNN
@@ -34,8 +39,7 @@ def _build(name, image_shape, num_classes, pretrained):
         if pretrained:
             raise ModelError("model 'cnn' has no pretrained weights; set pretrained to false")
         return small_cnn(in_channels, image_size, num_classes)
-    if name not in MODEL_NAMES:
-        raise ModelError(f"unknown model_name '{name}' (choose from {', '.join(MODEL_NAMES)})")
+    check_name(name)
     try:
         model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None)
     except Exception as e:  # torchvision raises URLError, RuntimeError, ... when weights cannot be fetched

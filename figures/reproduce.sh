@@ -33,12 +33,16 @@ if [ "$what" = all ] || [ "$what" = table ]; then
 fi
 if [ "$what" = all ] || [ "$what" = gap ]; then  # ideas for closing top-k's gap to dense (IID)
   d=runs/gap
-  tk=(--set sparsifier=topk --set prop=0.01 --set error_feedback=true)
-  ( run $d/topk0.01-ef-model        "${tk[@]}" --set topk_scope=model
-    run $d/topk0.01-ef-momentum0.9  "${tk[@]}" --set server_momentum=0.9
-    run $d/topk0.01-ef-model-momentum0.9 "${tk[@]}" --set topk_scope=model --set server_momentum=0.9
-  ) > runs/gap.log 2>&1
-  python -m utils.plot runs/table/iid/dense runs/table/iid/topk0.01-ef $d/* --table
+  tk=(--set sparsifier=topk --set error_feedback=true)
+  ( run $d/topk0.01-ef-model              "${tk[@]}" --set prop=0.01 --set topk_scope=model
+    run $d/topk0.01-ef-momentum0.9        "${tk[@]}" --set prop=0.01 --set server_momentum=0.9
+    run $d/topk0.01-ef-decay0.5           "${tk[@]}" --set prop=0.01 --set residual_decay=0.5
+  ) > runs/gap-1.log 2>&1 &
+  ( run $d/topk0.01-ef-model-decay0.5     "${tk[@]}" --set prop=0.01 --set topk_scope=model --set residual_decay=0.5
+    run $d/topk0.012-ef-model             "${tk[@]}" --set prop=0.012 --set topk_scope=model
+  ) > runs/gap-2.log 2>&1 &
+  wait
+  python -m utils.plot runs/table/iid/dense runs/table/iid/topk0.01 runs/table/iid/topk0.01-ef $d/* --table
 fi
 if [ "$what" = all ] || [ "$what" = figures ]; then
   # the chapter's figure on Fashion-MNIST: prop 1.0 / 0.8 / 0.5, 30 rounds
