@@ -197,7 +197,10 @@ def sweep(args):
                           f" --out {shlex.quote(base_out)} --resume") from None
     from utils import plot  # matplotlib loads only when a figure is drawn
     figure = os.path.join(base_out, "comparison.png")
-    plot.plot_runs([run_dir for _, run_dir in run_dirs], figure)
+    conf = confs[0][0]
+    title = (f"{conf['type']}, {conf['model_name']}, {conf['no_models']} clients, k={conf['k']}, "
+             f"{conf['sparsifier']} sparsifier, {conf['aggregation']} aggregation")
+    plot.plot_runs([run_dir for _, run_dir in run_dirs], figure, title)
     print(f"figure: {figure}")
 
 

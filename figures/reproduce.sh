@@ -41,6 +41,9 @@ if [ "$what" = all ] || [ "$what" = gap ]; then  # ideas for closing top-k's gap
   ( run $d/topk0.01-ef-model-decay0.5     "${tk[@]}" --set prop=0.01 --set topk_scope=model --set residual_decay=0.5
     run $d/topk0.012-ef-model             "${tk[@]}" --set prop=0.012 --set topk_scope=model
   ) > runs/gap-2.log 2>&1 &
+  ( run $d/topk0.01-ef-model-momentum0.5  "${tk[@]}" --set prop=0.01 --set topk_scope=model --set server_momentum=0.5
+    run $d/topk0.01-ef-model-mean         "${tk[@]}" --set prop=0.01 --set topk_scope=model --set aggregation=mean
+  ) > runs/gap-3.log 2>&1 &
   wait
   python -m utils.plot runs/table/iid/dense runs/table/iid/topk0.01 runs/table/iid/topk0.01-ef $d/* --table
 fi

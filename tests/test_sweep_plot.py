@@ -97,6 +97,17 @@ def test_table_and_labels_follow_the_runs(tmp_path, capsys):
         assert cells[4] == f"{sent / dense:.2%}"
 
 
+def test_labels_treat_keys_missing_from_older_runs_as_defaults(tmp_path):
+    conf = write_conf(tmp_path)
+    dirs = [str(tmp_path / name) for name in ("a", "b")]
+    assert main.main(["-c", conf, "--out", dirs[0]]) == 0
+    assert main.main(["-c", conf, "--set", "residual_decay=0.5", "--out", dirs[1]]) == 0
+    older = json.loads(open(os.path.join(dirs[0], "config.json")).read())
+    del older["residual_decay"]  # a run made before the key existed
+    open(os.path.join(dirs[0], "config.json"), "w").write(json.dumps(older))
+    assert plot.labels_for(dirs) == ["residual_decay=1.0", "residual_decay=0.5"]
+
+
 def test_plot_refuses_a_folder_without_metrics(tmp_path, capsys):
     assert plot.main([str(tmp_path), "-o", str(tmp_path / "x.png")]) == 2
     assert "not a run folder" in capsys.readouterr().err

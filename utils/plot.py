@@ -13,14 +13,14 @@ import matplotlib
 matplotlib.use("Agg")  # headless: draw to files, never to a window
 import matplotlib.pyplot as plt  # noqa: E402
 
-from utils import run_files  # noqa: E402
+from utils import config, run_files  # noqa: E402
 
 MARKERS = "o*^sDvx+p<>h"
 
 
 def labels_for(run_dirs):
     """Label each run by the config keys whose values differ between the runs (else by its folder name)."""
-    confs = [run_files.read_config(d) for d in run_dirs]
+    confs = [{**config.DEFAULTS, **run_files.read_config(d)} for d in run_dirs]  # older runs lack newer keys
     differing = [key for key in confs[0] if len({repr(c.get(key)) for c in confs}) > 1 and key != "data_dir"]
     if not differing:
         return [os.path.basename(os.path.normpath(d)) for d in run_dirs]
