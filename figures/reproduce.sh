@@ -44,6 +44,10 @@ if [ "$what" = all ] || [ "$what" = gap ]; then  # ideas for closing top-k's gap
   ( run $d/topk0.01-ef-model-momentum0.5  "${tk[@]}" --set prop=0.01 --set topk_scope=model --set server_momentum=0.5
     run $d/topk0.01-ef-model-mean         "${tk[@]}" --set prop=0.01 --set topk_scope=model --set aggregation=mean
   ) > runs/gap-3.log 2>&1 &
+  ( run $d/topk0.01-ef-model-momentum0.7  "${tk[@]}" --set prop=0.01 --set topk_scope=model --set server_momentum=0.7
+  ) > runs/gap-4.log 2>&1 &
+  ( run $d/topk0.0125-ef-model-momentum0.5 "${tk[@]}" --set prop=0.0125 --set topk_scope=model --set server_momentum=0.5
+  ) > runs/gap-5.log 2>&1 &
   wait
   python -m utils.plot runs/table/iid/dense runs/table/iid/topk0.01 runs/table/iid/topk0.01-ef $d/* --table
 fi
@@ -52,6 +56,10 @@ if [ "$what" = all ] || [ "$what" = figures ]; then
   python main.py -c utils/conf.json --set global_epochs=30 --sweep prop=1.0,0.8,0.5 --out runs/prop-sweep \
     $([ -f runs/prop-sweep/prop=1.0/checkpoint.pt ] && echo --resume)
   cp runs/prop-sweep/comparison.png figures/prop-sweep-fashion-mnist.png
+  # the same sweep under the chapter's aggregation rule (global += lambda * sum of diffs)
+  python main.py -c utils/conf.json --set global_epochs=30 --set aggregation=lambda --sweep prop=1.0,0.8,0.5 \
+    --out runs/prop-sweep-lambda $([ -f runs/prop-sweep-lambda/prop=1.0/checkpoint.pt ] && echo --resume)
+  cp runs/prop-sweep-lambda/comparison.png figures/prop-sweep-fashion-mnist-lambda.png
   for part in iid dirichlet; do
     python -m utils.plot runs/table/$part/dense runs/table/$part/random0.5-masked_mean runs/table/$part/random0.1-round \
       runs/table/$part/topk0.01 runs/table/$part/topk0.01-ef -o figures/sparsifiers-$part.png \

@@ -95,6 +95,8 @@ def test_table_and_labels_follow_the_runs(tmp_path, capsys):
         assert float(cells[1]) == float(rows[-1]["accuracy"])
         assert float(cells[3]) == round(sent / 1e6, 2)
         assert cells[4] == f"{sent / dense:.2%}"
+        last = [float(r["accuracy"]) for r in rows[-5:]]
+        assert float(cells[5]) == round(sum(last) / len(last), 4)
 
 
 def test_labels_treat_keys_missing_from_older_runs_as_defaults(tmp_path):
