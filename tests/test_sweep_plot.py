@@ -110,6 +110,15 @@ def test_labels_treat_keys_missing_from_older_runs_as_defaults(tmp_path):
     assert plot.labels_for(dirs) == ["residual_decay=1.0", "residual_decay=0.5"]
 
 
+def test_labels_leave_out_keys_a_sparsifier_does_not_use(tmp_path):
+    conf = write_conf(tmp_path)
+    dirs = [str(tmp_path / name) for name in ("dense", "topk")]
+    assert main.main(["-c", conf, "--set", "sparsifier=none", "--out", dirs[0]]) == 0
+    assert main.main(["-c", conf, "--set", "sparsifier=topk", "--set", "prop=0.1", "--set", "mask=round",
+                      "--out", dirs[1]]) == 0
+    assert plot.labels_for(dirs) == ["sparsifier=none", "prop=0.1, sparsifier=topk"]
+
+
 def test_plot_refuses_a_folder_without_metrics(tmp_path, capsys):
     assert plot.main([str(tmp_path), "-o", str(tmp_path / "x.png")]) == 2
     assert "not a run folder" in capsys.readouterr().err

@@ -18,13 +18,19 @@ from utils import config, run_files  # noqa: E402
 MARKERS = "o*^sDvx+p<>h"
 
 
+# keys that do not act under a sparsifier, left out of its runs' labels
+UNUSED_KEYS = {"none": {"prop", "mask", "topk_scope", "error_feedback", "residual_decay"},
+               "random": {"topk_scope"}, "topk": {"mask"}}
+
+
 def labels_for(run_dirs):
     """Label each run by the config keys whose values differ between the runs (else by its folder name)."""
     confs = [{**config.DEFAULTS, **run_files.read_config(d)} for d in run_dirs]  # older runs lack newer keys
     differing = [key for key in confs[0] if len({repr(c.get(key)) for c in confs}) > 1 and key != "data_dir"]
     if not differing:
         return [os.path.basename(os.path.normpath(d)) for d in run_dirs]
-    return [", ".join(f"{key}={conf[key]}" for key in differing) for conf in confs]
+    return [", ".join(f"{key}={conf[key]}" for key in differing
+                      if key not in UNUSED_KEYS.get(conf["sparsifier"], ())) for conf in confs]
 
 
 def plot_runs(run_dirs, path, title=None):
