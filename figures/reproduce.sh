@@ -49,6 +49,14 @@ if [ "$what" = all ] || [ "$what" = gap ]; then  # ideas for closing top-k's gap
   ( run $d/topk0.0125-ef-model-momentum0.5 "${tk[@]}" --set prop=0.0125 --set topk_scope=model --set server_momentum=0.5
   ) > runs/gap-5.log 2>&1 &
   wait
+  # a second seed for dense and the best variant: how much of the difference is noise
+  ( run $d/seed1-dense                    --set seed=1 --set sparsifier=none
+    run $d/seed1-topk0.01-ef              --set seed=1 "${tk[@]}" --set prop=0.01
+  ) > runs/gap-6.log 2>&1 &
+  ( run $d/seed1-topk0.01-ef-model-momentum0.5 --set seed=1 "${tk[@]}" --set prop=0.01 --set topk_scope=model \
+      --set server_momentum=0.5
+  ) > runs/gap-7.log 2>&1 &
+  wait
   python -m utils.plot runs/table/iid/dense runs/table/iid/topk0.01 runs/table/iid/topk0.01-ef $d/* --table
 fi
 if [ "$what" = all ] || [ "$what" = figures ]; then
