@@ -102,8 +102,11 @@ def save(out, server, clients, rows):
 
 
 def restore(out, server, clients, device):
-    state = run_files.load_checkpoint(out, device)
-    server.model.load_state_dict(state["model"])
+    try:
+        state = run_files.load_checkpoint(out, device)
+        server.model.load_state_dict(state["model"])
+    except Exception as e:  # torch.load and load_state_dict raise many kinds for a damaged file
+        raise RunError(f"cannot resume {out}: checkpoint.pt is damaged or from another model ({e})") from None
     server.velocity = state["velocity"]
     for client_id, residual in state["residuals"].items():
         clients[int(client_id)].residual = residual
@@ -153,7 +156,10 @@ def _resolve_config(args, overrides):
         return conf, out
     if not args.out or not os.path.exists(run_files.checkpoint_path(args.out)):
         raise RunError(f"nothing to resume: no checkpoint.pt in {args.out or '(give the run folder with --out)'}")
-    saved = config.validate(run_files.read_config(args.out))
+    try:
+        saved = config.validate(run_files.read_config(args.out))
+    except (OSError, ValueError) as e:  # ValueError includes JSON errors and ConfigError
+        raise RunError(f"cannot resume {args.out}: its config.json is unreadable ({e})") from None
     conf = config.validate({**saved, **overrides} if not args.conf else overrides)
     changed = [key for key in conf if conf[key] != saved[key] and key != "global_epochs"]
     if changed:

@@ -2,6 +2,7 @@
 import json
 import math
 import shlex
+import shutil
 
 import pytest
 import torch
@@ -242,3 +243,14 @@ def test_interrupt_before_the_first_round(write_conf, tmp_path, monkeypatch, run
     monkeypatch.undo()
     status, _, _ = run_main("-c", write_conf(global_epochs=1), "--out", out)  # nothing saved: start afresh
     assert status == 0 and len(read_csv(out / "metrics.csv")) == 1
+
+
+@pytest.mark.parametrize("damage", ["config", "checkpoint"])
+def test_resume_from_damaged_files_is_a_clear_error(e2e_run, run_main, tmp_path, damage):
+    out = tmp_path / "copy"
+    shutil.copytree(e2e_run[0], out)
+    name = "config.json" if damage == "config" else "checkpoint.pt"
+    (out / name).write_bytes((out / name).read_bytes()[:50])
+    status, _, err = run_main("--out", out, "--resume")
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and "cannot resume" in lines[0] and "Traceback" not in err
