@@ -57,6 +57,10 @@ if [ "$what" = all ] || [ "$what" = gap ]; then  # ideas for closing top-k's gap
       --set server_momentum=0.5
   ) > runs/gap-7.log 2>&1 &
   wait
+  # random-k at the same byte budget: no index bytes, every entry gets its turn
+  ( run $d/random0.025-round-ef           --set prop=0.025 --set mask=round --set error_feedback=true ) > runs/gap-8.log 2>&1 &
+  ( run $d/random0.025-round              --set prop=0.025 --set mask=round ) > runs/gap-9.log 2>&1 &
+  wait
   python -m utils.plot runs/table/iid/dense runs/table/iid/topk0.01 runs/table/iid/topk0.01-ef $d/* --table
 fi
 if [ "$what" = all ] || [ "$what" = figures ]; then
