@@ -56,8 +56,3 @@ def _build(name, image_shape, num_classes, pretrained):
             model.features[-1] = nn.Identity()
         model.classifier[-1] = nn.Linear(model.classifier[-1].in_features, num_classes)
     return model
-
-
-def floating_names(model):
-    """State-dict names of the floating-point tensors: the ones clients upload diffs for."""
-    return [name for name, tensor in model.state_dict().items() if torch.is_floating_point(tensor)]
