@@ -38,9 +38,10 @@ def write_metrics(run_dir, rows):
 
 
 def read_metrics(run_dir):
-    """Rows of metrics.csv as dicts of numbers."""
+    """Rows of metrics.csv as dicts of numbers (but 'clients', the space-separated ids sampled that round)."""
     with open(os.path.join(run_dir, "metrics.csv"), newline="", encoding="utf-8") as f:
-        return [{key: value if key == "clients" else float(value) for key, value in row.items()} for row in csv.DictReader(f)]
+        return [{key: value if key == "clients" else float(value) for key, value in row.items()}
+                for row in csv.DictReader(f)]
 
 
 def checkpoint_path(run_dir):
