@@ -217,8 +217,7 @@ def start(conf, out, resume):
         saved = os.path.exists(run_files.checkpoint_path(out))
         raise Interrupted(f"python main.py --out {shlex.quote(out)} --resume" if saved else None) from None
     if rows:
-        sent = sum(row["upload_bytes"] for row in rows)
-        dense = sum(row["dense_upload_bytes"] for row in rows)
+        sent, dense = run_files.upload_totals(rows)
         print(f"done: {out}  final accuracy {rows[-1]['accuracy']:.4f}, "
               f"uploaded {sent / 1e6:.2f} MB ({sent / dense:.1%} of dense)")
 

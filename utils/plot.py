@@ -67,8 +67,7 @@ def table(run_dirs):
              "|---|---|---|---|---|---|"]
     for run_dir, label in zip(run_dirs, labels_for(run_dirs)):
         rows = run_files.read_metrics(run_dir)
-        sent = sum(row["upload_bytes"] for row in rows)
-        dense = sum(row["dense_upload_bytes"] for row in rows)
+        sent, dense = run_files.upload_totals(rows)
         last = [row["accuracy"] for row in rows[-5:]]
         lines.append(f"| {label} | {rows[-1]['accuracy']:.4f} | {max(r['accuracy'] for r in rows):.4f} | "
                      f"{sent / 1e6:.2f} | {sent / dense:.2%} | {sum(last) / len(last):.4f} |")

@@ -44,6 +44,11 @@ def read_metrics(run_dir):
                 for row in csv.DictReader(f)]
 
 
+def upload_totals(rows):
+    """(bytes uploaded, bytes a dense upload would have taken) over a run's metrics rows."""
+    return sum(row["upload_bytes"] for row in rows), sum(row["dense_upload_bytes"] for row in rows)
+
+
 def checkpoint_path(run_dir):
     return os.path.join(run_dir, "checkpoint.pt")
 
