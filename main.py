@@ -15,121 +15,12 @@ import shlex
 import sys
 import time
 
-import torch
-
 import datasets
+import federation
 import models
-from client import Client
-from server import Server
-from utils import config, partition, payload, run_files
-from utils.seeding import derive_seed, generator
-
-
-CLEAR_LINE = "\r\033[K"  # carriage return + erase line: replaces the progress line on a terminal
-
-
-class RunError(Exception):
-    """A run that cannot start as asked (nothing to resume, an occupied folder, no CUDA)."""
-
-
-def run(conf, out, resume=False):
-    """Train `conf` into folder `out` (continuing it when `resume`); returns the metrics rows."""
-    device = pick_device(conf["device"])
-    dataset = datasets.load(conf["type"], conf["data_dir"], device)
-    shares = partition.split(dataset.train_labels, conf)
-    print(f"data: {conf['type']} from {dataset.source}, {len(dataset.train_labels)} train / "
-          f"{len(dataset.test_labels)} test; partition {conf['partition']}: "
-          f"{partition.summary(shares, dataset.train_labels)}")
-    if conf["error_feedback"] and conf["sparsifier"] == "random" and conf["mask"] == "fixed":
-        print("note: with a fixed random mask the residual of error feedback is never sent; "
-              "set mask to 'round' to send it", file=sys.stderr)
-    torch.manual_seed(derive_seed(conf["seed"], "init"))
-    server = Server(models.build(conf["model_name"], dataset.image_shape, dataset.num_classes, conf["pretrained"]),
-                    conf, device)
-    workspace = copy.deepcopy(server.model)  # the one model every client trains in turn
-    clients = [Client(i, share, conf) for i, share in enumerate(shares)]
-    dense_bytes = len(payload.encode(payload.DENSE, server.flat_globals(), [None] * len(server.numels), 0))
-    rows = restore(out, server, clients, device) if resume else []
-    os.makedirs(out, exist_ok=True)
-    run_files.write_config(out, conf)
-    show_progress = sys.stdout.isatty()
-    for round_index in range(len(rows) + 1, conf["global_epochs"] + 1):
-        started = time.perf_counter()
-        chosen = torch.randperm(conf["no_models"], generator=generator(conf["seed"], "sample", round_index))
-        chosen = sorted(chosen[:conf["k"]].tolist())
-        upload_bytes = entries = 0
-        losses, rejected = [], 0
-        for position, client_id in enumerate(chosen):
-            progress = progress_printer(round_index, position, len(chosen)) if show_progress else None
-            upload = clients[client_id].local_train(workspace, server.global_state(), dataset, round_index, progress)
-            problem = server.receive(upload.payload)
-            if problem:
-                rejected += 1
-                print(f"round {round_index}: rejected client {client_id}'s upload: {problem}", file=sys.stderr)
-            upload_bytes += len(upload.payload)
-            entries += upload.entries_sent
-            losses.append(upload.train_loss)
-        server.aggregate()
-        accuracy, loss = server.evaluate(dataset.test_images, dataset.test_labels)
-        rows.append({
-            "round": round_index, "accuracy": round(accuracy, 6), "loss": round(loss, 6),
-            "train_loss": round(sum(losses) / len(losses), 6), "upload_bytes": upload_bytes,
-            "dense_upload_bytes": dense_bytes * len(chosen), "download_bytes": dense_bytes * len(chosen),
-            "upload_fraction": round(entries / (sum(server.numels) * len(chosen)), 6),
-            "clients": " ".join(map(str, chosen)), "rejected": rejected,
-            "seconds": round(time.perf_counter() - started, 3),
-        })
-        save(out, server, clients, rows)
-        print_row(rows[-1], conf["global_epochs"], show_progress)
-    return rows
-
-
-def pick_device(asked):
-    if asked == "cuda" and not torch.cuda.is_available():
-        raise RunError("device 'cuda' was asked for, but CUDA is not available here")
-    return torch.device("cuda" if asked != "cpu" and torch.cuda.is_available() else "cpu")
-
-
-def save(out, server, clients, rows):
-    """Checkpoint first, then metrics.csv from the same rows, so the two never disagree after a restart."""
-    run_files.save_checkpoint(out, {
-        "rows": rows,
-        "model": server.model.state_dict(),
-        "velocity": server.velocity,
-        "residuals": {str(c.id): c.residual for c in clients if c.residual is not None},
-    })
-    run_files.write_metrics(out, rows)
-
-
-def restore(out, server, clients, device):
-    try:
-        state = run_files.load_checkpoint(out, device)
-        server.model.load_state_dict(state["model"])
-    except Exception as e:  # torch.load and load_state_dict raise many kinds for a damaged file
-        raise RunError(f"cannot resume {out}: checkpoint.pt is damaged or from another model ({e})") from None
-    server.velocity = state["velocity"]
-    for client_id, residual in state["residuals"].items():
-        clients[int(client_id)].residual = residual
-    print(f"resuming {out} after round {len(state['rows'])}")
-    return state["rows"]
-
-
-def print_row(row, total_rounds, clear_progress):
-    share = row["upload_bytes"] / row["dense_upload_bytes"]
-    print(f"{CLEAR_LINE if clear_progress else ''}round {row['round']:>3}/{total_rounds}  "
-          f"acc {row['accuracy']:.4f}  loss {row['loss']:.4f}  "
-          f"upload {row['upload_bytes'] / 1e6:.3f} MB ({share:.1%} of dense)  {row['seconds']:.1f} s", flush=True)
-
-
-def progress_printer(round_index, position, count):
-    last = [0.0]
-
-    def show(step, steps):
-        now = time.monotonic()
-        if now - last[0] > 0.2 or step == steps:
-            last[0] = now
-            print(f"{CLEAR_LINE}round {round_index}: client {position + 1}/{count}  step {step}/{steps}", end="", flush=True)
-    return show
+from engines.inprocess import InProcess
+from federation import RunError
+from utils import config, partition, run_files
 
 
 def resolve(args):
@@ -140,7 +31,7 @@ def resolve(args):
         overrides[key] = value
     conf, out = _resolve_config(args, overrides)
     # fail before loading data or creating a folder
-    pick_device(conf["device"])
+    federation.pick_device(conf["device"])
     models.check_name(conf["model_name"])
     return conf, out
 
@@ -212,7 +103,7 @@ def sweep(args):
 
 def start(conf, out, resume):
     try:
-        rows = run(conf, out, resume)
+        rows = federation.run(conf, out, resume, InProcess)
     except KeyboardInterrupt:
         saved = os.path.exists(run_files.checkpoint_path(out))
         raise Interrupted(f"python main.py --out {shlex.quote(out)} --resume" if saved else None) from None

@@ -22,6 +22,7 @@ class Server:
         self.weights = [t.new_zeros(t.numel()) for t in self.globals]  # sum of n_i over the clients that sent it
         self.total_weight = 0  # sum of n_i over accepted uploads
         self.accepted = 0
+        self.received_entries = 0  # diff entries carried by accepted uploads
 
     def global_state(self):
         return self.model.state_dict()
@@ -52,6 +53,7 @@ class Server:
                 weight.index_add_(0, kept, torch.full_like(value, num_samples))
         self.total_weight += num_samples
         self.accepted += 1
+        self.received_entries += sum(len(v) for v in values)
         return None
 
     @torch.no_grad()

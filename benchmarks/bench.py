@@ -3,7 +3,7 @@
     python benchmarks/bench.py [--rounds 3] [--set KEY=VALUE ...]
 
 On the same model, data and number of SGD steps and evaluations it times:
-  (a) the simulator: main.run for a few rounds (data loading excluded, checkpoints included);
+  (a) the simulator: federation.run for a few rounds (data loading excluded, checkpoints included);
   (b) a plain training loop over the same tensors in memory: the compute limit;
   (c) a chapter-style loop: torchvision dataset with per-sample ToTensor through DataLoaders, a model object per
       client in PyTorch's default memory format, state-dict copies, evaluation through a DataLoader of the training
@@ -32,27 +32,24 @@ import torchvision  # noqa: E402
 from torch.utils.data import DataLoader, SubsetRandomSampler  # noqa: E402
 
 import datasets  # noqa: E402
-import main  # noqa: E402
+import federation  # noqa: E402
 import models  # noqa: E402
+from engines.inprocess import InProcess  # noqa: E402
 from server import EVAL_BATCH_SIZE  # noqa: E402
 from utils import config, partition  # noqa: E402
-from utils.seeding import derive_seed, generator  # noqa: E402
+from utils.seeding import generator  # noqa: E402
 
 
 def schedule(conf, dataset):
     """The clients' index shares and each round's sampled clients, exactly as the simulator draws them."""
     shares = partition.split(dataset.train_labels, conf)
-    rounds = []
-    for round_index in range(1, conf["global_epochs"] + 1):
-        chosen = torch.randperm(conf["no_models"], generator=generator(conf["seed"], "sample", round_index))
-        rounds.append(sorted(chosen[:conf["k"]].tolist()))
-    return shares, rounds
+    return shares, [federation.sample_clients(conf, r) for r in range(1, conf["global_epochs"] + 1)]
 
 
 def time_simulator(conf, dataset_load_seconds):
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
-        main.run(conf, out)
+        federation.run(conf, out, False, InProcess)
         return time.perf_counter() - started - dataset_load_seconds
 
 
@@ -145,7 +142,7 @@ def peak_memory(clients, overrides):
 
 def memory_probe(conf):
     with tempfile.TemporaryDirectory() as out:
-        main.run(conf, out)
+        federation.run(conf, out, False, InProcess)
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
@@ -165,7 +162,7 @@ def main_bench():
         sys.exit("error: the chapter-style loop is written for type fashion-mnist")
 
     started = time.perf_counter()
-    dataset = datasets.load(conf["type"], conf["data_dir"], main.pick_device(conf["device"]))
+    dataset = datasets.load(conf["type"], conf["data_dir"], federation.pick_device(conf["device"]))
     load_seconds = time.perf_counter() - started
     shares, rounds = schedule(conf, dataset)
     samples = sum(len(shares[c]) for chosen in rounds for c in chosen) * conf["local_epochs"]

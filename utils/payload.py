@@ -31,6 +31,11 @@ class PayloadError(ValueError):
     """Bytes that are not a well-formed upload for this model."""
 
 
+def dense_size(numels):
+    """Bytes of a dense upload (every value) of a model whose floating tensors have `numels` entries."""
+    return HEADER.size + VALUE_DTYPE.itemsize * sum(numels)
+
+
 def random_positions(seed, prop, numels):
     """Per tensor, the sorted flat positions a Bernoulli(prop) mask keeps; the same on every machine for a seed."""
     generator = torch.Generator().manual_seed(seed)

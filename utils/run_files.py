@@ -10,6 +10,10 @@ METRICS_COLUMNS = ("round", "accuracy", "loss", "train_loss", "upload_bytes", "d
                    "download_bytes", "upload_fraction", "clients", "rejected", "seconds")
 
 
+def create(run_dir):
+    os.makedirs(run_dir, exist_ok=True)
+
+
 def write_atomically(path, data):
     """Write bytes to a temporary file beside `path`, then rename it over `path` (atomic on POSIX)."""
     temporary = f"{path}.tmp"

@@ -1,0 +1,8 @@
+"""Engines: how the sampled clients get trained. Each module offers a transport with the same three methods.
+
+    train(chosen, global_state, round_index, progress) -> the clients' Uploads, sorted by client id
+    client_state() -> what the clients keep between rounds (error-feedback residuals), for the checkpoint
+    restore_client_state(state)
+
+inprocess: one process trains the clients one after another (the default).
+"""

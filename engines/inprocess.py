@@ -1,0 +1,28 @@
+"""The default engine: every sampled client trains in this process, one after another, on one shared model.
+
+Clients own no model: each trains the one `workspace` model in turn, so memory does not grow with the number of clients
+beyond their index lists (and, with error feedback, the residuals of clients that have trained).
+"""
+from client import Client
+
+
+class InProcess:
+    def __init__(self, conf, dataset, shares, workspace):
+        self.dataset = dataset
+        self.workspace = workspace
+        self.clients = [Client(i, share, conf) for i, share in enumerate(shares)]
+
+    def train(self, chosen, global_state, round_index, progress=None):
+        uploads = []
+        for position, client_id in enumerate(chosen):
+            steps = (lambda step, total: progress(position, len(chosen), step, total)) if progress else None
+            uploads.append(self.clients[client_id].local_train(self.workspace, global_state, self.dataset,
+                                                               round_index, steps))
+        return uploads
+
+    def client_state(self):
+        return {str(c.id): c.residual for c in self.clients if c.residual is not None}
+
+    def restore_client_state(self, state):
+        for client_id, residual in state.items():
+            self.clients[int(client_id)].residual = residual
