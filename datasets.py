@@ -6,6 +6,7 @@ installs under /usr/share/datasets/fashion-mnist. `synthetic` is generated: smal
 """
 import gzip
 import os
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,7 @@ HOW_TO_GET = {
     "mnist": "run once online, or put the IDX files there",
     "cifar": "run once online, or put torchvision's cifar-10-batches-py folder there",
 }
+NUM_CLASSES = 10  # every dataset here has ten labels, 0 to 9
 SYNTHETIC_SHAPE, SYNTHETIC_SIZES = (1, 16, 16), {"train": 3000, "test": 1000}
 CROP_PADDING = 4
 
@@ -88,6 +90,12 @@ def load(name, data_dir, device):
         splits = {split: _synthetic(split) for split in ("train", "test")}
         return _to_dataset(name, splits, None, "generated", device)
     splits, source = _find(name, data_dir)
+    for split, (images, labels) in splits.items():
+        if len(labels) == 0:
+            raise DataError(f"the {split} split of {name} in {source} holds no examples")
+        if labels.min() < 0 or labels.max() >= NUM_CLASSES:
+            raise DataError(f"the {split} labels of {name} in {source} run from {int(labels.min())} to "
+                            f"{int(labels.max())}; expected 0 to {NUM_CLASSES - 1}")
     mean, std = (torch.tensor(v) for v in NORMALIZATION[name])
     for split, (images, labels) in splits.items():
         splits[split] = ((images.float() / 255 - mean.view(-1, 1, 1)) / std.view(-1, 1, 1), labels)
@@ -98,7 +106,7 @@ def _to_dataset(name, splits, pad_value, source, device):
     (train_x, train_y), (test_x, test_y) = splits["train"], splits["test"]
     train_x, test_x = (x.to(device).contiguous(memory_format=torch.channels_last) for x in (train_x, test_x))
     return Dataset(name, train_x, train_y.to(device), test_x, test_y.to(device),
-                   num_classes=int(train_y.max()) + 1, augment=name == "cifar", pad_value=pad_value, source=source)
+                   num_classes=NUM_CLASSES, augment=name == "cifar", pad_value=pad_value, source=source)
 
 
 def _find(name, data_dir):
@@ -106,8 +114,11 @@ def _find(name, data_dir):
     looked = [f"{data_dir} (torchvision's layout)"]
     try:
         return _torchvision_splits(name, data_dir, download=False), data_dir
-    except (RuntimeError, OSError, ValueError):
-        pass
+    except RuntimeError as e:
+        if "not found" not in str(e):  # torchvision's word for missing files; anything else means damaged ones
+            raise _damaged(name, data_dir, e) from None
+    except Exception as e:  # torchvision reading garbage raises AssertionError, KeyError, ValueError, ...
+        raise _damaged(name, data_dir, e) from None
     idx_dirs = [os.path.join(data_dir, name), data_dir] + SYSTEM_DIRS[name] if name in SYSTEM_DIRS else []
     for directory in idx_dirs:
         looked.append(directory)
@@ -116,10 +127,15 @@ def _find(name, data_dir):
             return splits, directory
     try:
         return _torchvision_splits(name, data_dir, download=True), f"downloaded to {data_dir}"
-    except (RuntimeError, OSError, ValueError) as e:
+    except Exception as e:  # URLError, RuntimeError, a damaged archive: the download did not give usable data
         failure = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
     raise DataError(f"{name} data not found: looked in {', '.join(looked)}; download failed ({failure}). "
                     f"To get it: {HOW_TO_GET[name]}")
+
+
+def _damaged(name, data_dir, error):
+    return DataError(f"{name} files in {data_dir} (torchvision's layout) cannot be read ({type(error).__name__}: "
+                     f"{' '.join(str(error).split())[:200]}); delete them to download again")
 
 
 def _torchvision_splits(name, data_dir, download):
@@ -159,11 +175,13 @@ def _read_idx(path):
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"cannot read {path}: {e}") from None
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08 or not 1 <= raw[3] <= 3:
         raise DataError(f"{path} is not an IDX file of unsigned bytes")
     dims = raw[3]
+    if len(raw) < 4 + 4 * dims:
+        raise DataError(f"{path} is truncated: its header is cut short")
     shape = np.frombuffer(raw, dtype=">u4", count=dims, offset=4).astype(np.int64)
     expected = 4 + 4 * dims + int(np.prod(shape))
     if len(raw) != expected:

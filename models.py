@@ -14,6 +14,8 @@ class ModelError(Exception):
 
 def small_cnn(in_channels, image_size, num_classes):
     """Two 3x3 conv + max-pool stages and two dense layers: fast on a CPU, ~0.91 on Fashion-MNIST."""
+    if image_size < 4:  # two 2x2 poolings leave nothing of a smaller image
+        raise ModelError(f"model cnn needs images of at least 4x4 pixels, the data has {image_size}x{image_size}")
     flat = 64 * (image_size // 4) ** 2
     return nn.Sequential(
         nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -30,7 +32,22 @@ def check_name(name):
 def build(name, image_shape, num_classes, pretrained=False):
     """Model `name` for images of `image_shape` (C, H, W) and `num_classes` outputs, on the CPU, channels-last."""
     # channels-last convolutions train ~20% and evaluate ~3x faster on a CPU (benchmarks/bench.py), and suit cuDNN
-    return _build(name, image_shape, num_classes, pretrained).to(memory_format=torch.channels_last)
+    model = _build(name, image_shape, num_classes, pretrained).to(memory_format=torch.channels_last)
+    _check_fits(model, name, image_shape)
+    return model
+
+
+@torch.no_grad()
+def _check_fits(model, name, image_shape):
+    """One image through the model, so that images too small for its pooling fail here with one clear line."""
+    model.eval()  # BatchNorm in training mode refuses a batch of one
+    try:
+        model(torch.zeros(1, *image_shape).contiguous(memory_format=torch.channels_last))
+    except RuntimeError as e:
+        raise ModelError(f"model {name} cannot take images of shape {'x'.join(map(str, image_shape))}: "
+                         f"{' '.join(str(e).split())[:200]}") from None
+    finally:
+        model.train()
 
 
 def _build(name, image_shape, num_classes, pretrained):

@@ -4,6 +4,7 @@ A conf file holding only the chapter's keys runs: every newer key has a default 
 """
 import json
 import math
+import reprlib
 
 # key: (default, meaning). The chapter's keys come first, with the chapter's meaning.
 KEYS = {
@@ -68,6 +69,11 @@ class ConfigError(ValueError):
     """A configuration the simulator cannot run; its message names the key and the problem."""
 
 
+def shown(value):
+    """`value` as it appears in an error message: repr, shortened when long (a 5000-digit seed stays one short line)."""
+    return reprlib.repr(value)
+
+
 def _check_type(key, value):
     expected = type(DEFAULTS[key])
     if expected is float:
@@ -77,7 +83,7 @@ def _check_type(key, value):
     else:
         ok = isinstance(value, expected)
     if not ok:
-        raise ConfigError(f"config key '{key}' must be {expected.__name__}, got {value!r}")
+        raise ConfigError(f"config key '{key}' must be {expected.__name__}, got {shown(value)}")
 
 
 def validate(overrides):
@@ -91,12 +97,13 @@ def validate(overrides):
         if type(DEFAULTS[key]) is float:
             conf[key] = value = float(value)
         if key in CHOICES and value not in CHOICES[key]:
-            raise ConfigError(f"config key '{key}' must be one of {', '.join(CHOICES[key])}, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(CHOICES[key])}, got {shown(value)}")
         if key in RANGES:
             low, high, low_allowed = RANGES[key]
             if not math.isfinite(value) or value > high or value < low or (value == low and not low_allowed):
                 bound = "" if high == math.inf else f" and <= {high}"
-                raise ConfigError(f"config key '{key}' must be {'>=' if low_allowed else '>'} {low}{bound}, got {value!r}")
+                raise ConfigError(f"config key '{key}' must be {'>=' if low_allowed else '>'} {low}{bound}, "
+                                  f"got {shown(value)}")
     if conf["k"] > conf["no_models"]:
         raise ConfigError(f"config key 'k' ({conf['k']}) must not exceed 'no_models' ({conf['no_models']})")
     if conf["type"] == "cifar10":
@@ -115,6 +122,8 @@ def load(path):
         raise ConfigError(f"cannot read config file {path}: {e}") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+    except ValueError:  # json reads an integer of more than 4300 digits as an error of its own
+        raise ConfigError(f"config file {path} holds a number with too many digits") from None
     if not isinstance(conf, dict):
         raise ConfigError(f"config file {path} must hold a JSON object")
     return conf
@@ -124,12 +133,10 @@ def parse_assignment(text):
     """'KEY=VALUE' -> (key, value); VALUE is JSON, or a bare string when it is not JSON."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"expected KEY=VALUE, got {text!r}")
-    return key.strip(), parse_value(raw)
-
-
-def parse_value(raw):
+        raise ConfigError(f"expected KEY=VALUE, got {shown(text)}")
     try:
-        return json.loads(raw)
+        return key.strip(), json.loads(raw)
     except json.JSONDecodeError:
-        return raw
+        return key.strip(), raw
+    except ValueError:  # json reads an integer of more than 4300 digits as an error of its own
+        raise ConfigError(f"config key '{key.strip()}': {shown(raw)} has too many digits") from None
