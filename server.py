@@ -18,8 +18,9 @@ class Server:
         self._start_round()
 
     def _start_round(self):
-        self.weighted_sums = [t.new_zeros(t.numel()) for t in self.globals]  # sum of n_i * diff_i per entry
-        self.weights = [t.new_zeros(t.numel()) for t in self.globals]  # sum of n_i over the clients that sent it
+        # float64 sums: n_i * value cannot overflow them (f32 values times counts below 2^32 stay far below 1e308)
+        self.weighted_sums = [t.new_zeros(t.numel(), dtype=torch.float64) for t in self.globals]  # sum of n_i * diff_i
+        self.weights = [t.new_zeros(t.numel(), dtype=torch.float64) for t in self.globals]  # sum of n_i that sent it
         self.total_weight = 0  # sum of n_i over accepted uploads
         self.accepted = 0
         self.received_entries = 0  # diff entries carried by accepted uploads
@@ -43,7 +44,7 @@ class Server:
             return "holds NaN or Inf"
         device = self.globals[0].device
         for weighted_sum, weight, kept, value in zip(self.weighted_sums, self.weights, positions, values):
-            value = value.to(device) * num_samples
+            value = value.to(device, torch.float64) * num_samples
             if kept is None:
                 weighted_sum += value
                 weight += num_samples
@@ -58,19 +59,29 @@ class Server:
 
     @torch.no_grad()
     def aggregate(self):
-        """Move the global model by this round's accepted uploads under the configured rule, then start afresh."""
-        if self.accepted:
-            updates = [self._update(s, w) for s, w in zip(self.weighted_sums, self.weights)]
-            beta = self.conf["server_momentum"]
-            if beta:
-                if self.velocity is None:
-                    self.velocity = [torch.zeros_like(u) for u in updates]
-                for v, u in zip(self.velocity, updates):
-                    v.mul_(beta).add_(u)
-                updates = self.velocity
-            for global_tensor, update in zip(self.globals, updates):
-                global_tensor.add_(update.view(global_tensor.shape))
+        """Move the global model by this round's accepted uploads under the configured rule, then start afresh.
+
+        Returns None when the model moved, or why it was kept as it was: no upload was accepted, or the step would have
+        made the global model (or the server momentum) non-finite."""
+        problem = self._step() if self.accepted else "no upload was accepted"
         self._start_round()
+        return problem
+
+    def _step(self):
+        updates = [self._update(s, w).float() for s, w in zip(self.weighted_sums, self.weights)]
+        velocity = None
+        if self.conf["server_momentum"]:
+            beta = self.conf["server_momentum"]
+            velocity = updates if self.velocity is None else [beta * v + u for v, u in zip(self.velocity, updates)]
+            updates = velocity
+        stepped = [g + u.view(g.shape) for g, u in zip(self.globals, updates)]
+        if not all(torch.isfinite(t).all() for t in stepped + (velocity or [])):
+            return "the aggregate would make the global model non-finite, so the model was kept"
+        for global_tensor, new in zip(self.globals, stepped):
+            global_tensor.copy_(new)
+        if velocity is not None:
+            self.velocity = velocity
+        return None
 
     def _update(self, weighted_sum, weight):
         rule = self.conf["aggregation"]

@@ -76,6 +76,8 @@ def decode(payload, numels):
         raise PayloadError(f"payload holds {num_tensors} tensors, the model has {len(numels)}")
     if kind == RANDOM:
         mask_seed, prop = reader.unpack(RANDOM_HEADER)
+        if not 0 <= prop <= 1:  # NaN fails too
+            raise PayloadError(f"mask density {prop} is not in [0, 1]")
         positions = random_positions(mask_seed, prop, numels)
     else:
         positions = []
