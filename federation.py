@@ -16,13 +16,10 @@ import datasets
 import models
 from server import Server
 from utils import partition, payload, run_files
+from utils.run_files import RunError
 from utils.seeding import derive_seed, generator
 
 CLEAR_LINE = "\r\033[K"  # carriage return + erase line: replaces the progress line on a terminal
-
-
-class RunError(Exception):
-    """A run that cannot start as asked (nothing to resume, an occupied folder, no CUDA)."""
 
 
 def sample_clients(conf, round_index):
@@ -49,14 +46,20 @@ def run(conf, out, resume, transport_factory):
     server = Server(models.build(conf["model_name"], dataset.image_shape, dataset.num_classes, conf["pretrained"]),
                     conf, device)
     transport = transport_factory(conf, dataset, shares, copy.deepcopy(server.model))
-    rows = restore(out, server, transport, device) if resume else []
-    run_files.create(out)
-    run_files.write_config(out, conf)
-    show_progress = sys.stdout.isatty()
-    for round_index in range(len(rows) + 1, conf["global_epochs"] + 1):
-        rows.append(play_round(round_index, conf, server, transport, dataset, show_progress))
-        save(out, server, transport, rows)
-        print_row(rows[-1], conf["global_epochs"], show_progress)
+    with run_files.locked(out):
+        if resume:
+            rows = restore(out, conf, server, transport, device)
+            run_files.write_metrics(out, rows)  # the checkpoint's rows: a kill -9 may have cut metrics.csv short
+        elif run_files.holds_run(out):  # another run finished here since the command line was checked
+            raise RunError(f"{out} already holds a run: continue it with --resume, or choose another --out")
+        else:
+            rows = []
+        run_files.write_config(out, conf)
+        show_progress = sys.stdout.isatty()
+        for round_index in range(len(rows) + 1, conf["global_epochs"] + 1):
+            rows.append(play_round(round_index, conf, server, transport, dataset, show_progress))
+            save(out, conf, server, transport, rows)
+            print_row(rows[-1], conf["global_epochs"], show_progress)
     return rows
 
 
@@ -74,7 +77,9 @@ def play_round(round_index, conf, server, transport, dataset, show_progress=Fals
             print(f"round {round_index}: rejected client {upload.client_id}'s upload: {problem}", file=sys.stderr)
         upload_bytes += len(upload.payload)
     entries = server.received_entries
-    server.aggregate()
+    kept = server.aggregate()
+    if kept:
+        print(f"round {round_index}: the global model stays as it was: {kept}", file=sys.stderr)
     accuracy, loss = server.evaluate(dataset.test_images, dataset.test_labels)
     dense_bytes = payload.dense_size(server.numels)
     return {
@@ -83,7 +88,7 @@ def play_round(round_index, conf, server, transport, dataset, show_progress=Fals
         "dense_upload_bytes": dense_bytes * len(chosen), "download_bytes": dense_bytes * len(chosen),
         "upload_fraction": round(entries / (sum(server.numels) * len(chosen)), 6),
         "clients": " ".join(map(str, chosen)), "rejected": rejected,
-        "seconds": round(time.perf_counter() - started, 3),
+        "refused": int(kept is not None), "seconds": round(time.perf_counter() - started, 3),
     }
 
 
@@ -93,27 +98,43 @@ def pick_device(asked):
     return torch.device("cuda" if asked != "cpu" and torch.cuda.is_available() else "cpu")
 
 
-def save(out, server, transport, rows):
-    """Checkpoint first, then metrics.csv from the same rows, so the two never disagree after a restart."""
-    run_files.save_checkpoint(out, {
+def save(out, conf, server, transport, rows):
+    run_files.save(out, {
+        "config": conf,
         "rows": rows,
         "model": server.model.state_dict(),
         "velocity": server.velocity,
         "residuals": transport.client_state(),
     })
-    run_files.write_metrics(out, rows)
 
 
-def restore(out, server, transport, device):
+def restore(out, conf, server, transport, device):
+    """The saved rows; the server's model and momentum and the clients' residuals are put back as they were."""
     try:
         state = run_files.load_checkpoint(out, device)
+    except Exception as e:  # torch.load raises many kinds for a damaged file
+        raise RunError(f"cannot resume {out}: checkpoint.pt is damaged or not a fedsparse checkpoint "
+                       f"({first_line(e)})") from None
+    try:
+        differing = [key for key, value in state.get("config", conf).items()
+                     if key != "global_epochs" and conf.get(key) != value]
+        if differing:
+            key = differing[0]
+            raise ValueError(f"its {key} is {state['config'][key]!r}, config.json says {conf.get(key)!r}")
         server.model.load_state_dict(state["model"])
-    except Exception as e:  # torch.load and load_state_dict raise many kinds for a damaged file
-        raise RunError(f"cannot resume {out}: checkpoint.pt is damaged or from another model ({e})") from None
-    server.velocity = state["velocity"]
-    transport.restore_client_state(state["residuals"])
-    print(f"resuming {out} after round {len(state['rows'])}")
-    return state["rows"]
+        server.velocity = state["velocity"]
+        transport.restore_client_state(state["residuals"])
+        rows = list(state["rows"])
+    except (AttributeError, KeyError, TypeError, RuntimeError, ValueError) as e:
+        raise RunError(f"cannot resume {out}: checkpoint.pt is not from this run ({first_line(e)})") from None
+    print(f"resuming {out} after round {len(rows)}")
+    return rows
+
+
+def first_line(error):
+    """The first line of an exception's message (torch's are often many lines long)."""
+    lines = str(error).strip().splitlines()
+    return lines[0].strip() if lines else type(error).__name__
 
 
 def print_row(row, total_rounds, clear_progress):

@@ -1,26 +1,52 @@
-"""fedsparse: federated averaging where each client uploads only part of its model update.
+"""fedsparse: federated averaging where each client uploads only part of its model update, coded as bytes.
 
 Run:     python main.py -c ./utils/conf.json [--set prop=0.5 ...] [--out DIR]
 Resume:  python main.py --out DIR --resume          (continues an interrupted run to the same end)
 Sweep:   python main.py -c ./utils/conf.json --sweep prop=1.0,0.8,0.5 [--out DIR]
 
-Each round: sample k clients; each trains from the global model on its own data and uploads its masked weight
-diff as an encoded payload; the server decodes and averages the uploads into the global model and evaluates it.
-One line per round is printed, and <out>/metrics.csv, <out>/config.json and <out>/checkpoint.pt are written.
+Each round: sample k clients; each trains from the global model on its own data and uploads its weight diff, selected
+and coded by the compression method (codec.py); the server decodes and averages the uploads into the global model and
+evaluates it (federation.py runs the rounds). One line per round is printed, and <out>/metrics.csv,
+<out>/config.json and <out>/checkpoint.pt are written. Bad input is one line on stderr and exit status 2; Ctrl-C and
+SIGTERM keep every finished round and print the command that continues (exit status 130 and 143).
 """
 import argparse
+import contextlib
 import copy
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 
-import datasets
-import federation
-import models
-from engines.inprocess import InProcess
-from federation import RunError
-from utils import config, partition, run_files
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, which a cluster scheduler sends before it preempts a job: handled exactly like Ctrl-C."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated
+
+
+def exit_status(stop):
+    return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
+
+
+if __name__ == "__main__":  # before the slow imports below, so that SIGTERM while they load is a clean stop too
+    signal.signal(signal.SIGTERM, raise_terminated)
+try:  # torch takes seconds to import: Ctrl-C meanwhile is a clean stop, not a traceback
+    import datasets
+    import federation
+    import models
+    from engines.inprocess import InProcess
+    from utils import config, partition, run_files
+    from utils.run_files import RunError
+except KeyboardInterrupt as stop:
+    print("\ninterrupted while starting: nothing was saved", file=sys.stderr)
+    sys.exit(exit_status(stop))
+
+BAD_INPUT = (config.ConfigError, datasets.DataError, models.ModelError, partition.PartitionError, RunError)
 
 
 def resolve(args):
@@ -29,23 +55,26 @@ def resolve(args):
     for assignment in args.set:
         key, value = config.parse_assignment(assignment)
         overrides[key] = value
-    conf, out = _resolve_config(args, overrides)
+    conf, out = resumed_config(args, overrides) if args.resume else new_config(args, overrides)
     # fail before loading data or creating a folder
+    run_files.check_writable(out)
     federation.pick_device(conf["device"])
     models.check_name(conf["model_name"])
     return conf, out
 
 
-def _resolve_config(args, overrides):
-    if not args.resume:
-        if not args.conf:
-            raise RunError("give a config with -c FILE (or --resume with --out DIR)")
-        conf = config.validate(overrides)
-        out = args.out or new_run_dir(conf)
-        if os.path.exists(run_files.checkpoint_path(out)):
-            raise RunError(f"{out} already holds a run: continue it with --resume, or choose another --out")
-        return conf, out
-    if not args.out or not os.path.exists(run_files.checkpoint_path(args.out)):
+def new_config(args, overrides):
+    if not args.conf:
+        raise RunError("give a config with -c FILE (or --resume with --out DIR)")
+    conf = config.validate(overrides)
+    out = args.out or new_run_dir(conf)
+    if run_files.holds_run(out):
+        raise RunError(f"{out} already holds a run: continue it with --resume, or choose another --out")
+    return conf, out
+
+
+def resumed_config(args, overrides):
+    if not args.out or not run_files.holds_run(args.out):
         raise RunError(f"nothing to resume: no checkpoint.pt in {args.out or '(give the run folder with --out)'}")
     try:
         saved = config.validate(run_files.read_config(args.out))
@@ -55,6 +84,9 @@ def _resolve_config(args, overrides):
     changed = [key for key in conf if conf[key] != saved[key] and key != "global_epochs"]
     if changed:
         raise RunError(f"--resume: config differs from {args.out}/config.json in {', '.join(changed)}")
+    if conf["global_epochs"] < saved["global_epochs"]:
+        raise RunError(f"--resume: global_epochs may only be raised; {args.out} runs to "
+                       f"{saved['global_epochs']} rounds, got {conf['global_epochs']}")
     return conf, args.out
 
 
@@ -68,53 +100,56 @@ def new_run_dir(conf):
     return path
 
 
-def sweep(args):
-    """One run per value of the swept key into <out>/<key>=<value>/, then the comparison figure."""
+def plan(args):
+    """The runs to do, as (config, folder, resume), and the command that continues them after a stop."""
+    if not args.sweep:
+        conf, out = resolve(args)
+        return [(conf, out, args.resume)], f"python main.py --out {shlex.quote(out)} --resume"
     key, sep, values = args.sweep.partition("=")
     if not sep or not values:
         raise RunError(f"--sweep expects KEY=V1,V2,..., got {args.sweep!r}")
-    base_out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-sweep-{key}")
-    run_dirs = []
-    for raw in values.split(","):
-        run_dir = os.path.join(base_out, f"{key}={raw}")
-        sub_args = copy.copy(args)
-        sub_args.set, sub_args.out = args.set + [f"{key}={raw}"], run_dir
-        sub_args.resume = args.resume and os.path.exists(run_files.checkpoint_path(run_dir))
-        run_dirs.append((sub_args, run_dir))
-    confs = [resolve(sub_args) for sub_args, _ in run_dirs]  # check every value before the first run starts
-    try:
-        for (conf, run_dir), (sub_args, _) in zip(confs, run_dirs):
-            print(f"== {run_dir}")
-            start(conf, run_dir, sub_args.resume)
-    except Interrupted as e:
-        if not e.args[0] and not any(os.path.exists(run_files.checkpoint_path(d)) for _, d in run_dirs):
-            raise
-        sets = "".join(f" --set {shlex.quote(s)}" for s in args.set)
-        raise Interrupted(f"python main.py -c {shlex.quote(args.conf or '')}{sets} --sweep {shlex.quote(args.sweep)}"
-                          f" --out {shlex.quote(base_out)} --resume") from None
-    from utils import plot  # matplotlib loads only when a figure is drawn
-    figure = os.path.join(base_out, "comparison.png")
-    conf = confs[0][0]
-    title = (f"{conf['type']}, {conf['model_name']}, {conf['no_models']} clients, k={conf['k']}, "
-             f"{conf['sparsifier']} sparsifier, {conf['aggregation']} aggregation")
-    plot.plot_runs([run_dir for _, run_dir in run_dirs], figure, title)
-    print(f"figure: {figure}")
+    args.out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-sweep-{key}")
+    runs = []
+    for raw in values.split(","):  # every value is checked before the first run starts
+        run_args = copy.copy(args)
+        run_args.set, run_args.out = args.set + [f"{key}={raw}"], os.path.join(args.out, f"{key}={raw}")
+        run_args.resume = args.resume and run_files.holds_run(run_args.out)
+        runs.append((*resolve(run_args), run_args.resume))
+    sources = {(conf["type"], conf["data_dir"]) for conf, _, _ in runs[1:]} - {(runs[0][0]["type"],
+                                                                                 runs[0][0]["data_dir"])}
+    for name, data_dir in sorted(sources):  # the first run's data is loaded before anything is written
+        datasets.load(name, data_dir, "cpu")
+    sets = "".join(f" --set {shlex.quote(s)}" for s in args.set)
+    return runs, (f"python main.py -c {shlex.quote(args.conf or '')}{sets} --sweep {shlex.quote(args.sweep)} "
+                  f"--out {shlex.quote(args.out)} --resume")
 
 
 def start(conf, out, resume):
-    try:
-        rows = federation.run(conf, out, resume, InProcess)
-    except KeyboardInterrupt:
-        saved = os.path.exists(run_files.checkpoint_path(out))
-        raise Interrupted(f"python main.py --out {shlex.quote(out)} --resume" if saved else None) from None
+    """Run one config into `out`; returns its exit status (1 when no round changed the global model)."""
+    rows = federation.run(conf, out, resume, InProcess)
+    refused = sum(row.get("refused", 0) for row in rows)
+    if rows and refused == len(rows):
+        print(f"error: no round of {out} changed the global model: every round's uploads were rejected or its "
+              f"aggregate was non-finite (see the lines above)", file=sys.stderr)
+        return 1
     if rows:
         sent, dense = run_files.upload_totals(rows)
         print(f"done: {out}  final accuracy {rows[-1]['accuracy']:.4f}, "
               f"uploaded {sent / 1e6:.2f} MB ({sent / dense:.1%} of dense)")
+    if refused:
+        print(f"note: {refused} of {len(rows)} rounds kept the global model as it was "
+              f"(column 'refused' of {out}/metrics.csv)", file=sys.stderr)
+    return 0
 
 
-class Interrupted(Exception):
-    """Ctrl-C during a run: the finished rounds are saved; the message is the command that continues."""
+def draw_sweep(runs, base_out):
+    from utils import plot  # matplotlib loads only when a figure is drawn
+    figure = os.path.join(base_out, "comparison.png")
+    conf = runs[0][0]
+    title = (f"{conf['type']}, {conf['model_name']}, {conf['no_models']} clients, k={conf['k']}, "
+             f"{conf['sparsifier']} sparsifier, {conf['aggregation']} aggregation")
+    plot.plot_runs([out for _, out, _ in runs], figure, title)
+    print(f"figure: {figure}")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -133,23 +168,51 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def main(argv=None):
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
-        args = parse_args(argv)
-        if args.sweep:
-            sweep(args)
-        else:
-            conf, out = resolve(args)
-            start(conf, out, args.resume)
-    except (config.ConfigError, datasets.DataError, models.ModelError, partition.PartitionError, RunError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (Interrupted, KeyboardInterrupt) as e:
-        resume = e.args[0] if isinstance(e, Interrupted) else None
-        print(f"\ninterrupted: finished rounds are saved; continue with: {resume}" if resume else
-              "\ninterrupted before any round finished: nothing was saved", file=sys.stderr)
-        return 130
-    return 0
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def one_line(error):
+    return " ".join(str(error).split())
+
+
+def main(argv=None):
+    runs, continue_with = [], None
+    with sigterm_as_interrupt():
+        try:
+            args = parse_args(argv)
+            runs, continue_with = plan(args)
+            status = 0
+            for conf, out, resume in runs:
+                if args.sweep:
+                    print(f"== {out}")
+                status = max(status, start(conf, out, resume))
+            if args.sweep:
+                draw_sweep(runs, args.out)
+            return status
+        except run_files.SaveError as e:
+            saved = any(run_files.holds_run(out) for _, out, _ in runs)
+            print(f"error: {one_line(e)}" + (f"; finished rounds are saved, continue with: {continue_with}"
+                                             if saved else ""), file=sys.stderr)
+            return 2
+        except BAD_INPUT as e:
+            print(f"error: {one_line(e)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as stop:
+            how = "interrupted by SIGTERM" if isinstance(stop, Terminated) else "interrupted"
+            if any(run_files.holds_run(out) for _, out, _ in runs):
+                print(f"\n{how}: finished rounds are saved; continue with: {continue_with}", file=sys.stderr)
+            else:
+                print(f"\n{how} before any round finished: nothing was saved", file=sys.stderr)
+            return exit_status(stop)
 
 
 if __name__ == "__main__":

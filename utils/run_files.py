@@ -1,27 +1,92 @@
-"""A run's folder: config.json, metrics.csv and checkpoint.pt, each replaced atomically so none is ever half-written."""
+"""A run's folder: config.json, metrics.csv and checkpoint.pt, each replaced atomically so none is ever half-written,
+and a lock that keeps a second run out of the folder while the first one lives."""
+import contextlib
 import csv
+import fcntl
+import glob
 import io
 import json
 import os
+import signal
+import threading
 
 import torch
 
 METRICS_COLUMNS = ("round", "accuracy", "loss", "train_loss", "upload_bytes", "dense_upload_bytes",
-                   "download_bytes", "upload_fraction", "clients", "rejected", "seconds")
+                   "download_bytes", "upload_fraction", "clients", "rejected", "refused", "seconds")
+LOCK_NAME = ".lock"
 
 
-def create(run_dir):
-    os.makedirs(run_dir, exist_ok=True)
+class RunError(Exception):
+    """A run that cannot start or go on as asked (nothing to resume, an occupied or unwritable folder, no CUDA)."""
+
+
+class SaveError(RunError):
+    """A file of the run could not be written (a full disk, a folder that became read-only)."""
+
+
+def check_writable(run_dir):
+    """Fail early, before data is loaded, when `run_dir` cannot become a run folder."""
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise RunError(f"--out {run_dir} is a file, not a folder")
+    existing = os.path.abspath(run_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise RunError(f"--out {run_dir} lies under {existing}, which is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunError(f"--out {run_dir}: {existing} is not writable")
+
+
+@contextlib.contextmanager
+def locked(run_dir):
+    """Create `run_dir` and hold an advisory lock on it for the block; a second holder is refused at once."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        lock_file = open(os.path.join(run_dir, LOCK_NAME), "a+")
+    except OSError as e:
+        raise RunError(f"cannot create the run folder {run_dir}: {e.strerror or e}") from None
+    with lock_file:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunError(f"{run_dir} is in use by another run; wait for it to end or choose another --out") from None
+        for leftover in glob.glob(os.path.join(glob.escape(run_dir), "*.tmp")):  # from a run killed mid-write
+            os.remove(leftover)
+        yield
 
 
 def write_atomically(path, data):
     """Write bytes to a temporary file beside `path`, then rename it over `path` (atomic on POSIX)."""
-    temporary = f"{path}.tmp"
-    with open(temporary, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(temporary, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise SaveError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold SIGINT and SIGTERM until the block ends, so a stop never falls between writes that belong together."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    pending = []
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if pending:
+            signal.raise_signal(pending[0])
 
 
 def write_config(run_dir, conf):
@@ -29,8 +94,13 @@ def write_config(run_dir, conf):
 
 
 def read_config(run_dir):
+    """The JSON object in config.json; ValueError when the file holds something else."""
     with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
-        return json.load(f)
+        conf = json.load(f)
+    if not isinstance(conf, dict):
+        kind = {list: "an array", type(None): "null", str: "a string", bool: "a boolean"}.get(type(conf), "a number")
+        raise ValueError(f"it holds {kind}, not a JSON object")
+    return conf
 
 
 def write_metrics(run_dir, rows):
@@ -44,7 +114,7 @@ def write_metrics(run_dir, rows):
 def read_metrics(run_dir):
     """Rows of metrics.csv as dicts of numbers (but 'clients', the space-separated ids sampled that round)."""
     with open(os.path.join(run_dir, "metrics.csv"), newline="", encoding="utf-8") as f:
-        return [{key: value if key == "clients" else float(value) for key, value in row.items()}
+        return [{key: value if key == "clients" else float(value) for key, value in row.items() if value != ""}
                 for row in csv.DictReader(f)]
 
 
@@ -57,10 +127,19 @@ def checkpoint_path(run_dir):
     return os.path.join(run_dir, "checkpoint.pt")
 
 
-def save_checkpoint(run_dir, state):
+def holds_run(run_dir):
+    """Whether a run has saved a round in `run_dir` (and so can be resumed there, and not started afresh)."""
+    return os.path.exists(checkpoint_path(run_dir))
+
+
+def save(run_dir, state):
+    """The checkpoint (`state`, holding the metrics `rows`), then metrics.csv from the same rows, as one step that no
+    signal splits; if a kill -9 does, resuming rewrites metrics.csv from the checkpoint."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    write_atomically(checkpoint_path(run_dir), buffer.getvalue())
+    with signals_held():
+        write_atomically(checkpoint_path(run_dir), buffer.getvalue())
+        write_metrics(run_dir, state["rows"])
 
 
 def load_checkpoint(run_dir, device):
