@@ -1,7 +1,7 @@
 """A client: its share of the training data, the seed of its mask, and local training that returns an encoded upload.
 
-Clients own no model: every client trains the one shared `model` it is handed, so memory does not grow with the
-number of clients beyond their index lists (and, with error feedback, the residuals of clients that have trained).
+What the upload carries and how it is coded is the compression method's business (codec.py); with error feedback the
+client keeps what the server will not reconstruct (unsent entries and quantization error) and adds it to its next diff.
 """
 import math
 from dataclasses import dataclass
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from utils import payload
+import codec
 from utils.seeding import derive_seed, generator
 
 
@@ -17,7 +17,6 @@ from utils.seeding import derive_seed, generator
 class Upload:
     client_id: int
     payload: bytes  # what travels to the server; its length is the upload's size
-    entries_sent: int  # how many diff entries the payload carries
     train_loss: float  # mean loss over the client's local steps
 
 
@@ -26,7 +25,7 @@ class Client:
         self.id = client_id
         self.indices = indices  # CPU int64 positions of this client's examples in the training split
         self.conf = conf
-        self.residual = None  # error feedback: flat tensors of what was not sent yet
+        self.residual = None  # error feedback: flat tensors of what the server has not received yet
 
     def mask_seed(self, round_index):
         """The seed of this client's random mask: drawn once (the chapter's fixed mask) or anew each round."""
@@ -62,45 +61,18 @@ class Client:
         diffs = [(local_state[name] - global_state[name]).flatten() for name in names]
         if self.residual is not None:
             diffs = [diff + residual for diff, residual in zip(diffs, self.residual)]
-        kind, positions, seed = self._select(diffs, round_index)
-        encoded = payload.encode(kind, diffs, positions, len(self.indices), seed, self.conf["prop"])
+        encoded = codec.encode(self.conf, diffs, len(self.indices), self.mask_seed(round_index))
         if self.conf["error_feedback"]:
             decay = self.conf["residual_decay"]
-            self.residual = [_unsent(diff, kept).mul_(decay) for diff, kept in zip(diffs, positions)]
-        entries = sum(diff.numel() if kept is None else len(kept) for diff, kept in zip(diffs, positions))
-        return Upload(self.id, encoded, entries, train_loss)
-
-    def _select(self, diffs, round_index):
-        """(payload kind, positions to send per tensor, mask seed) under the configured sparsifier."""
-        conf = self.conf
-        if conf["sparsifier"] == "none":
-            return payload.DENSE, [None] * len(diffs), 0
-        if conf["sparsifier"] == "random":
-            seed = self.mask_seed(round_index)
-            return payload.RANDOM, payload.random_positions(seed, conf["prop"], [d.numel() for d in diffs]), seed
-        return payload.TOPK, topk_positions(diffs, conf["prop"], conf["topk_scope"]), 0
+            self.residual = [unreceived(diff, kept, sent).mul_(decay)
+                             for diff, kept, sent in zip(diffs, encoded.positions, encoded.values)]
+        return Upload(self.id, encoded.payload, train_loss)
 
 
-def topk_positions(diffs, prop, scope="tensor"):
-    """Sorted flat positions of the largest |entries|: ceil(prop * numel) per tensor, or of the whole model."""
-    if scope == "tensor":
-        return [d.abs().topk(kept_count(prop, d.numel()), sorted=False).indices.sort().values for d in diffs]
-    flat = torch.cat([d.abs() for d in diffs])
-    chosen = flat.topk(kept_count(prop, flat.numel()), sorted=False).indices.sort().values
-    bounds = torch.tensor([0] + [d.numel() for d in diffs], device=chosen.device).cumsum(0)
-    cuts = torch.searchsorted(chosen, bounds).tolist()
-    return [chosen[cuts[i]:cuts[i + 1]] - bounds[i] for i in range(len(diffs))]
-
-
-def kept_count(prop, numel):
-    """ceil(prop * numel), ignoring float noise: prop 0.07 of 100 entries keeps 7, although 0.07 * 100 > 7."""
-    return math.ceil(round(prop * numel, 9))
-
-
-def _unsent(diff, kept):
-    """The part of `diff` that `kept` leaves behind (error feedback's residual)."""
+def unreceived(diff, kept, sent):
+    """`diff` minus what the server reconstructs of it: `sent` at the positions `kept` (every entry when None)."""
     if kept is None:
-        return torch.zeros_like(diff)
+        return diff - sent
     residual = diff.clone()
-    residual[kept.to(diff.device)] = 0
+    residual[kept.to(diff.device)] -= sent
     return residual

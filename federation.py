@@ -12,10 +12,11 @@ import time
 
 import torch
 
+import codec
 import datasets
 import models
 from server import Server
-from utils import partition, payload, run_files
+from utils import partition, run_files
 from utils.run_files import RunError
 from utils.seeding import derive_seed, generator
 
@@ -40,8 +41,8 @@ def run(conf, out, resume, transport_factory):
           f"{len(dataset.test_labels)} test; partition {conf['partition']}: "
           f"{partition.summary(shares, dataset.train_labels)}")
     if conf["error_feedback"] and conf["sparsifier"] == "random" and conf["mask"] == "fixed":
-        print("note: with a fixed random mask the residual of error feedback is never sent; "
-              "set mask to 'round' to send it", file=sys.stderr)
+        print("note: with a fixed random mask, error feedback never sends what the mask leaves out (only quantization "
+              "error is fed back); set mask to 'round' to send it", file=sys.stderr)
     torch.manual_seed(derive_seed(conf["seed"], "init"))
     server = Server(models.build(conf["model_name"], dataset.image_shape, dataset.num_classes, conf["pretrained"]),
                     conf, device)
@@ -81,11 +82,12 @@ def play_round(round_index, conf, server, transport, dataset, show_progress=Fals
     if kept:
         print(f"round {round_index}: the global model stays as it was: {kept}", file=sys.stderr)
     accuracy, loss = server.evaluate(dataset.test_images, dataset.test_labels)
-    dense_bytes = payload.dense_size(server.numels)
+    dense_bytes = codec.dense_size(server.numels)  # also what each sampled client downloads: the global model, f32
     return {
         "round": round_index, "accuracy": round(accuracy, 6), "loss": round(loss, 6),
         "train_loss": round(sum(u.train_loss for u in uploads) / len(uploads), 6), "upload_bytes": upload_bytes,
         "dense_upload_bytes": dense_bytes * len(chosen), "download_bytes": dense_bytes * len(chosen),
+        "total_bytes": upload_bytes + dense_bytes * len(chosen),
         "upload_fraction": round(entries / (sum(server.numels) * len(chosen)), 6),
         "clients": " ".join(map(str, chosen)), "rejected": rejected,
         "refused": int(kept is not None), "seconds": round(time.perf_counter() - started, 3),

@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from utils import payload
+import codec
 
 EVAL_BATCH_SIZE = 256  # on a CPU, larger batches fall out of cache and run slower per image
 
@@ -35,8 +35,8 @@ class Server:
     def receive(self, upload_bytes):
         """Decode one upload and add it to this round's sums; returns None, or why it was rejected."""
         try:
-            num_samples, positions, values = payload.decode(upload_bytes, self.numels)
-        except payload.PayloadError as e:
+            num_samples, positions, values = codec.decode(upload_bytes, self.numels)
+        except codec.PayloadError as e:
             return f"malformed payload ({e})"
         if num_samples == 0:
             return "claims 0 training examples, so it has no weight"

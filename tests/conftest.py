@@ -87,6 +87,24 @@ def without_seconds(rows):
     return [{key: value for key, value in row.items() if key != "seconds"} for row in rows]
 
 
+def handmade_upload(num_samples, diffs, kept=None):
+    """An upload written by hand from codec.py's documented layout (not by its encoder): per tensor, the f32 values of
+    `diffs` (lists) at the positions `kept` (lists), sent as an index list over the flattened model; dense when
+    `kept` is None."""
+    import struct
+    header = struct.pack("<BBBII", 2, 0 if kept is None else 2, 0, num_samples, len(diffs))  # version 2, f32 values
+    if kept is None:
+        return header + b"".join(struct.pack(f"<{len(d)}f", *d) for d in diffs)
+    total, offset, flat, values = sum(len(d) for d in diffs), 0, [], []
+    for diff, positions in zip(diffs, kept):
+        flat += [offset + p for p in positions]
+        values += [diff[p] for p in positions]
+        offset += len(diff)
+    coding, letter = (1, "B") if total <= 256 else (2, "H") if total <= 65536 else (3, "I")
+    return (header + struct.pack("<BI", coding, len(flat)) + struct.pack(f"<{len(flat)}{letter}", *flat)
+            + struct.pack(f"<{len(values)}f", *values))
+
+
 def dense_from(positions, values, numels):
     """Scatter decoded (positions, values) into zero tensors: the masked diff the server sees."""
     out = []

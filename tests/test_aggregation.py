@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import models
+import codec
 from client import Client
+from conftest import handmade_upload
 from server import Server
-from utils import payload
 
 CPU = torch.device("cpu")
 GLOBAL_W = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]  # tiny_model's weight, flattened
@@ -17,14 +18,11 @@ GLOBAL_B = [0.5, -0.5]
 
 def topk_upload(num_samples, w_diff, w_kept, b_diff, b_kept):
     """An upload for nn.Linear(3, 2) carrying the given entries of its (weight, bias) diff."""
-    diffs = [torch.tensor(w_diff, dtype=torch.float32), torch.tensor(b_diff, dtype=torch.float32)]
-    kept = [torch.tensor(w_kept, dtype=torch.int64), torch.tensor(b_kept, dtype=torch.int64)]
-    return payload.encode(payload.TOPK, diffs, kept, num_samples)
+    return handmade_upload(num_samples, [w_diff, b_diff], [w_kept, b_kept])
 
 
 def dense_upload(num_samples, w_diff, b_diff):
-    diffs = [torch.tensor(w_diff, dtype=torch.float32), torch.tensor(b_diff, dtype=torch.float32)]
-    return payload.encode(payload.DENSE, diffs, [None, None], num_samples)
+    return handmade_upload(num_samples, [w_diff, b_diff])
 
 
 # Client A (1 sample) sends weight entries 0, 1, 2 and bias entry 0; client B (3 samples) weight 1, 2, 3 and bias 1.
@@ -113,9 +111,10 @@ def test_rules_against_a_plain_loop(make_conf, rule):
     clients = []
     for i, (n, prop) in enumerate([(10, 0.2), (35, 0.5), (7, 0.9)]):
         diffs = [torch.randn(t.numel(), generator=g) for t in server.flat_globals()]
-        kept = payload.random_positions(100 + i, prop, server.numels)
+        kept = codec.random_positions(100 + i, prop, server.numels)
         clients.append((n, diffs, kept))
-        assert server.receive(payload.encode(payload.RANDOM, diffs, kept, n, 100 + i, prop)) is None
+        upload = codec.encode({"sparsifier": "random", "quantize": "none", "prop": prop}, diffs, n, 100 + i)
+        assert server.receive(upload.payload) is None
     server.aggregate()
     total = sum(n for n, _, _ in clients)
     for t, (global_entries, numel) in enumerate(zip(start, server.numels)):
@@ -160,7 +159,7 @@ def test_upload_claiming_no_examples_is_rejected(tiny_model, make_conf):
 def test_malformed_upload_is_rejected(tiny_model, make_conf):
     server = server_for(tiny_model, make_conf)
     good = dense_upload(5, [1] * 6, [1, 1])
-    for bad in (good[:-1], good + b"\0", payload.encode(payload.DENSE, [torch.ones(6)], [None], 5)):
+    for bad in (good[:-1], good + b"\0", handmade_upload(5, [[1.0] * 6])):
         reason = server.receive(bad)
         assert isinstance(reason, str) and "malformed" in reason
     server.aggregate()
@@ -177,8 +176,8 @@ def test_prop_zero_leaves_the_model_unchanged(make_conf, synthetic, rule):
     for client_id in (0, 1):
         upload = Client(client_id, torch.arange(client_id * 100, client_id * 100 + 100), conf).local_train(
             workspace, server.global_state(), synthetic, 1)
-        assert upload.entries_sent == 0
         assert server.receive(upload.payload) is None
+    assert server.received_entries == 0
     server.aggregate()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -236,8 +235,8 @@ def test_float_buffers_are_aggregated_and_integer_buffers_skipped(make_conf):
     model = torch.nn.BatchNorm1d(2)  # weight, bias, running_mean, running_var (float); num_batches_tracked (int)
     server = Server(model, make_conf(aggregation="mean"), CPU)
     assert server.numels == [2, 2, 2, 2]
-    diffs = [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0]), torch.tensor([0.5, 0.5]), torch.tensor([1.0, 1.0])]
-    assert server.receive(payload.encode(payload.DENSE, diffs, [None] * 4, 2)) is None
+    diffs = [[1.0, 2.0], [3.0, 4.0], [0.5, 0.5], [1.0, 1.0]]
+    assert server.receive(handmade_upload(2, diffs)) is None
     server.aggregate()
     assert model.weight.tolist() == [2.0, 3.0] and model.bias.tolist() == [3.0, 4.0]
     assert model.running_mean.tolist() == [0.5, 0.5] and model.running_var.tolist() == [2.0, 2.0]

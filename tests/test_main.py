@@ -67,15 +67,16 @@ def test_accuracy_rises_above_chance(e2e_run):
 def test_byte_counts(e2e_run):
     rows = read_csv(e2e_run[0] / "metrics.csv")
     n = cnn_parameter_count()
-    dense_per_client = 10 + 4 * n  # header + every value as f32
+    dense_per_client = 11 + 4 * n  # header + every value as f32
     for r in rows:
         upload, dense = int(r["upload_bytes"]), int(r["dense_upload_bytes"])
         assert dense == 2 * dense_per_client
         assert int(r["download_bytes"]) == 2 * dense_per_client
+        assert int(r["total_bytes"]) == upload + 2 * dense_per_client
         assert upload < dense
         # random payloads: header + mask seed/prop + 4 bytes per kept entry, for each of the 2 clients
         entries = round(float(r["upload_fraction"]) * 2 * n)
-        assert upload == 2 * (10 + 16) + 4 * entries
+        assert upload == 2 * (11 + 16) + 4 * entries
         assert abs(entries - 0.5 * 2 * n) <= 4 * math.sqrt(2 * n * 0.25)
 
 

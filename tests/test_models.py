@@ -52,4 +52,4 @@ def test_a_resnet_with_batchnorm_runs_end_to_end(tmp_path):
     model = models.build("resnet18", (1, 16, 16), 10)
     floats = sum(t.numel() for t in model.state_dict().values() if torch.is_floating_point(t))
     assert float(row["upload_fraction"]) == pytest.approx(0.5, abs=0.01)
-    assert int(row["dense_upload_bytes"]) == 2 * (10 + 4 * floats)  # header + 4 bytes per floating entry
+    assert int(row["dense_upload_bytes"]) == 2 * (11 + 4 * floats)  # header + 4 bytes per floating entry

@@ -16,7 +16,9 @@ import torch
 import main
 from conftest import ROOT, TINY, read_csv, without_seconds
 from server import Server
-from utils import payload, plot, run_files
+import codec
+from conftest import handmade_upload
+from utils import plot, run_files
 
 CPU = torch.device("cpu")
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -55,8 +57,7 @@ def state_is_finite(model_state):
 
 def dense_upload(num_samples, values):
     """A dense upload for nn.Linear(3, 2): weight then bias, flat."""
-    diffs = [torch.tensor(values[:6], dtype=torch.float32), torch.tensor(values[6:], dtype=torch.float32)]
-    return payload.encode(payload.DENSE, diffs, [None, None], num_samples)
+    return handmade_upload(num_samples, [values[:6], values[6:]])
 
 
 @pytest.mark.parametrize("rule", ["masked_mean", "mean"])
@@ -388,12 +389,11 @@ def test_resume_cannot_lower_global_epochs(finished_run, tmp_path, run_main):
 
 @pytest.mark.parametrize("prop", [float("nan"), -0.5, 1.5, float("inf")])
 def test_random_upload_with_an_impossible_density_is_rejected(tiny_model, make_conf, prop):
-    diffs = [torch.ones(6), torch.ones(2)]
-    # self-consistent: the values of the entries a mask drawn with this density would keep (none, or all of them)
-    kept = [(torch.rand(n, generator=torch.Generator().manual_seed(3)) < prop).nonzero().squeeze(1) for n in (6, 2)]
-    forged = payload.encode(payload.RANDOM, diffs, kept, 10, 3, prop)
-    with pytest.raises(payload.PayloadError):
-        payload.decode(forged, [6, 2])
+    # self-consistent: the values of the entries a mask drawn with this density keeps (none, or all of them)
+    forged = codec.encode({"sparsifier": "random", "quantize": "none", "prop": prop}, [torch.ones(6), torch.ones(2)],
+                          10, mask_seed=3).payload
+    with pytest.raises(codec.PayloadError):
+        codec.decode(forged, [6, 2])
     server = Server(tiny_model, make_conf(aggregation="mean"), CPU)
     assert "malformed" in server.receive(forged)
 

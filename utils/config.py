@@ -6,6 +6,8 @@ import json
 import math
 import reprlib
 
+import codec
+
 # key: (default, meaning). The chapter's keys come first, with the chapter's meaning.
 KEYS = {
     "model_name": ("cnn", "model: 'cnn' (small CNN) or a torchvision name (resnet18, resnet50, vgg16, ...)"),
@@ -17,14 +19,17 @@ KEYS = {
     "batch_size": (32, "local SGD mini-batch size"),
     "lr": (0.01, "local SGD learning rate"),
     "momentum": (0.9, "local SGD momentum (the optimizer is fresh each round, as in the chapter)"),
-    "lambda": (0.1, "server step for aggregation='lambda': global += lambda * sum of client diffs"),
+    "lambda": (0.5, "server step for aggregation='lambda': global += lambda * sum of client diffs (the chapter's 0.5)"),
     "prop": (0.6, "fraction of each tensor's entries a client uploads (the mask's density)"),
     "seed": (0, "seeds the partition, client sampling, masks, shuffling and initial weights"),
     "device": ("auto", "auto (CUDA when available) | cpu | cuda"),
     "data_dir": ("./data", "where datasets are looked for first, and downloaded to when online"),
     "aggregation": ("masked_mean", "masked_mean (per entry, over the clients that sent it) | mean (unsent = 0) | lambda"),
     "pretrained": (False, "start torchvision models from their ImageNet weights (needs them downloaded)"),
-    "sparsifier": ("random", "random (Bernoulli(prop) mask) | topk (largest |diff| per tensor) | none (dense)"),
+    "sparsifier": ("random", "which entries travel: " + "; ".join(f"{name}: {cls.help}"
+                                                              for name, cls in codec.SPARSIFIERS.items())),
+    "quantize": ("none", "how each kept value is written: " + "; ".join(f"{name}: {cls.help}"
+                                                                     for name, cls in codec.QUANTIZERS.items())),
     "mask": ("fixed", "random masks: fixed (drawn once per client, the chapter's) | round (fresh every round)"),
     "error_feedback": (False, "clients keep what they did not send and add it to their next diff"),
     "residual_decay": (1.0, "error feedback: the fraction of the unsent residual a client keeps (1: all of it)"),
@@ -40,7 +45,8 @@ CHOICES = {
     "type": ("mnist", "fashion-mnist", "cifar", "cifar10", "synthetic"),
     "device": ("auto", "cpu", "cuda"),
     "aggregation": ("masked_mean", "mean", "lambda"),
-    "sparsifier": ("random", "topk", "none"),
+    "sparsifier": tuple(codec.SPARSIFIERS),
+    "quantize": tuple(codec.QUANTIZERS),
     "mask": ("fixed", "round"),
     "topk_scope": ("tensor", "model"),
     "partition": ("iid", "dirichlet", "shards"),

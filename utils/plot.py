@@ -1,7 +1,8 @@
 """Compare finished runs: accuracy and loss against round (as in the chapter's figure), and accuracy against the
-megabytes clients uploaded, which is what sparsification buys. Or print the runs as a markdown table.
+megabytes clients uploaded (or uploaded and downloaded: --bytes total), which is what compression buys. Or print the
+runs as a markdown table.
 
-    python -m utils.plot RUN_DIR [RUN_DIR ...] -o FILE.png [--title TEXT]
+    python -m utils.plot RUN_DIR [RUN_DIR ...] -o FILE.png [--title TEXT] [--bytes upload|total]
     python -m utils.plot RUN_DIR [RUN_DIR ...] --table
 """
 import argparse
@@ -13,14 +14,20 @@ import matplotlib
 matplotlib.use("Agg")  # headless: draw to files, never to a window
 import matplotlib.pyplot as plt  # noqa: E402
 
+import codec  # noqa: E402
 from utils import config, run_files  # noqa: E402
 
 MARKERS = "o*^sDvx+p<>h"
+SPARSIFIER_KEYS = {key for cls in codec.SPARSIFIERS.values() for key in cls.keys}
+ERROR_FEEDBACK_KEYS = {"error_feedback", "residual_decay"}
 
 
-# keys that do not act under a sparsifier, left out of its runs' labels
-UNUSED_KEYS = {"none": {"prop", "mask", "topk_scope", "error_feedback", "residual_decay"},
-               "random": {"topk_scope"}, "topk": {"mask"}}
+def unused_keys(conf):
+    """Keys that do not act under this run's method, left out of its label."""
+    unused = SPARSIFIER_KEYS - set(codec.SPARSIFIERS[conf["sparsifier"]].keys)
+    lossless = (codec.SPARSIFIERS[conf["sparsifier"]] is codec.Dense
+                and codec.QUANTIZERS[conf["quantize"]] is codec.Float32)
+    return unused | ERROR_FEEDBACK_KEYS if lossless else unused  # nothing is lost, so nothing is fed back
 
 
 def labels_for(run_dirs):
@@ -29,11 +36,15 @@ def labels_for(run_dirs):
     differing = [key for key in confs[0] if len({repr(c.get(key)) for c in confs}) > 1 and key != "data_dir"]
     if not differing:
         return [os.path.basename(os.path.normpath(d)) for d in run_dirs]
-    return [", ".join(f"{key}={conf[key]}" for key in differing
-                      if key not in UNUSED_KEYS.get(conf["sparsifier"], ())) for conf in confs]
+    return [", ".join(f"{key}={conf[key]}" for key in differing if key not in unused_keys(conf)) for conf in confs]
 
 
-def plot_runs(run_dirs, path, title=None):
+def traffic(row, bytes_shown):
+    """A row's bytes: uploaded, or uploaded plus downloaded ('total')."""
+    return row["upload_bytes"] + (row["download_bytes"] if bytes_shown == "total" else 0)
+
+
+def plot_runs(run_dirs, path, title=None, bytes_shown="upload"):
     runs = [run_files.read_metrics(d) for d in run_dirs]
     figure, (accuracy_axis, loss_axis, bytes_axis) = plt.subplots(1, 3, figsize=(18, 5))
     for i, (rows, label) in enumerate(zip(runs, labels_for(run_dirs))):
@@ -44,12 +55,13 @@ def plot_runs(run_dirs, path, title=None):
         loss_axis.plot(rounds, [row["loss"] for row in rows], **style)
         megabytes, total = [], 0.0
         for row in rows:
-            total += row["upload_bytes"] / 1e6
+            total += traffic(row, bytes_shown) / 1e6
             megabytes.append(total)
         bytes_axis.plot(megabytes, accuracy, **style)
     bytes_axis.set_xscale("log")
+    bytes_label = "Uploaded MB" if bytes_shown == "upload" else "Uploaded + downloaded MB"
     for axis, x, y in ((accuracy_axis, "Round", "Accuracy"), (loss_axis, "Round", "Loss"),
-                       (bytes_axis, "Uploaded MB, cumulative (log scale)", "Accuracy")):
+                       (bytes_axis, f"{bytes_label}, cumulative (log scale)", "Accuracy")):
         axis.set(xlabel=x, ylabel=y)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
@@ -61,16 +73,18 @@ def plot_runs(run_dirs, path, title=None):
 
 
 def table(run_dirs):
-    """Markdown rows: run, final and best accuracy, total uploaded MB and its share of a dense upload, and the
-    mean accuracy of the last 5 rounds (steadier than the final one when rounds fluctuate, as under non-IID data)."""
-    lines = ["| run | final accuracy | best accuracy | uploaded MB | of dense | last 5 rounds |",
-             "|---|---|---|---|---|---|"]
+    """Markdown rows: run, final accuracy and the mean of the last 5 rounds (steadier than the final one when rounds
+    fluctuate, as under non-IID data), the best round, uploaded MB, its share of dense uploads and how many times
+    fewer bytes that is."""
+    lines = ["| run | final accuracy | last 5 rounds | best accuracy | uploaded MB | of dense | x fewer than dense |",
+             "|---|---|---|---|---|---|---|"]
     for run_dir, label in zip(run_dirs, labels_for(run_dirs)):
         rows = run_files.read_metrics(run_dir)
         sent, dense = run_files.upload_totals(rows)
         last = [row["accuracy"] for row in rows[-5:]]
-        lines.append(f"| {label} | {rows[-1]['accuracy']:.4f} | {max(r['accuracy'] for r in rows):.4f} | "
-                     f"{sent / 1e6:.2f} | {sent / dense:.2%} | {sum(last) / len(last):.4f} |")
+        lines.append(f"| {label} | {rows[-1]['accuracy']:.4f} | {sum(last) / len(last):.4f} | "
+                     f"{max(r['accuracy'] for r in rows):.4f} | {sent / 1e6:.3f} | {sent / dense:.2%} | "
+                     f"{dense / sent:.0f}x |")
     return "\n".join(lines)
 
 
@@ -80,6 +94,8 @@ def main(argv=None):
     parser.add_argument("-o", "--output", help="figure file to write (PNG)")
     parser.add_argument("--title", help="figure title")
     parser.add_argument("--table", action="store_true", help="print a markdown table instead of drawing")
+    parser.add_argument("--bytes", choices=("upload", "total"), default="upload",
+                        help="third panel: uploaded MB, or uploaded + downloaded MB")
     args = parser.parse_args(argv)
     for run_dir in args.runs:
         for name in ("config.json", "metrics.csv"):
@@ -89,7 +105,7 @@ def main(argv=None):
     if args.table:
         print(table(args.runs))
     elif args.output:
-        plot_runs(args.runs, args.output, args.title)
+        plot_runs(args.runs, args.output, args.title, args.bytes)
         print(f"figure: {args.output}")
     else:
         print("error: give -o FILE.png or --table", file=sys.stderr)

@@ -13,7 +13,7 @@ import threading
 import torch
 
 METRICS_COLUMNS = ("round", "accuracy", "loss", "train_loss", "upload_bytes", "dense_upload_bytes",
-                   "download_bytes", "upload_fraction", "clients", "rejected", "refused", "seconds")
+                   "download_bytes", "total_bytes", "upload_fraction", "clients", "rejected", "refused", "seconds")
 LOCK_NAME = ".lock"
 
 

@@ -1,0 +1,62 @@
+"""Speed of the codec on a ResNet-18-sized diff (11.2M entries, the model's own tensor sizes): encode (select, code
+positions and values) and decode, per method, best of a few repeats (a benchmark, not a test).
+
+    python benchmarks/codec_bench.py [--prop 0.01] [--repeats 5]
+
+The last line is machine-readable: the slowest method's encode and decode times in seconds, with the sizes.
+"""
+import argparse
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+import codec  # noqa: E402
+import models  # noqa: E402
+
+METHODS = {  # label: the config keys that choose the method
+    "top-k per tensor, f32": {"sparsifier": "topk", "topk_scope": "tensor", "quantize": "none"},
+    "top-k whole model, int8": {"sparsifier": "topk", "topk_scope": "model", "quantize": "int8"},
+    "STC (top-k whole model, ternary)": {"sparsifier": "topk", "topk_scope": "model", "quantize": "ternary"},
+    "random mask, f32": {"sparsifier": "random", "topk_scope": "tensor", "quantize": "none"},
+    "dense, sign": {"sparsifier": "none", "topk_scope": "tensor", "quantize": "sign"},
+}
+
+
+def best_of(repeats, work):
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = work()
+        times.append(time.perf_counter() - started)
+    return min(times), result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prop", type=float, default=0.01, help="density of the sparse methods")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    model = models.build("resnet18", (3, 32, 32), 10)
+    numels = [t.numel() for t in model.state_dict().values() if torch.is_floating_point(t)]
+    diffs = [torch.randn(n, generator=torch.Generator().manual_seed(i)) for i, n in enumerate(numels)]
+    print(f"ResNet-18 diff: {sum(numels):,} entries in {len(numels)} tensors, prop {args.prop}, "
+          f"{torch.get_num_threads()} threads; dense payload {codec.dense_size(numels) / 1e6:.2f} MB")
+    slowest = (0.0, 0.0)
+    for label, keys in METHODS.items():
+        conf = {**keys, "prop": args.prop}
+        encode_seconds, encoded = best_of(args.repeats, lambda: codec.encode(conf, diffs, 500, mask_seed=1))
+        decode_seconds, _ = best_of(args.repeats, lambda: codec.decode(encoded.payload, numels))
+        size = len(encoded.payload)
+        print(f"{label:>34}: encode {encode_seconds * 1e3:7.1f} ms  decode {decode_seconds * 1e3:7.1f} ms  "
+              f"{size / 1e3:9.1f} kB ({size / codec.dense_size(numels):.3%} of dense)")
+        slowest = (max(slowest[0], encode_seconds), max(slowest[1], decode_seconds))
+    print(f"slowest_encode_s={slowest[0]:.3f} slowest_decode_s={slowest[1]:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,435 @@
+"""Compression methods and the upload's wire format: `encode` (the client's side) is the only code that writes an
+upload, `decode` (the server's side) the only code that reads one, and an upload's size is the length of its bytes.
+
+A method is a sparsifier (which entries of the diff travel) times a quantizer (how each kept value is written), each one
+class below registered by its config name in SPARSIFIERS or QUANTIZERS; config choices, plot labels and the README's
+table of methods derive from these registries. Sparse Ternary Compression (Sattler et al. 2019) is TopK over the whole
+model times Ternary, with error feedback. To add a method, write one class and register it.
+
+Layout, little-endian; tensors are the model's floating-point state-dict entries, flattened, in order:
+    header      version u8 | sparsifier id u8 | quantizer id u8 | num_samples u32 | num_tensors u32
+    sparsifier  none:   nothing (every entry travels)
+                random: mask_seed u64 | prop f64; the receiver regenerates the Bernoulli(prop) mask
+                topk:   coding u8 | count u32 | the kept positions over the flattened model, coded as a bitmap,
+                        a list of u8/u16/u32 indices, or Golomb-Rice gaps, whichever is smallest (POSITION_CODINGS)
+    values      the kept values, tensor after tensor, as the quantizer writes them:
+                none: f32 each | f16: f16 each | int8: a f32 scale per tensor that keeps entries, then i8 each |
+                sign: a f32 magnitude per tensor that keeps entries, then one sign bit each |
+                ternary: groups u8 (0: a magnitude per tensor, 1: one for all), the f32 magnitudes, one sign bit each
+Golomb-Rice gaps: the parameter b u8, then the b-bit remainders of all gaps, then their unary quotients (q zeros and a
+one each): as many bits as interleaving them, and both streams code and decode without a loop per entry.
+"""
+import math
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+VERSION = 2
+HEADER = struct.Struct("<BBBII")
+RANDOM_HEADER = struct.Struct("<Qd")
+POSITIONS_HEADER = struct.Struct("<BI")
+BITMAP, INDEX_U8, INDEX_U16, INDEX_U32, GOLOMB = range(5)
+INDEX_DTYPES = {INDEX_U8: np.dtype("<u1"), INDEX_U16: np.dtype("<u2"), INDEX_U32: np.dtype("<u4")}
+SCALE_DTYPE = np.dtype("<f4")
+GOLDEN_SECTION = (math.sqrt(5) - 1) / 2  # phi - 1, from the optimal Golomb parameter of geometric gaps
+
+
+class PayloadError(ValueError):
+    """Bytes that are not a well-formed upload for this model."""
+
+
+@dataclass
+class Encoded:
+    payload: bytes  # what travels
+    positions: list  # per tensor: the kept flat positions (sorted int64), or None when every entry travels
+    values: list  # per tensor: the kept values as the receiver will decode them (quantization included)
+
+
+def encode(conf, diffs, num_samples, mask_seed=0):
+    """The upload of `diffs` (flat float tensors) under the method `conf` names; `mask_seed` seeds a random mask."""
+    sparsifier = SPARSIFIERS[conf["sparsifier"]](conf)
+    quantizer = QUANTIZERS[conf["quantize"]]()
+    positions, sparsifier_part = sparsifier.encode(diffs, mask_seed)
+    kept = [diff if where is None else diff[where.to(diff.device)] for diff, where in zip(diffs, positions)]
+    value_part, values = quantizer.encode(kept, sparsifier.one_group)
+    header = HEADER.pack(VERSION, sparsifier.wire_id, quantizer.wire_id, num_samples, len(diffs))
+    return Encoded(header + sparsifier_part + value_part, positions, values)
+
+
+def decode(payload, numels):
+    """(num_samples, positions, values) from an upload's bytes, for a model whose tensors have `numels` entries."""
+    reader = Reader(payload)
+    version, sparsifier_id, quantizer_id, num_samples, num_tensors = reader.unpack(HEADER)
+    if version != VERSION or sparsifier_id not in SPARSIFIER_IDS or quantizer_id not in QUANTIZER_IDS:
+        raise PayloadError(f"unknown payload version {version}, sparsifier {sparsifier_id} or quantizer {quantizer_id}")
+    if num_tensors != len(numels):
+        raise PayloadError(f"payload holds {num_tensors} tensors, the model has {len(numels)}")
+    positions = SPARSIFIER_IDS[sparsifier_id].decode(reader, numels)
+    counts = [numel if where is None else len(where) for numel, where in zip(numels, positions)]
+    values = QUANTIZER_IDS[quantizer_id].decode(reader, counts)
+    if not reader.done():
+        raise PayloadError(f"payload has {reader.remaining()} bytes after its last value")
+    return num_samples, positions, values
+
+
+def dense_size(numels):
+    """Bytes of a dense f32 payload of a model with `numels` entries per tensor (a dense upload, or the download)."""
+    return HEADER.size + 4 * sum(numels)
+
+
+# ---- sparsifiers: which entries travel ----------------------------------------------------------------------------
+
+class Dense:
+    name, wire_id, keys = "none", 0, ()
+    help = "every entry (a dense upload; `prop` unused)"
+    one_group = False
+
+    def __init__(self, conf):
+        pass
+
+    def encode(self, diffs, mask_seed):
+        return [None] * len(diffs), b""
+
+    @staticmethod
+    def decode(reader, numels):
+        return [None] * len(numels)
+
+
+class RandomMask:
+    name, wire_id, keys = "random", 1, ("prop", "mask")
+    help = "a Bernoulli(`prop`) mask per tensor, the chapter's; only its seed travels, the server regenerates it"
+    one_group = False
+
+    def __init__(self, conf):
+        self.prop = conf["prop"]
+
+    def encode(self, diffs, mask_seed):
+        positions = random_positions(mask_seed, self.prop, [diff.numel() for diff in diffs])
+        return positions, RANDOM_HEADER.pack(mask_seed, self.prop)
+
+    @staticmethod
+    def decode(reader, numels):
+        mask_seed, prop = reader.unpack(RANDOM_HEADER)
+        if not 0 <= prop <= 1:  # NaN fails too
+            raise PayloadError(f"mask density {prop} is not in [0, 1]")
+        return random_positions(mask_seed, prop, numels)
+
+
+class TopK:
+    name, wire_id, keys = "topk", 2, ("prop", "topk_scope")
+    help = "the `ceil(prop * n)` largest |entries|, of each tensor or of the whole model (`topk_scope`)"
+
+    def __init__(self, conf):
+        self.prop, self.scope = conf["prop"], conf["topk_scope"]
+        self.one_group = self.scope == "model"  # one selection over the model: ternary shares one magnitude
+
+    def encode(self, diffs, mask_seed):
+        positions = topk_positions(diffs, self.prop, self.scope)
+        return positions, encode_positions(positions, [diff.numel() for diff in diffs])
+
+    @staticmethod
+    def decode(reader, numels):
+        return decode_positions(reader, numels)
+
+
+def random_positions(seed, prop, numels):
+    """Per tensor, the sorted flat positions a Bernoulli(prop) mask keeps; the same on every machine for a seed."""
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.rand(numel, generator=generator) < prop).nonzero().squeeze(1) for numel in numels]
+
+
+def topk_positions(diffs, prop, scope="tensor"):
+    """Sorted flat positions of the largest |entries|: ceil(prop * numel) per tensor, or of the whole model."""
+    if scope == "tensor":
+        return [d.abs().topk(kept_count(prop, d.numel()), sorted=False).indices.sort().values for d in diffs]
+    flat = torch.cat([d.abs() for d in diffs])
+    chosen = flat.topk(kept_count(prop, flat.numel()), sorted=False).indices.sort().values
+    bounds = torch.tensor([0] + [d.numel() for d in diffs], device=chosen.device).cumsum(0)
+    cuts = torch.searchsorted(chosen, bounds).tolist()
+    return [chosen[cuts[i]:cuts[i + 1]] - bounds[i] for i in range(len(diffs))]
+
+
+def kept_count(prop, numel):
+    """ceil(prop * numel), ignoring float noise: prop 0.07 of 100 entries keeps 7, although 0.07 * 100 > 7."""
+    return math.ceil(round(prop * numel, 9))
+
+
+# ---- positions: bitmap, index list or Golomb-Rice gaps, whichever is smallest ------------------------------------
+
+def encode_positions(positions, numels):
+    """Per-tensor sorted positions as one coded list over the flattened model."""
+    offsets = np.cumsum([0] + numels[:-1])
+    flat = np.concatenate([where.cpu().numpy() + offset for where, offset in zip(positions, offsets)])
+    total = sum(numels)
+    candidates = [(BITMAP, math.ceil(total / 8)), (index_coding(total), len(flat) * index_width(total)),
+                  (GOLOMB, golomb_size(flat, total))]
+    coding = min(candidates, key=lambda candidate: candidate[1])[0]
+    if coding == BITMAP:
+        bitmap = np.zeros(total, dtype=bool)
+        bitmap[flat] = True
+        coded = np.packbits(bitmap).tobytes()
+    elif coding == GOLOMB:
+        coded = golomb_encode(flat, total)
+    else:
+        coded = flat.astype(INDEX_DTYPES[coding]).tobytes()
+    return POSITIONS_HEADER.pack(coding, len(flat)) + coded
+
+
+def decode_positions(reader, numels):
+    coding, count = reader.unpack(POSITIONS_HEADER)
+    total = sum(numels)
+    if count > total:
+        raise PayloadError(f"{count} positions in a model of {total} entries")
+    if coding == BITMAP:
+        bits = np.unpackbits(reader.array(np.uint8, math.ceil(total / 8)))
+        if bits[total:].any():
+            raise PayloadError("bitmap marks entries beyond the model")
+        flat = np.flatnonzero(bits)
+        if len(flat) != count:
+            raise PayloadError(f"bitmap marks {len(flat)} entries, header says {count}")
+    elif coding == GOLOMB:
+        flat = golomb_decode(reader, count, total)
+    elif coding in INDEX_DTYPES:
+        flat = reader.array(INDEX_DTYPES[coding], count).astype(np.int64)
+        if count and (flat[-1] >= total or np.any(np.diff(flat) <= 0)):
+            raise PayloadError("index list out of range or not strictly increasing")
+    else:
+        raise PayloadError(f"unknown positions coding {coding}")
+    flat = torch.from_numpy(flat.astype(np.int64))
+    bounds = torch.tensor([0] + list(numels)).cumsum(0)
+    cuts = torch.searchsorted(flat, bounds).tolist()
+    return [flat[cuts[i]:cuts[i + 1]] - bounds[i] for i in range(len(numels))]
+
+
+def index_coding(total):
+    return INDEX_U8 if total <= 2**8 else INDEX_U16 if total <= 2**16 else INDEX_U32
+
+
+def index_width(total):
+    return INDEX_DTYPES[index_coding(total)].itemsize
+
+
+def rice_parameter(count, total):
+    """The Golomb-Rice parameter for `count` positions among `total`: gaps are about geometric with p = count/total,
+    and b = 1 + floor(log2(log(phi - 1) / log(1 - p))) is optimal for them (Gallager and van Voorhis 1975)."""
+    p = count / total
+    if p >= 0.5:
+        return 0
+    return max(0, 1 + math.floor(math.log2(math.log(GOLDEN_SECTION) / math.log1p(-p))))
+
+
+def gaps_of(flat):
+    """Gaps between sorted positions: the first position, then the entries skipped between neighbours."""
+    return np.diff(flat, prepend=-1) - 1
+
+
+def golomb_size(flat, total):
+    if not len(flat):
+        return 1
+    b = rice_parameter(len(flat), total)
+    quotient_bits = int((gaps_of(flat) >> b).sum()) + len(flat)
+    return 1 + math.ceil(len(flat) * b / 8) + math.ceil(quotient_bits / 8)
+
+
+def golomb_encode(flat, total):
+    b = rice_parameter(len(flat), total)
+    gaps = gaps_of(flat)
+    remainder_bits = ((gaps[:, None] >> np.arange(b - 1, -1, -1)) & 1).astype(np.uint8).ravel()
+    ends = np.cumsum((gaps >> b) + 1) - 1  # where each quotient's terminating one falls
+    quotient_bits = np.zeros(ends[-1] + 1 if len(ends) else 0, dtype=np.uint8)
+    quotient_bits[ends] = 1
+    return bytes([b]) + np.packbits(remainder_bits).tobytes() + np.packbits(quotient_bits).tobytes()
+
+
+def golomb_decode(reader, count, total):
+    (b,) = reader.unpack(struct.Struct("<B"))
+    if b > total.bit_length():  # never chosen for this model; larger would let a shifted quotient overflow
+        raise PayloadError(f"Golomb parameter {b} is too large for a model of {total} entries")
+    remainder_bits = np.unpackbits(reader.array(np.uint8, math.ceil(count * b / 8)))
+    if remainder_bits[count * b:].any():
+        raise PayloadError("nonzero padding after the Golomb remainders")
+    remainders = remainder_bits[:count * b].reshape(count, b).astype(np.int64) @ (1 << np.arange(b - 1, -1, -1))
+    # the quotients sum to at most (total - count) >> b, which bounds how far their terminating ones can lie
+    longest = math.ceil((((total - count) >> b) + count) / 8)
+    window = np.unpackbits(reader.peek(min(longest, reader.remaining())))
+    ends = np.flatnonzero(window)[:count]
+    if len(ends) < count:
+        raise PayloadError("Golomb quotients end early")
+    used = ends[-1] // 8 + 1 if count else 0
+    if count and window[ends[-1] + 1:used * 8].any():
+        raise PayloadError("nonzero padding after the Golomb quotients")
+    reader.skip(used)
+    quotients = np.diff(ends, prepend=-1) - 1
+    flat = np.cumsum((quotients << b) + remainders + 1) - 1
+    if count and flat[-1] >= total:
+        raise PayloadError("Golomb positions run beyond the model")
+    return flat
+
+
+# ---- quantizers: how each kept value is written ------------------------------------------------------------------
+
+class Float32:
+    name, wire_id = "none", 0
+    help = "f32 values, exact (4 bytes each)"
+
+    def encode(self, kept, one_group):
+        return flat_bytes(kept, "<f4"), [values.float() for values in kept]
+
+    @staticmethod
+    def decode(reader, counts):
+        return split(torch.from_numpy(reader.array("<f4", sum(counts)).astype(np.float32)), counts)
+
+
+class Float16:
+    name, wire_id = "f16", 1
+    help = "half-precision values (2 bytes each; beyond +-65504 they become Inf and the upload is rejected)"
+
+    def encode(self, kept, one_group):
+        halves = [values.half() for values in kept]
+        return flat_bytes(halves, "<f2"), [values.float() for values in halves]
+
+    @staticmethod
+    def decode(reader, counts):
+        return split(torch.from_numpy(reader.array("<f2", sum(counts)).astype(np.float32)), counts)
+
+
+class Int8:
+    name, wire_id = "int8", 2
+    help = "per tensor, scale = max|value| / 127 and each value rounded to the nearest multiple (1 byte each)"
+
+    def encode(self, kept, one_group):
+        scales = [values.abs().max().float() / 127 if len(values) else None for values in kept]
+        codes = [(values.float() / scale).round().clamp(-127, 127).to(torch.int8) if scale else
+                 torch.zeros(len(values), dtype=torch.int8, device=values.device)
+                 for values, scale in zip(kept, scales)]
+        scales = [float(scale) for scale in scales if scale is not None]
+        payload = np.array(scales, dtype=SCALE_DTYPE).tobytes() + flat_bytes(codes, "<i1")
+        return payload, Int8.dequantize(codes, scales)
+
+    @staticmethod
+    def dequantize(codes, scales):
+        """codes * their tensor's scale, in float32: the client's reconstruction and the server's are the same."""
+        scale_of = iter(scales)
+        return [c.float() * torch.tensor(next(scale_of), dtype=torch.float32, device=c.device) if len(c) else
+                c.float() for c in codes]
+
+    @staticmethod
+    def decode(reader, counts):
+        scales = read_scales(reader, sum(1 for count in counts if count))
+        codes = torch.from_numpy(reader.array("<i1", sum(counts)).copy())
+        if (codes == -128).any():
+            raise PayloadError("int8 code -128 is outside the symmetric range")
+        return Int8.dequantize(split(codes, counts), scales.tolist())
+
+
+class Sign:
+    name, wire_id = "sign", 3
+    help = "one sign bit per value times the tensor's mean |value| (scaled sign, as in error-feedback signSGD)"
+    shares_magnitude = False
+
+    def encode(self, kept, one_group):
+        one_group = one_group and self.shares_magnitude and any(len(values) for values in kept)
+        groups = [torch.cat(kept)] if one_group else [values for values in kept if len(values)]
+        magnitudes = [float(group.abs().float().mean()) for group in groups]
+        negative = [values < 0 for values in kept]
+        head = bytes([one_group]) if self.shares_magnitude else b""
+        payload = head + np.array(magnitudes, dtype=SCALE_DTYPE).tobytes() + pack_bits(negative)
+        return payload, signed_magnitudes(negative, magnitudes, one_group)
+
+    @classmethod
+    def decode(cls, reader, counts):
+        one_group = False
+        if cls.shares_magnitude:
+            (one_group,) = reader.unpack(struct.Struct("<B"))
+            if one_group > 1:
+                raise PayloadError(f"ternary groups flag {one_group} is not 0 or 1")
+        magnitudes = read_scales(reader, 1 if one_group else sum(1 for count in counts if count))
+        negative = split(unpack_bits(reader, sum(counts)), counts)
+        return signed_magnitudes(negative, magnitudes.tolist(), one_group)
+
+
+class Ternary(Sign):
+    name, wire_id = "ternary", 4
+    help = ("STC's ternary values: one sign bit per kept value times one magnitude, the mean |kept value| of the "
+            "whole selection under `topk_scope: model`, else of each tensor")
+    shares_magnitude = True
+
+
+def signed_magnitudes(negative, magnitudes, one_group):
+    """Per tensor, -m where the sign bit is set and +m elsewhere, m its group's magnitude (as float32)."""
+    magnitude_of = iter(magnitudes)
+    shared = next(magnitude_of) if one_group and magnitudes else None
+    out = []
+    for bits in negative:
+        magnitude = shared if one_group else (next(magnitude_of) if len(bits) else 0.0)
+        m = torch.tensor(magnitude, dtype=torch.float32, device=bits.device)
+        out.append(torch.where(bits, -m, m))
+    return out
+
+
+def flat_bytes(tensors, dtype):
+    if not tensors:
+        return b""
+    return torch.cat([t.reshape(-1) for t in tensors]).cpu().numpy().astype(dtype, copy=False).tobytes()
+
+
+def pack_bits(bools):
+    return np.packbits(torch.cat(bools).cpu().numpy()).tobytes() if bools else b""
+
+
+def unpack_bits(reader, count):
+    bits = np.unpackbits(reader.array(np.uint8, math.ceil(count / 8)))
+    if bits[count:].any():
+        raise PayloadError("nonzero padding after the sign bits")
+    return torch.from_numpy(bits[:count].astype(bool))
+
+
+def read_scales(reader, count):
+    scales = reader.array(SCALE_DTYPE, count).astype(np.float32)
+    if not np.all(np.isfinite(scales)) or np.any(scales < 0):
+        raise PayloadError("a scale or magnitude is negative, NaN or Inf")
+    return scales
+
+
+def split(flat, counts):
+    return list(flat.split(counts)) if counts else []
+
+
+SPARSIFIERS = {cls.name: cls for cls in (RandomMask, TopK, Dense)}
+QUANTIZERS = {cls.name: cls for cls in (Float32, Float16, Int8, Sign, Ternary)}
+SPARSIFIER_IDS = {cls.wire_id: cls for cls in SPARSIFIERS.values()}
+QUANTIZER_IDS = {cls.wire_id: cls for cls in QUANTIZERS.values()}
+
+
+class Reader:
+    """Reads consecutive fields of a payload, failing cleanly when it is too short."""
+
+    def __init__(self, payload):
+        self.payload, self.offset = memoryview(payload), 0
+
+    def take(self, size):
+        if self.offset + size > len(self.payload):
+            raise PayloadError("payload ends early")
+        start, self.offset = self.offset, self.offset + size
+        return self.payload[start:self.offset]
+
+    def peek(self, size):
+        return np.frombuffer(self.payload[self.offset:self.offset + size], dtype=np.uint8)
+
+    def skip(self, size):
+        self.take(size)
+
+    def unpack(self, layout):
+        return layout.unpack(self.take(layout.size))
+
+    def array(self, dtype, count):
+        dtype = np.dtype(dtype)
+        return np.frombuffer(self.take(dtype.itemsize * count), dtype=dtype)
+
+    def remaining(self):
+        return len(self.payload) - self.offset
+
+    def done(self):
+        return self.remaining() == 0
