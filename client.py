@@ -18,6 +18,7 @@ class Upload:
     client_id: int
     payload: bytes  # what travels to the server; its length is the upload's size
     train_loss: float  # mean loss over the client's local steps
+    problem: str | None = None  # set by a transport when nothing usable came back (an error, a timeout, garbage)
 
 
 class Client:

@@ -46,15 +46,14 @@ def run(conf, out, resume, transport_factory):
     torch.manual_seed(derive_seed(conf["seed"], "init"))
     server = Server(models.build(conf["model_name"], dataset.image_shape, dataset.num_classes, conf["pretrained"]),
                     conf, device)
-    transport = transport_factory(conf, dataset, shares, copy.deepcopy(server.model))
     with run_files.locked(out):
+        if not resume and run_files.holds_run(out):  # another run finished here since the command line was checked
+            raise RunError(f"{out} already holds a run: continue it with --resume, or choose another --out")
+        transport = transport_factory(conf, dataset, shares, copy.deepcopy(server.model))
+        rows = []
         if resume:
             rows = restore(out, conf, server, transport, device)
             run_files.write_metrics(out, rows)  # the checkpoint's rows: a kill -9 may have cut metrics.csv short
-        elif run_files.holds_run(out):  # another run finished here since the command line was checked
-            raise RunError(f"{out} already holds a run: continue it with --resume, or choose another --out")
-        else:
-            rows = []
         run_files.write_config(out, conf)
         show_progress = sys.stdout.isatty()
         for round_index in range(len(rows) + 1, conf["global_epochs"] + 1):
@@ -72,11 +71,12 @@ def play_round(round_index, conf, server, transport, dataset, show_progress=Fals
     uploads = transport.train(chosen, server.global_state(), round_index, progress)
     upload_bytes, rejected = 0, 0
     for upload in uploads:
-        problem = server.receive(upload.payload)
+        problem = upload.problem or server.receive(upload.payload)
         if problem:
             rejected += 1
             print(f"round {round_index}: rejected client {upload.client_id}'s upload: {problem}", file=sys.stderr)
         upload_bytes += len(upload.payload)
+    losses = [upload.train_loss for upload in uploads if upload.problem is None]
     entries = server.received_entries
     kept = server.aggregate()
     if kept:
@@ -85,7 +85,7 @@ def play_round(round_index, conf, server, transport, dataset, show_progress=Fals
     dense_bytes = codec.dense_size(server.numels)  # also what each sampled client downloads: the global model, f32
     return {
         "round": round_index, "accuracy": round(accuracy, 6), "loss": round(loss, 6),
-        "train_loss": round(sum(u.train_loss for u in uploads) / len(uploads), 6), "upload_bytes": upload_bytes,
+        "train_loss": round(sum(losses) / len(losses), 6) if losses else float("nan"), "upload_bytes": upload_bytes,
         "dense_upload_bytes": dense_bytes * len(chosen), "download_bytes": dense_bytes * len(chosen),
         "total_bytes": upload_bytes + dense_bytes * len(chosen),
         "upload_fraction": round(entries / (sum(server.numels) * len(chosen)), 6),

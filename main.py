@@ -104,7 +104,7 @@ def plan(args):
     """The runs to do, as (config, folder, resume), and the command that continues them after a stop."""
     if not args.sweep:
         conf, out = resolve(args)
-        return [(conf, out, args.resume)], f"python main.py --out {shlex.quote(out)} --resume"
+        return [(conf, out, args.resume)], f"python main.py --out {shlex.quote(out)} --resume{engine_options(args)}"
     key, sep, values = args.sweep.partition("=")
     if not sep or not values:
         raise RunError(f"--sweep expects KEY=V1,V2,..., got {args.sweep!r}")
@@ -121,12 +121,39 @@ def plan(args):
         datasets.load(name, data_dir, "cpu")
     sets = "".join(f" --set {shlex.quote(s)}" for s in args.set)
     return runs, (f"python main.py -c {shlex.quote(args.conf or '')}{sets} --sweep {shlex.quote(args.sweep)} "
-                  f"--out {shlex.quote(args.out)} --resume")
+                  f"--out {shlex.quote(args.out)} --resume{engine_options(args)}")
 
 
-def start(conf, out, resume):
+def engine_options(args):
+    """The command-line options that chose the engine, to repeat in the command that continues a run."""
+    if args.engine == "inprocess":
+        return ""
+    options = [f"--engine {args.engine}", f"--timeout {args.timeout:g}"]
+    if args.engine == "deployment":
+        options.append(f"--superlink {shlex.quote(args.superlink)}")
+    else:
+        options += [f"--parallel {args.parallel}", f"--client-gpus {args.client_gpus:g}"]
+        options += [f"--client-cpus {args.client_cpus:g}"] if args.client_cpus else []
+    return " " + " ".join(options)
+
+
+def train_rounds(conf, out, resume, args):
+    """The run's rounds on the engine the command line asks for; returns the metrics rows."""
+    if args.engine == "inprocess":
+        return federation.run(conf, out, resume, InProcess)
+    try:
+        from engines import flower  # Flower and Ray load only for these engines
+    except ImportError as e:
+        raise RunError(f"--engine {args.engine} needs Flower ({e}): pip install 'flwr[simulation]', "
+                       f"or bash setup.sh") from None
+    if args.engine == "deployment":
+        return flower.deploy(conf, out, resume, args.superlink, args.timeout)
+    return flower.simulate(conf, out, resume, args.parallel, args.client_cpus, args.client_gpus, args.timeout)
+
+
+def start(conf, out, resume, args):
     """Run one config into `out`; returns its exit status (1 when no round changed the global model)."""
-    rows = federation.run(conf, out, resume, InProcess)
+    rows = train_rounds(conf, out, resume, args)
     refused = sum(row.get("refused", 0) for row in rows)
     if rows and refused == len(rows):
         print(f"error: no round of {out} changed the global model: every round's uploads were rejected or its "
@@ -165,7 +192,35 @@ def parse_args(argv):
     parser.add_argument("--out", help="the run's folder (default: a new folder under runs/)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
     parser.add_argument("--sweep", metavar="KEY=V1,V2,...", help="one run per value, then a comparison figure")
+    parser.add_argument("--engine", choices=("inprocess", "flower", "deployment"), default="inprocess",
+                        help="inprocess: clients train one after another in this process; flower: on Flower's "
+                             "simulation engine (Ray); deployment: on a running SuperLink and its SuperNodes (run "
+                             "this on the SuperLink's machine); all three give the same metrics")
+    parser.add_argument("--superlink", default="local-rehearsal", metavar="NAME",
+                        help="--engine deployment: the SuperLink connection of $FLWR_HOME/config.toml to run on")
+    parser.add_argument("--timeout", type=positive(float), default=600.0, metavar="SECONDS",
+                        help="Flower engines: how long a round waits for a client before leaving it out")
+    parser.add_argument("--parallel", type=positive(int), default=1, metavar="N",
+                        help="--engine flower: how many clients train at once (Ray actors)")
+    parser.add_argument("--client-cpus", type=positive(float), metavar="C",
+                        help="--engine flower: CPUs (and torch threads) per actor (default: this machine's torch "
+                             "threads divided by --parallel)")
+    parser.add_argument("--client-gpus", type=positive(float, zero=True), default=0.0, metavar="G",
+                        help="--engine flower: GPUs per actor, a fraction shares one (default 0)")
     return parser.parse_args(argv)
+
+
+def positive(kind, zero=False):
+    """An argparse type: a number of `kind` above 0 (or at least 0)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (value >= 0 if zero else value > 0) or value != value:
+            raise argparse.ArgumentTypeError(f"{text!r} must be {'at least' if zero else 'above'} 0")
+        return value
+    return parse
 
 
 @contextlib.contextmanager
@@ -194,7 +249,7 @@ def main(argv=None):
             for conf, out, resume in runs:
                 if args.sweep:
                     print(f"== {out}")
-                status = max(status, start(conf, out, resume))
+                status = max(status, start(conf, out, resume, args))
             if args.sweep:
                 draw_sweep(runs, args.out)
             return status

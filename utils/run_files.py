@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import threading
+import warnings
 
 import torch
 
@@ -143,4 +144,6 @@ def save(run_dir, state):
 
 
 def load_checkpoint(run_dir, device):
-    return torch.load(checkpoint_path(run_dir), map_location=device, weights_only=True)
+    with warnings.catch_warnings():  # a damaged file can make torch warn before it fails: the failure says enough
+        warnings.simplefilter("ignore")
+        return torch.load(checkpoint_path(run_dir), map_location=device, weights_only=True)

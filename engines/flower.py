@@ -1,0 +1,305 @@
+"""Flower engines: the same clients, codec and server on Flower's simulation engine (Ray actors) and deployment engine
+(a SuperLink and SuperNodes), giving the same metrics as the in-process loop.
+
+    python main.py -c ./utils/conf.json --engine flower [--parallel 2 --client-cpus 1 --client-gpus 0]
+    python main.py -c ./utils/conf.json --engine deployment --superlink NAME --out DIR   (on the SuperLink's machine)
+    deploy/local.sh --nodes 10 -- -c ./utils/conf.json --out runs/deployed   (a SuperLink and 10 SuperNodes, locally)
+
+The ServerApp runs federation.run with a GridTransport: each round it sends the sampled clients' nodes the global model
+(a dense codec payload, the bytes metrics.csv counts as download) and receives their uploads (codec payloads), sorted
+by client id. The ClientApp answers two kinds of message: "query" (which partition, that is which client, this node
+holds) and "train" (client.Client.local_train on that partition). A node keeps its client's error-feedback residual
+in context.state between rounds; it also returns it beside the upload (not counted as upload bytes), so that the run
+folder's checkpoint holds it and --resume continues exactly, and the server hands it back after a resume.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+import codec
+import datasets
+import federation
+import models
+from client import Client, Upload
+from utils import partition, run_files
+from utils.run_files import RunError
+from utils.seeding import derive_seed
+
+APP_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the folder of pyproject.toml: the Flower app
+DENSE = {"sparsifier": "none", "quantize": "none"}  # how the global model and residuals travel: f32, every entry
+POLL_SECONDS = 0.02  # how often the server asks for replies (Flower's send_and_receive waits 3 s between asks)
+
+
+# ---- the ClientApp: one node, one client --------------------------------------------------------------------------
+
+client_app = ClientApp()
+
+
+@client_app.query()
+def query(message: Message, context: Context) -> Message:
+    return Message(RecordDict({"node": ConfigRecord({"partition": int(context.node_config["partition-id"])})}),
+                   reply_to=message)
+
+
+@client_app.train()
+def train(message: Message, context: Context) -> Message:
+    task = message.content.config_records["task"]
+    conf = json.loads(task["conf"])
+    torch.set_num_threads(int(task["threads"]))  # the launcher's count: same thread count, same sums, same metrics
+    workspace = Workspace.for_conf(conf)
+    client_id = int(context.node_config["partition-id"])
+    client = Client(client_id, workspace.shares[client_id], conf)
+    if "residual" in task:  # after a resume the server hands back what this node kept before
+        client.residual = workspace.tensors(task["residual"])
+    elif "residual" in context.state.config_records:
+        client.residual = workspace.tensors(context.state.config_records["residual"]["values"])
+    upload = client.local_train(workspace.model, workspace.global_state(task["global"]), workspace.dataset,
+                                int(task["round"]))
+    reply = {"client": client_id, "payload": upload.payload, "train_loss": upload.train_loss}
+    if client.residual is not None:
+        residual = codec.encode(DENSE, client.residual, 0).payload
+        context.state.config_records["residual"] = ConfigRecord({"values": residual})
+        reply["residual"] = residual
+    return Message(RecordDict({"upload": ConfigRecord(reply)}), reply_to=message)
+
+
+class Workspace:
+    """What a process that trains clients holds once, whichever client it trains: the data and its partition, and
+    one model. A Ray actor keeps it for every message it handles; a node's ClientApp process builds it per message."""
+    current = None
+
+    def __init__(self, conf):
+        self.key = {key: conf[key] for key in WORKSPACE_KEYS}
+        self.device = federation.pick_device(conf["device"])
+        self.dataset = datasets.load(conf["type"], conf["data_dir"], self.device)
+        self.shares = partition.split(self.dataset.train_labels, conf)
+        torch.manual_seed(derive_seed(conf["seed"], "init"))  # as the server draws its model: the same buffers
+        self.model = models.build(conf["model_name"], self.dataset.image_shape, self.dataset.num_classes,
+                                  conf["pretrained"]).to(self.device)
+        self.template = {name: value.clone() for name, value in self.model.state_dict().items()}
+        self.numels = [v.numel() for v in self.template.values() if torch.is_floating_point(v)]
+
+    @classmethod
+    def for_conf(cls, conf):
+        if cls.current is None or cls.current.key != {key: conf[key] for key in WORKSPACE_KEYS}:
+            cls.current = cls(conf)
+        return cls.current
+
+    def tensors(self, payload):
+        """Flat float tensors on this device from a dense codec payload."""
+        return [values.to(self.device) for values in codec.decode(payload, self.numels)[2]]
+
+    def global_state(self, payload):
+        """The state dict the server holds: its floating tensors from the payload, the rest (integer buffers, which
+        never travel) as the model was built, exactly as the in-process engine hands the server's state over."""
+        values = iter(self.tensors(payload))
+        return {name: next(values).view(t.shape) if torch.is_floating_point(t) else t
+                for name, t in self.template.items()}
+
+
+WORKSPACE_KEYS = ("type", "data_dir", "device", "no_models", "partition", "alpha", "shards_per_client", "seed",
+                  "model_name", "pretrained")
+
+
+# ---- the ServerApp: federation.run over a grid ------------------------------------------------------------------
+
+class GridTransport:
+    """Trains the sampled clients on their Flower nodes: one message each, replies gathered by client id."""
+
+    def __init__(self, grid, conf, numels, settings, stop):
+        self.grid, self.conf, self.numels = grid, conf, numels
+        self.timeout, self.threads, self.stop = settings["timeout"], settings["threads"], stop
+        self.node_of = self._find_nodes()
+        self.residuals = {}  # client id -> its residual's dense payload, for the checkpoint
+        self.to_restore = {}  # residuals to hand back after a resume, on the client's next message
+
+    def _find_nodes(self):
+        """Map each client (partition id) to its node, asking every node once which partition it holds."""
+        wanted, deadline = self.conf["no_models"], time.monotonic() + self.timeout
+        nodes = []
+        while len(nodes) < wanted:
+            nodes = list(self.grid.get_node_ids())
+            self._check_time(deadline, f"{len(nodes)} of {wanted} nodes connected")
+            time.sleep(POLL_SECONDS)
+        replies = self._exchange([self._message(node, "query", {}) for node in nodes], deadline)
+        node_of = {}
+        for reply in replies:
+            if reply is not None and not reply.has_error():
+                node_of[int(reply.content.config_records["node"]["partition"])] = reply.metadata.src_node_id
+        missing = sorted(set(range(wanted)) - set(node_of))
+        if missing:
+            raise RunError(f"no node holds partition-id {missing[0]} (of {wanted} clients, no_models); start one node "
+                           f"per client with --node-config 'partition-id=ID num-partitions={wanted}'")
+        return node_of
+
+    def train(self, chosen, global_state, round_index, progress=None):
+        floats = [t.flatten() for t in global_state.values() if torch.is_floating_point(t)]
+        task = {"round": round_index, "conf": json.dumps(self.conf), "threads": self.threads,
+                "global": codec.encode(DENSE, floats, 0).payload}
+        messages = []
+        for client_id in chosen:
+            content = dict(task)
+            if client_id in self.to_restore:
+                content["residual"] = self.to_restore.pop(client_id)
+            messages.append(self._message(self.node_of[client_id], "train", content))
+        replies = self._exchange(messages, time.monotonic() + self.timeout)
+        return [self._upload(client_id, reply) for client_id, reply in zip(chosen, replies)]
+
+    def _upload(self, client_id, reply):
+        """The client's Upload, or one that carries why nothing usable came back."""
+        if reply is None:
+            return Upload(client_id, b"", float("nan"), problem=f"no reply within {self.timeout:g} s")
+        if reply.has_error():
+            return Upload(client_id, b"", float("nan"), problem=f"the node failed ({reply.error.reason})")
+        try:
+            record = reply.content.config_records["upload"]
+            payload, loss = record["payload"], float(record["train_loss"])
+            if int(record["client"]) != client_id or not isinstance(payload, bytes):
+                raise ValueError("it answers for another client or carries no payload")
+            if "residual" in record:
+                self.residuals[client_id] = bytes(record["residual"])
+        except (KeyError, TypeError, ValueError) as e:
+            return Upload(client_id, b"", float("nan"), problem=f"the node's reply is malformed ({e})")
+        return Upload(client_id, payload, loss)
+
+    def client_state(self):
+        return {str(client_id): codec.decode(payload, self.numels)[2] for client_id, payload in self.residuals.items()}
+
+    def restore_client_state(self, state):
+        for client_id, residual in state.items():
+            if not 0 <= int(client_id) < self.conf["no_models"]:
+                raise ValueError(f"it holds a residual of client {client_id}, this run has "
+                                 f"{self.conf['no_models']} clients")
+            self.to_restore[int(client_id)] = self.residuals[int(client_id)] = codec.encode(
+                DENSE, [r.cpu().float() for r in residual], 0).payload
+
+    def _message(self, node_id, kind, content):
+        return Message(RecordDict({"task": ConfigRecord(content)}), dst_node_id=node_id, message_type=kind)
+
+    def _exchange(self, messages, deadline):
+        """Send `messages`; gather their replies until all came or the deadline. Returns the replies in the order of
+        the messages (None where none came); replies arrive in any order, and summing them in that order would change
+        the last bits of the aggregate."""
+        ids = list(self.grid.push_messages(messages))
+        replies, waiting = {}, set(ids)
+        while waiting and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(waiting):  # only ids still waiting: pulled ones are gone from the link
+                replies[reply.metadata.reply_to_message_id] = reply
+            waiting -= set(replies)
+            if waiting:
+                if self.stop.is_set():
+                    raise KeyboardInterrupt
+                time.sleep(POLL_SECONDS)
+        return [replies.get(message_id) for message_id in ids]
+
+    def _check_time(self, deadline, what):
+        if self.stop.is_set():
+            raise KeyboardInterrupt
+        if time.monotonic() > deadline:
+            raise RunError(f"Flower: only {what} after {self.timeout:g} s")
+
+
+def serve(grid, settings, stop):
+    """The ServerApp's work: federation.run with this grid as the transport; returns the metrics rows."""
+    def transport(conf, dataset, shares, workspace):
+        numels = [t.numel() for t in workspace.state_dict().values() if torch.is_floating_point(t)]
+        return GridTransport(grid, conf, numels, settings, stop)
+    return federation.run(settings["conf"], settings["out"], settings["resume"], transport)
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def deployed(grid: Grid, context: Context) -> None:
+    """The deployment engine's entry point: its settings come in the run config (deploy/local.sh writes them)."""
+    settings = json.loads(context.run_config["settings"])
+    torch.set_num_threads(settings["threads"])  # this process evaluates the model: the launcher's thread count
+    serve(grid, settings, threading.Event())
+
+
+# ---- the simulation engine ---------------------------------------------------------------------------------------
+
+def simulate(conf, out, resume, parallel=1, client_cpus=None, client_gpus=0.0, timeout=600.0):
+    """Run `conf` into `out` on Flower's simulation engine: one virtual node per client, `parallel` Ray actors, each
+    with `client_cpus` CPUs (default: this process's torch threads shared among them) and `client_gpus` GPUs.
+    Returns the metrics rows."""
+    from flwr.simulation import run_simulation  # Ray loads only here
+    import logging
+    logging.getLogger("flwr").setLevel(logging.ERROR)  # Flower's INFO lines would bury the one line per round
+    client_cpus = client_cpus or max(1, torch.get_num_threads() // parallel)
+    # each actor trains with as many threads as it has CPUs; with this process's thread count, the sums match the
+    # in-process engine's bit for bit
+    settings = {"conf": conf, "out": out, "resume": resume, "timeout": timeout, "threads": max(1, int(client_cpus))}
+    stop, finished, result = threading.Event(), threading.Event(), {}
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context):
+        try:
+            result["rows"] = serve(grid, settings, stop)
+        finally:
+            finished.set()
+    backend = {"client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus},
+               "init_args": {"num_cpus": client_cpus * parallel, "num_gpus": client_gpus * parallel,
+                             "include_dashboard": False, "logging_level": "ERROR", "log_to_driver": False}}
+    try:
+        run_simulation(app, client_app, num_supernodes=conf["no_models"], backend_config=backend)
+    except KeyboardInterrupt:
+        stop.set()  # the ServerApp's thread stops at its next wait for replies; what it saved stays
+        finished.wait(timeout)
+        raise
+    return result.get("rows", [])
+
+
+# ---- the deployment engine, launched from the SuperLink's machine ---------------------------------------------------
+
+OUR_LINES = re.compile(r"^(data:|round |resuming |note:)")  # what federation.run prints; the rest is Flower's log
+
+
+def deploy(conf, out, resume, superlink, timeout=600.0):
+    """Run `conf` into `out` on a deployment: `flwr run` hands this folder's Flower app to the SuperLink that the
+    connection `superlink` of $FLWR_HOME/config.toml names, and this follows the run's log until it ends. The ServerApp
+    writes the run folder on the SuperLink's machine, so run this there. Returns the metrics rows."""
+    settings = {"conf": conf, "out": os.path.abspath(out), "resume": resume, "timeout": timeout,
+                "threads": torch.get_num_threads()}
+    flwr = os.path.join(os.path.dirname(sys.executable), "flwr")
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+    with tempfile.TemporaryDirectory() as scratch:
+        run_config = os.path.join(scratch, "run.toml")
+        with open(run_config, "w") as f:
+            f.write(f"settings = {json.dumps(json.dumps(settings))}\n")  # a TOML string holding JSON
+        process = subprocess.Popen([flwr, "run", APP_DIR, superlink, "--run-config", run_config, "--stream"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        run_id, log = None, []
+        try:
+            for line in process.stdout:
+                log.append(line)
+                run_id = run_id or next(iter(re.findall(r"Successfully started run (\d+)", line)), None)
+                if OUR_LINES.match(line):
+                    print(line, end="", flush=True)
+            process.wait()
+        except KeyboardInterrupt:  # stop the run on the SuperLink too; the rounds it saved stay
+            if run_id:
+                subprocess.run([flwr, "stop", run_id, superlink], capture_output=True, env=env, timeout=60)
+            process.terminate()
+            raise
+    if run_id is None:
+        raise RunError(f"flwr run could not start the app on SuperLink '{superlink}': "
+                       f"{' '.join(''.join(log[-3:]).split())[:300]}")
+    listing = subprocess.run([flwr, "ls", superlink, "--run-id", run_id, "--format", "json"], capture_output=True,
+                             text=True, env=env, timeout=60)
+    status = json.loads(listing.stdout)["runs"][0]
+    if status["status"] != "finished:completed":
+        raise RunError(f"the Flower run {run_id} ended {status['status']}: {status['status-details']}")
+    return run_files.read_metrics(out)

@@ -1,0 +1,192 @@
+"""Engines: the in-process loop, Flower's simulation engine and a local Flower deployment give identical metrics
+(state carried across rounds and across a resume included); Flower nodes that fail, time out or answer garbage are left
+out of their round and the run goes on; the in-process path never imports Flower."""
+import json
+import os
+import subprocess
+import sys
+import uuid
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import codec
+import federation
+import main
+from conftest import ROOT, TINY, read_csv, without_seconds
+from server import Server
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0",
+       "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+# STC with error feedback and server momentum: state on the clients and on the server, carried from round to round
+STATEFUL = {**TINY, "global_epochs": 2, "sparsifier": "topk", "topk_scope": "model", "quantize": "ternary",
+            "prop": 0.05, "error_feedback": True, "server_momentum": 0.5}
+
+
+def run_command(*argv, timeout=600):
+    result = subprocess.run([str(a) for a in argv], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def stateful(tmp_path_factory):
+    """(conf file for 2 rounds, metrics of the 4-round in-process run)."""
+    base = tmp_path_factory.mktemp("engines")
+    conf = base / "conf.json"
+    conf.write_text(json.dumps({**STATEFUL, "data_dir": str(base / "data")}))
+    assert main.main(["-c", str(conf), "--set", "global_epochs=4", "--out", str(base / "inprocess")]) == 0
+    return conf, without_seconds(read_csv(base / "inprocess" / "metrics.csv"))
+
+
+def test_flower_simulation_equals_the_in_process_loop_across_a_resume(stateful, tmp_path):
+    conf, expected = stateful
+    out = tmp_path / "flower"
+    run_command(sys.executable, "main.py", "-c", conf, "--out", out, "--engine", "flower")
+    assert without_seconds(read_csv(out / "metrics.csv")) == expected[:2]
+    resumed = run_command(sys.executable, "main.py", "--out", out, "--resume", "--set", "global_epochs=4",
+                          "--engine", "flower", "--parallel", "2", "--client-cpus", "1")
+    assert "resuming" in resumed.stdout and "done:" in resumed.stdout
+    assert without_seconds(read_csv(out / "metrics.csv")) == expected
+
+
+def test_a_local_deployment_equals_the_in_process_loop_across_a_resume(stateful, tmp_path):
+    conf, expected = stateful
+    out = tmp_path / "deployed"
+    deploy = os.path.join(ROOT, "deploy", "local.sh")
+    run_command("bash", deploy, "--nodes", "4", "--", "-c", conf, "--out", out)
+    assert without_seconds(read_csv(out / "metrics.csv")) == expected[:2]
+    run_command("bash", deploy, "--nodes", "4", "--", "--out", out, "--resume", "--set", "global_epochs=4")
+    assert without_seconds(read_csv(out / "metrics.csv")) == expected
+    leftovers = subprocess.run(["pgrep", "-f", "flower-superlink|flower-supernode"], capture_output=True, text=True)
+    assert leftovers.stdout == ""  # every process the script started is gone
+
+
+def test_deploy_script_refuses_bad_options():
+    result = subprocess.run(["bash", os.path.join(ROOT, "deploy", "local.sh"), "--", "-c", "x.json"], cwd=ROOT,
+                            env=ENV, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.strip().startswith("error:")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+# ---- faults: a fake grid whose nodes misbehave as each test says --------------------------------------------------
+
+@pytest.fixture
+def flower(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+    from engines import flower
+    for field, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):  # what a ServerApp's process has set
+        monkeypatch.setattr(TaskIdentity, field, value)
+    return flower
+
+
+class FakeGrid:
+    """Flower's Grid as GridTransport uses it; node p holds partition p and answers "train" with behaviours[p]."""
+
+    def __init__(self, behaviours):
+        self.behaviours, self.replies = behaviours, {}
+        self.partition_of = {1000 + p: p for p in behaviours}
+
+    def get_node_ids(self):
+        return list(self.partition_of)
+
+    def push_messages(self, messages):
+        from flwr.app import ConfigRecord, Message, RecordDict
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = message_id = str(uuid.uuid4())
+            ids.append(message_id)
+            partition = self.partition_of[message.metadata.dst_node_id]
+            if message.metadata.message_type == "query":
+                reply = Message(RecordDict({"node": ConfigRecord({"partition": partition})}), reply_to=message)
+            else:
+                reply = self.behaviours[partition](message)
+            if reply is not None:
+                self.replies[message_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+
+def upload_reply(client_id, values, payload=None, **record):
+    """A node's reply carrying a dense upload of `values` for nn.Linear(3, 2) from 10 examples."""
+    def reply(message):
+        from flwr.app import ConfigRecord, Message, RecordDict
+        data = payload if payload is not None else codec.encode(
+            {"sparsifier": "none", "quantize": "none"}, [torch.full((6,), values), torch.full((2,), values)], 10).payload
+        fields = {"client": client_id, "payload": data, "train_loss": 0.5, **record}
+        return Message(RecordDict({"upload": ConfigRecord(fields)}), reply_to=message)
+    return reply
+
+
+def failing(message):
+    from flwr.app import Error, Message
+    return Message(Error(code=0, reason="CUDA out of memory"), reply_to=message)
+
+
+def garbage(message):
+    from flwr.app import ConfigRecord, Message, RecordDict
+    return Message(RecordDict({"something": ConfigRecord({"else": 1})}), reply_to=message)
+
+
+def one_round(flower, tiny_model, make_conf, behaviours, timeout=5.0):
+    conf = make_conf(no_models=len(behaviours), k=len(behaviours), sparsifier="none", aggregation="mean")
+    server = Server(tiny_model, conf, torch.device("cpu"))
+    settings = {"timeout": timeout, "threads": 1}
+    transport = flower.GridTransport(FakeGrid(behaviours), conf, server.numels, settings, flower.threading.Event())
+    test_split = SimpleNamespace(test_images=torch.ones(4, 3), test_labels=torch.tensor([0, 1, 0, 1]))
+    return federation.play_round(1, conf, server, transport, test_split)
+
+
+def test_failing_silent_or_garbled_nodes_are_left_out_of_the_round(flower, tiny_model, make_conf, capsys):
+    before = tiny_model.weight.detach().clone()
+    behaviours = {0: upload_reply(0, 1.0), 1: failing, 2: lambda message: None, 3: garbage,
+                  4: upload_reply(3, 1.0), 5: upload_reply(5, 1.0, payload=b"\x02\x00garbage"),
+                  6: upload_reply(6, 3.0)}
+    row = one_round(flower, tiny_model, make_conf, behaviours, timeout=0.5)
+    err = capsys.readouterr().err
+    assert row["rejected"] == 5 and row["refused"] == 0
+    for client, reason in ((1, "CUDA out of memory"), (2, "no reply within 0.5 s"), (3, "malformed"),
+                           (4, "another client"), (5, "malformed payload")):
+        assert f"client {client}'s upload" in err and reason in err, (client, reason)
+    # the two good uploads, 10 examples each: the global model moves by their mean, (1 + 3) / 2
+    assert torch.allclose(tiny_model.weight.detach(), before + 2.0)
+    # counted: the uploads handed to the server (two good, one undecodable); not: replies no upload could be taken from
+    assert row["upload_bytes"] == 2 * (11 + 4 * 8) + len(b"\x02\x00garbage")
+
+
+def test_a_round_without_an_accepted_upload_keeps_the_global_model(flower, tiny_model, make_conf, capsys):
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    row = one_round(flower, tiny_model, make_conf, {0: failing, 1: garbage})
+    assert row["rejected"] == 2 and row["refused"] == 1 and row["train_loss"] != row["train_loss"]  # NaN
+    assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
+    assert "the global model stays as it was" in capsys.readouterr().err
+
+
+def test_missing_nodes_are_one_clear_error(flower, make_conf):
+    conf, settings = make_conf(no_models=3, k=2), {"timeout": 0.5, "threads": 1}
+    with pytest.raises(federation.RunError, match="only 2 of 3 nodes connected after 0.5 s"):
+        flower.GridTransport(FakeGrid({0: garbage, 1: garbage}), conf, [6, 2], settings, flower.threading.Event())
+    with pytest.raises(federation.RunError, match="no node holds partition-id 1"):  # three nodes, one misconfigured
+        flower.GridTransport(FakeGrid({0: garbage, 2: garbage, 5: garbage}), conf, [6, 2], settings,
+                             flower.threading.Event())
+
+
+# ---- Flower stays out of the in-process path ---------------------------------------------------------------------
+
+def test_missing_flower_is_one_line(write_conf, tmp_path, run_main, monkeypatch):
+    import engines
+    monkeypatch.setitem(sys.modules, "engines.flower", None)  # as if flwr were not installed
+    monkeypatch.delattr(engines, "flower", raising=False)
+    status, _, err = run_main("-c", write_conf(), "--out", tmp_path / "run", "--engine", "flower")
+    assert status == 2 and len(err.strip().splitlines()) == 1 and "pip install 'flwr[simulation]'" in err
+
+
+def test_the_in_process_engine_never_imports_flower(write_conf, tmp_path):
+    script = ("import sys, main; status = main.main(['-c', sys.argv[1], '--out', sys.argv[2]]); "
+              "print(status, any(m == 'flwr' or m.startswith(('flwr.', 'ray')) for m in sys.modules))")
+    result = run_command(sys.executable, "-c", script, write_conf(global_epochs=1), tmp_path / "run")
+    assert result.stdout.strip().splitlines()[-1] == "0 False"
