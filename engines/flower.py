@@ -15,11 +15,13 @@ folder's checkpoint holds it and --resume continues exactly, and the server hand
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import warnings
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -236,7 +238,8 @@ def simulate(conf, out, resume, parallel=1, client_cpus=None, client_gpus=0.0, t
     Returns the metrics rows."""
     from flwr.simulation import run_simulation  # Ray loads only here
     import logging
-    logging.getLogger("flwr").setLevel(logging.ERROR)  # Flower's INFO lines would bury the one line per round
+    # Flower's log would bury the one line per round; the transport reports a node's failure in one line itself
+    logging.getLogger("flwr").setLevel(logging.CRITICAL)
     client_cpus = client_cpus or max(1, torch.get_num_threads() // parallel)
     # each actor trains with as many threads as it has CPUs; with this process's thread count, the sums match the
     # in-process engine's bit for bit
@@ -248,58 +251,34 @@ def simulate(conf, out, resume, parallel=1, client_cpus=None, client_gpus=0.0, t
     def main(grid, context):
         try:
             result["rows"] = serve(grid, settings, stop)
+        except KeyboardInterrupt:  # the stop asked for below; the main thread reports it
+            pass
         finally:
             finished.set()
-    backend = {"client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus},
-               "init_args": {"num_cpus": client_cpus * parallel, "num_gpus": client_gpus * parallel,
-                             "include_dashboard": False, "logging_level": "ERROR", "log_to_driver": False}}
+    backend = {"client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus}}
+    start_ray(num_cpus=client_cpus * parallel, num_gpus=client_gpus * parallel)
     try:
         run_simulation(app, client_app, num_supernodes=conf["no_models"], backend_config=backend)
     except KeyboardInterrupt:
         stop.set()  # the ServerApp's thread stops at its next wait for replies; what it saved stays
         finished.wait(timeout)
         raise
+    finally:
+        import ray
+        ray.shutdown()
     return result.get("rows", [])
 
 
-# ---- the deployment engine, launched from the SuperLink's machine ---------------------------------------------------
-
-OUR_LINES = re.compile(r"^(data:|round |resuming |note:)")  # what federation.run prints; the rest is Flower's log
-
-
-def deploy(conf, out, resume, superlink, timeout=600.0):
-    """Run `conf` into `out` on a deployment: `flwr run` hands this folder's Flower app to the SuperLink that the
-    connection `superlink` of $FLWR_HOME/config.toml names, and this follows the run's log until it ends. The ServerApp
-    writes the run folder on the SuperLink's machine, so run this there. Returns the metrics rows."""
-    settings = {"conf": conf, "out": os.path.abspath(out), "resume": resume, "timeout": timeout,
-                "threads": torch.get_num_threads()}
-    flwr = os.path.join(os.path.dirname(sys.executable), "flwr")
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
-    with tempfile.TemporaryDirectory() as scratch:
-        run_config = os.path.join(scratch, "run.toml")
-        with open(run_config, "w") as f:
-            f.write(f"settings = {json.dumps(json.dumps(settings))}\n")  # a TOML string holding JSON
-        process = subprocess.Popen([flwr, "run", APP_DIR, superlink, "--run-config", run_config, "--stream"],
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        run_id, log = None, []
-        try:
-            for line in process.stdout:
-                log.append(line)
-                run_id = run_id or next(iter(re.findall(r"Successfully started run (\d+)", line)), None)
-                if OUR_LINES.match(line):
-                    print(line, end="", flush=True)
-            process.wait()
-        except KeyboardInterrupt:  # stop the run on the SuperLink too; the rounds it saved stay
-            if run_id:
-                subprocess.run([flwr, "stop", run_id, superlink], capture_output=True, env=env, timeout=60)
-            process.terminate()
-            raise
-    if run_id is None:
-        raise RunError(f"flwr run could not start the app on SuperLink '{superlink}': "
-                       f"{' '.join(''.join(log[-3:]).split())[:300]}")
-    listing = subprocess.run([flwr, "ls", superlink, "--run-id", run_id, "--format", "json"], capture_output=True,
-                             text=True, env=env, timeout=60)
-    status = json.loads(listing.stdout)["runs"][0]
-    if status["status"] != "finished:completed":
-        raise RunError(f"the Flower run {run_id} ended {status['status']}: {status['status-details']}")
-    return run_files.read_metrics(out)
+def start_ray(**resources):
+    """Start Ray as Flower's backend would (which then uses it), but keep this process's SIGINT and SIGTERM handlers:
+    Ray's would end the process at once, before the finished rounds are reported and the run can be continued."""
+    import ray
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    pythonpath = os.pathsep.join(sys.path)  # so that actors import this app's modules, as Flower arranges it
+    with warnings.catch_warnings():  # a notice about a future default for GPU-less actors, nothing to act on
+        warnings.simplefilter("ignore", FutureWarning)
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, include_dashboard=False,
+                 logging_level="ERROR", log_to_driver=False, **resources)
+    if threading.current_thread() is threading.main_thread():
+        for s, handler in handlers.items():
+            signal.signal(s, handler)

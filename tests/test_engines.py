@@ -3,8 +3,11 @@
 out of their round and the run goes on; the in-process path never imports Flower."""
 import json
 import os
+import shlex
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from types import SimpleNamespace
 
@@ -33,21 +36,32 @@ def run_command(*argv, timeout=600):
 
 @pytest.fixture(scope="module")
 def stateful(tmp_path_factory):
-    """(conf file for 2 rounds, metrics of the 4-round in-process run)."""
+    """(conf file for 2 rounds, metrics of the 6-round in-process run)."""
     base = tmp_path_factory.mktemp("engines")
     conf = base / "conf.json"
     conf.write_text(json.dumps({**STATEFUL, "data_dir": str(base / "data")}))
-    assert main.main(["-c", str(conf), "--set", "global_epochs=4", "--out", str(base / "inprocess")]) == 0
+    assert main.main(["-c", str(conf), "--set", "global_epochs=6", "--out", str(base / "inprocess")]) == 0
     return conf, without_seconds(read_csv(base / "inprocess" / "metrics.csv"))
 
 
-def test_flower_simulation_equals_the_in_process_loop_across_a_resume(stateful, tmp_path):
+def test_flower_simulation_stopped_and_resumed_equals_the_in_process_loop(stateful, tmp_path):
     conf, expected = stateful
     out = tmp_path / "flower"
-    run_command(sys.executable, "main.py", "-c", conf, "--out", out, "--engine", "flower")
-    assert without_seconds(read_csv(out / "metrics.csv")) == expected[:2]
-    resumed = run_command(sys.executable, "main.py", "--out", out, "--resume", "--set", "global_epochs=4",
-                          "--engine", "flower", "--parallel", "2", "--client-cpus", "1")
+    process = subprocess.Popen([sys.executable, "main.py", "-c", str(conf), "--set", "global_epochs=6",
+                                "--out", str(out), "--engine", "flower"], cwd=ROOT, env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not (out / "metrics.csv").exists():  # a round is saved: stop it as a scheduler would
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143 and len(err.strip().splitlines()) == 1, err
+    command = shlex.split(err.split("continue with:")[1])
+    assert command[:2] == ["python", "main.py"] and "--engine" in command and "flower" in command
+    saved = without_seconds(read_csv(out / "metrics.csv"))
+    assert 1 <= len(saved) < 6 and saved == expected[:len(saved)]
+    resumed = run_command(sys.executable, *command[1:])
     assert "resuming" in resumed.stdout and "done:" in resumed.stdout
     assert without_seconds(read_csv(out / "metrics.csv")) == expected
 
@@ -59,7 +73,7 @@ def test_a_local_deployment_equals_the_in_process_loop_across_a_resume(stateful,
     run_command("bash", deploy, "--nodes", "4", "--", "-c", conf, "--out", out)
     assert without_seconds(read_csv(out / "metrics.csv")) == expected[:2]
     run_command("bash", deploy, "--nodes", "4", "--", "--out", out, "--resume", "--set", "global_epochs=4")
-    assert without_seconds(read_csv(out / "metrics.csv")) == expected
+    assert without_seconds(read_csv(out / "metrics.csv")) == expected[:4]
     leftovers = subprocess.run(["pgrep", "-f", "flower-superlink|flower-supernode"], capture_output=True, text=True)
     assert leftovers.stdout == ""  # every process the script started is gone
 
