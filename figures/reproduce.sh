@@ -62,3 +62,35 @@ if [ "$what" = all ] || [ "$what" = explore ]; then
   done
   run_queue
 fi
+if [ "$what" = all ] || [ "$what" = seeds ]; then  # the winners again on seed 1: how much of a difference is noise
+  for part in iid dirichlet; do
+    d=runs/seed1/$part
+    job $d/dense   --set seed=1 --set partition=$part --set sparsifier=none
+    job $d/stc0.04 --set seed=1 --set partition=$part "${stc[@]}" --set prop=0.04
+    job $d/stc0.05 --set seed=1 --set partition=$part "${stc[@]}" --set prop=0.05
+    job $d/stc0.01 --set seed=1 --set partition=$part "${stc[@]}" --set prop=0.01
+  done
+  run_queue
+fi
+if [ "$what" = all ] || [ "$what" = chapter ]; then  # the chapter's figure: prop 1.0 / 0.8 / 0.5, both rules
+  for prop in 1.0 0.8 0.5; do
+    job runs/chapter/masked_mean/prop=$prop --set prop=$prop
+    job runs/chapter/lambda/prop=$prop      --set prop=$prop --set aggregation=lambda
+  done
+  run_queue
+fi
+if [ "$what" = all ] || [ "$what" = figures ]; then
+  python -m utils.plot runs/chapter/masked_mean/prop=* -o figures/prop-sweep-fashion-mnist.png \
+    --title "Fashion-MNIST, CNN, 10 clients, k=2: the chapter's prop sweep, per-entry mean (masked_mean)"
+  python -m utils.plot runs/chapter/lambda/prop=* -o figures/prop-sweep-fashion-mnist-lambda.png \
+    --title "Fashion-MNIST, CNN, 10 clients, k=2: the chapter's prop sweep, the chapter's rule (lambda 0.5)"
+  for part in iid dirichlet; do
+    d=runs/frontier/$part
+    python -m utils.plot $d/dense $d/f16 $d/int8 $d/sign-ef $d/random0.5 $d/topk0.01-ef-model-m0.5 \
+      $d/int8-topk0.025-ef $d/stc0.05 $d/stc0.01 $d/stc0.0025 runs/explore/$part/stc0.04 \
+      -o figures/frontier-$part.png --title "Fashion-MNIST, CNN, 10 clients, k=2, $part partition: accuracy per byte"
+    python -m utils.plot $d/* runs/explore/$part/* --table
+  done
+  python -m utils.plot runs/seed1/iid/* --table
+  python -m utils.plot runs/seed1/dirichlet/* --table
+fi

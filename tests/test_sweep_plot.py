@@ -138,3 +138,46 @@ def test_readme_lists_every_compression_method():
     methods = readme.split("## Compression methods")[1].split("\n## ")[0]
     for name in list(codec.SPARSIFIERS) + list(codec.QUANTIZERS):
         assert f"| `{name}` |" in methods, name
+
+
+def test_third_panel_shows_uploaded_or_total_megabytes(tmp_path, monkeypatch):
+    run_dir = str(tmp_path / "run")
+    assert main.main(["-c", write_conf(tmp_path), "--set", "prop=0.5", "--out", run_dir]) == 0
+    rows = read_rows(run_dir)
+    figures = []
+    monkeypatch.setattr(plot.plt, "close", figures.append)  # keep the figure to read its lines back
+    plot.plot_runs([run_dir], str(tmp_path / "u.png"))
+    plot.plot_runs([run_dir], str(tmp_path / "t.png"), bytes_shown="total")
+    uploaded, total = (list(f.axes[2].lines[0].get_xdata()) for f in figures)
+    expected_upload, expected_total, up, both = [], [], 0, 0
+    for r in rows:
+        up += int(r["upload_bytes"])
+        both += int(r["upload_bytes"]) + int(r["download_bytes"])
+        expected_upload.append(up / 1e6)
+        expected_total.append(both / 1e6)
+    assert uploaded == expected_upload and total == expected_total
+    assert int(rows[0]["total_bytes"]) == int(rows[0]["upload_bytes"]) + int(rows[0]["download_bytes"])
+    assert figures[1].axes[2].get_xlabel().startswith("Uploaded + downloaded MB")
+
+
+def test_labels_can_be_given(tmp_path, capsys):
+    conf = write_conf(tmp_path)
+    dirs = [str(tmp_path / name) for name in ("a", "b")]
+    for run_dir in dirs:
+        assert main.main(["-c", conf, "--out", run_dir]) == 0
+    capsys.readouterr()
+    assert plot.main(dirs + ["--table", "--labels", "dense,STC 1%"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[2].startswith("| dense |") and lines[3].startswith("| STC 1% |")
+    assert plot.main(dirs + ["--table", "--labels", "only-one"]) == 2
+    assert "--labels names 1 runs" in capsys.readouterr().err
+
+
+def test_labels_leave_out_defaults_when_something_else_differs(tmp_path):
+    conf = write_conf(tmp_path)
+    dirs = [str(tmp_path / name) for name in ("dense", "stc")]
+    assert main.main(["-c", conf, "--set", "sparsifier=none", "--out", dirs[0]]) == 0
+    assert main.main(["-c", conf, "--set", "sparsifier=topk", "--set", "quantize=ternary", "--set", "prop=0.1",
+                      "--set", "error_feedback=true", "--out", dirs[1]]) == 0
+    assert plot.labels_for(dirs) == ["sparsifier=none", "prop=0.1, sparsifier=topk, quantize=ternary, "
+                                                        "error_feedback=True"]

@@ -31,12 +31,18 @@ def unused_keys(conf):
 
 
 def labels_for(run_dirs):
-    """Label each run by the config keys whose values differ between the runs (else by its folder name)."""
+    """Label each run by the config keys whose values differ between the runs and are not at their default (all of
+    them when that leaves nothing), or by its folder name when no key differs."""
     confs = [{**config.DEFAULTS, **run_files.read_config(d)} for d in run_dirs]  # older runs lack newer keys
     differing = [key for key in confs[0] if len({repr(c.get(key)) for c in confs}) > 1 and key != "data_dir"]
     if not differing:
         return [os.path.basename(os.path.normpath(d)) for d in run_dirs]
-    return [", ".join(f"{key}={conf[key]}" for key in differing if key not in unused_keys(conf)) for conf in confs]
+    labels = []
+    for conf in confs:
+        shown = [key for key in differing if key not in unused_keys(conf)]
+        changed = [key for key in shown if conf[key] != config.DEFAULTS[key]]
+        labels.append(", ".join(f"{key}={conf[key]}" for key in changed or shown))
+    return labels
 
 
 def traffic(row, bytes_shown):
@@ -44,10 +50,10 @@ def traffic(row, bytes_shown):
     return row["upload_bytes"] + (row["download_bytes"] if bytes_shown == "total" else 0)
 
 
-def plot_runs(run_dirs, path, title=None, bytes_shown="upload"):
+def plot_runs(run_dirs, path, title=None, bytes_shown="upload", labels=None):
     runs = [run_files.read_metrics(d) for d in run_dirs]
     figure, (accuracy_axis, loss_axis, bytes_axis) = plt.subplots(1, 3, figsize=(18, 5))
-    for i, (rows, label) in enumerate(zip(runs, labels_for(run_dirs))):
+    for i, (rows, label) in enumerate(zip(runs, labels or labels_for(run_dirs))):
         style = dict(marker=MARKERS[i % len(MARKERS)], markersize=4, label=label)
         rounds = [row["round"] for row in rows]
         accuracy = [row["accuracy"] for row in rows]
@@ -72,13 +78,13 @@ def plot_runs(run_dirs, path, title=None, bytes_shown="upload"):
     plt.close(figure)
 
 
-def table(run_dirs):
+def table(run_dirs, labels=None):
     """Markdown rows: run, final accuracy and the mean of the last 5 rounds (steadier than the final one when rounds
     fluctuate, as under non-IID data), the best round, uploaded MB, its share of dense uploads and how many times
     fewer bytes that is."""
     lines = ["| run | final accuracy | last 5 rounds | best accuracy | uploaded MB | of dense | x fewer than dense |",
              "|---|---|---|---|---|---|---|"]
-    for run_dir, label in zip(run_dirs, labels_for(run_dirs)):
+    for run_dir, label in zip(run_dirs, labels or labels_for(run_dirs)):
         rows = run_files.read_metrics(run_dir)
         sent, dense = run_files.upload_totals(rows)
         last = [row["accuracy"] for row in rows[-5:]]
@@ -96,16 +102,21 @@ def main(argv=None):
     parser.add_argument("--table", action="store_true", help="print a markdown table instead of drawing")
     parser.add_argument("--bytes", choices=("upload", "total"), default="upload",
                         help="third panel: uploaded MB, or uploaded + downloaded MB")
+    parser.add_argument("--labels", help="comma-separated names of the runs, in order (default: the differing keys)")
     args = parser.parse_args(argv)
+    labels = args.labels.split(",") if args.labels else None
+    if labels and len(labels) != len(args.runs):
+        print(f"error: --labels names {len(labels)} runs, {len(args.runs)} were given", file=sys.stderr)
+        return 2
     for run_dir in args.runs:
         for name in ("config.json", "metrics.csv"):
             if not os.path.isfile(os.path.join(run_dir, name)):
                 print(f"error: {run_dir} is not a run folder (no {name})", file=sys.stderr)
                 return 2
     if args.table:
-        print(table(args.runs))
+        print(table(args.runs, labels))
     elif args.output:
-        plot_runs(args.runs, args.output, args.title, args.bytes)
+        plot_runs(args.runs, args.output, args.title, args.bytes, labels)
         print(f"figure: {args.output}")
     else:
         print("error: give -o FILE.png or --table", file=sys.stderr)
