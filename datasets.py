@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torchvision
 
 # per-channel (mean, std) of the training images, so inputs reach the model centred and scaled
 NORMALIZATION = {
@@ -19,11 +18,7 @@ NORMALIZATION = {
     "fashion-mnist": ((0.2860,), (0.3530,)),
     "cifar": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 }
-TORCHVISION_CLASSES = {
-    "mnist": torchvision.datasets.MNIST,
-    "fashion-mnist": torchvision.datasets.FashionMNIST,
-    "cifar": torchvision.datasets.CIFAR10,
-}
+TORCHVISION_CLASS_NAMES = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar": "CIFAR10"}
 SYSTEM_DIRS = {"mnist": ["/usr/share/datasets/mnist"], "fashion-mnist": ["/usr/share/datasets/fashion-mnist"]}
 IDX_NAMES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -138,10 +133,17 @@ def _damaged(name, data_dir, error):
                      f"{' '.join(str(error).split())[:200]}); delete them to download again")
 
 
+def torchvision_class(name):
+    """torchvision's dataset class for `name`, imported only now: torchvision takes a second to import, and a run on
+    IDX files or synthetic data (or a Flower node, per message) does without it."""
+    import torchvision
+    return getattr(torchvision.datasets, TORCHVISION_CLASS_NAMES[name])
+
+
 def _torchvision_splits(name, data_dir, download):
     splits = {}
     for split in ("train", "test"):
-        dataset = TORCHVISION_CLASSES[name](data_dir, train=split == "train", download=download)
+        dataset = torchvision_class(name)(data_dir, train=split == "train", download=download)
         images = torch.as_tensor(np.asarray(dataset.data))
         images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)
         splits[split] = (images.contiguous(), torch.as_tensor(np.asarray(dataset.targets), dtype=torch.int64))

@@ -1,6 +1,5 @@
 """Models: a small CNN for 28x28 and 32x32 images (the default), and torchvision's ResNets and VGGs adapted to them."""
 import torch
-import torchvision
 from torch import nn
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -57,6 +56,7 @@ def _build(name, image_shape, num_classes, pretrained):
             raise ModelError("model 'cnn' has no pretrained weights; set pretrained to false")
         return small_cnn(in_channels, image_size, num_classes)
     check_name(name)
+    import torchvision  # a second to import; the small CNN does without it
     try:
         model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None)
     except Exception as e:  # torchvision raises URLError, RuntimeError, ... when weights cannot be fetched

@@ -71,6 +71,15 @@ def tiny_model():
     return model
 
 
+@pytest.fixture
+def offline(monkeypatch):
+    """torchvision's downloads fail at once, as on a machine without internet."""
+    def refuse(self, *args, **kwargs):
+        raise RuntimeError("no internet in this test")
+    for name in datasets.TORCHVISION_CLASS_NAMES:
+        monkeypatch.setattr(datasets.torchvision_class(name), "download", refuse)
+
+
 @pytest.fixture(scope="session")
 def synthetic():
     return datasets.load("synthetic", "unused", torch.device("cpu"))

@@ -40,15 +40,6 @@ def normalized(images, name):
     return ((images.float() / 255 - mean) / std).unsqueeze(1)
 
 
-@pytest.fixture
-def offline(monkeypatch):
-    """torchvision's downloads fail at once, as on a machine without internet."""
-    def refuse(self, *args, **kwargs):
-        raise RuntimeError("no internet in this test")
-    for cls in datasets.TORCHVISION_CLASSES.values():
-        monkeypatch.setattr(cls, "download", refuse)
-
-
 @pytest.mark.parametrize("compress", [True, False])
 def test_idx_files_in_data_dir_come_first(tmp_path, offline, compress):
     raw = fake_idx_dir(tmp_path / "fashion-mnist", compress)

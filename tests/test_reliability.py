@@ -184,14 +184,6 @@ def run_on_data(run_main, tmp_path, data_dir, name="fashion-mnist"):
     return run_main("-c", conf, "--out", tmp_path / "run")
 
 
-@pytest.fixture
-def offline(monkeypatch):
-    def refuse(self, *args, **kwargs):
-        raise RuntimeError("no internet in this test")
-    for cls in main.datasets.TORCHVISION_CLASSES.values():
-        monkeypatch.setattr(cls, "download", refuse)
-
-
 def corrupt_deflate(path):
     """Flip the first byte of the deflate stream (after gzip's 10-byte header, written without a file name): zlib
     itself fails ('invalid stored block lengths'), not gzip's header or CRC check."""
