@@ -273,26 +273,21 @@ def golomb_decode(reader, count, total):
 class Float32:
     name, wire_id = "none", 0
     help = "f32 values, exact (4 bytes each)"
+    dtype, wire_dtype = torch.float32, "<f4"
 
     def encode(self, kept, one_group):
-        return flat_bytes(kept, "<f4"), [values.float() for values in kept]
+        rounded = [values.to(self.dtype) for values in kept]
+        return flat_bytes(rounded, self.wire_dtype), [values.float() for values in rounded]
 
-    @staticmethod
-    def decode(reader, counts):
-        return split(torch.from_numpy(reader.array("<f4", sum(counts)).astype(np.float32)), counts)
+    @classmethod
+    def decode(cls, reader, counts):
+        return split(torch.from_numpy(reader.array(cls.wire_dtype, sum(counts)).astype(np.float32)), counts)
 
 
-class Float16:
+class Float16(Float32):
     name, wire_id = "f16", 1
     help = "half-precision values (2 bytes each; beyond +-65504 they become Inf and the upload is rejected)"
-
-    def encode(self, kept, one_group):
-        halves = [values.half() for values in kept]
-        return flat_bytes(halves, "<f2"), [values.float() for values in halves]
-
-    @staticmethod
-    def decode(reader, counts):
-        return split(torch.from_numpy(reader.array("<f2", sum(counts)).astype(np.float32)), counts)
+    dtype, wire_dtype = torch.float16, "<f2"
 
 
 class Int8:
