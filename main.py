@@ -3,6 +3,8 @@
 Run:     python main.py -c ./utils/conf.json [--set prop=0.5 ...] [--out DIR]
 Resume:  python main.py --out DIR --resume          (continues an interrupted run to the same end)
 Sweep:   python main.py -c ./utils/conf.json --sweep prop=1.0,0.8,0.5 [--out DIR]
+Flower:  python main.py -c ./utils/conf.json --engine flower [--parallel 2]      (Flower's simulation engine)
+         deploy/local.sh --nodes 10 -- -c ./utils/conf.json --out DIR          (a Flower deployment, on 127.0.0.1)
 
 Each round: sample k clients; each trains from the global model on its own data and uploads its weight diff, selected
 and coded by the compression method (codec.py); the server decodes and averages the uploads into the global model and
