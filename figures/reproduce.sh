@@ -65,10 +65,10 @@ fi
 if [ "$what" = all ] || [ "$what" = seeds ]; then  # the winners again on seed 1: how much of a difference is noise
   for part in iid dirichlet; do
     d=runs/seed1/$part
-    job $d/dense   --set seed=1 --set partition=$part --set sparsifier=none
-    job $d/stc0.04 --set seed=1 --set partition=$part "${stc[@]}" --set prop=0.04
-    job $d/stc0.05 --set seed=1 --set partition=$part "${stc[@]}" --set prop=0.05
-    job $d/stc0.01 --set seed=1 --set partition=$part "${stc[@]}" --set prop=0.01
+    job $d/dense        --set seed=1 --set partition=$part --set sparsifier=none
+    job $d/stc0.04      --set seed=1 --set partition=$part "${stc[@]}" --set prop=0.04
+    job $d/stc0.04-mean --set seed=1 --set partition=$part "${stc[@]}" --set prop=0.04 --set aggregation=mean
+    job $d/stc0.01-mean --set seed=1 --set partition=$part "${stc[@]}" --set prop=0.01 --set aggregation=mean
   done
   run_queue
 fi
