@@ -19,6 +19,7 @@ NORMALIZATION = {
     "cifar": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 }
 TORCHVISION_CLASS_NAMES = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar": "CIFAR10"}
+TORCHVISION_FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar": "cifar-10-batches-py"}  # in data_dir
 SYSTEM_DIRS = {"mnist": ["/usr/share/datasets/mnist"], "fashion-mnist": ["/usr/share/datasets/fashion-mnist"]}
 IDX_NAMES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -107,13 +108,14 @@ def _to_dataset(name, splits, pad_value, source, device):
 def _find(name, data_dir):
     """(splits of uint8 NCHW images and int64 labels, where they came from), trying each source in turn."""
     looked = [f"{data_dir} (torchvision's layout)"]
-    try:
-        return _torchvision_splits(name, data_dir, download=False), data_dir
-    except RuntimeError as e:
-        if "not found" not in str(e):  # torchvision's word for missing files; anything else means damaged ones
+    if os.path.isdir(os.path.join(data_dir, TORCHVISION_FOLDERS[name])):  # else torchvision need not even load
+        try:
+            return _torchvision_splits(name, data_dir, download=False), data_dir
+        except RuntimeError as e:
+            if "not found" not in str(e):  # torchvision's word for missing files; anything else means damaged ones
+                raise _damaged(name, data_dir, e) from None
+        except Exception as e:  # torchvision reading garbage raises AssertionError, KeyError, ValueError, ...
             raise _damaged(name, data_dir, e) from None
-    except Exception as e:  # torchvision reading garbage raises AssertionError, KeyError, ValueError, ...
-        raise _damaged(name, data_dir, e) from None
     idx_dirs = [os.path.join(data_dir, name), data_dir] + SYSTEM_DIRS[name] if name in SYSTEM_DIRS else []
     for directory in idx_dirs:
         looked.append(directory)
