@@ -282,3 +282,53 @@ def start_ray(**resources):
     if threading.current_thread() is threading.main_thread():
         for s, handler in handlers.items():
             signal.signal(s, handler)
+
+
+# ---- the deployment engine, launched from the SuperLink's machine ---------------------------------------------------
+
+OUR_LINES = re.compile(r"^(data:|round |resuming |note:)")  # what federation.run prints; the rest is Flower's log
+
+
+def deploy(conf, out, resume, superlink, timeout=600.0):
+    """Run `conf` into `out` on a deployment: `flwr run` hands this folder's Flower app to the SuperLink that the
+    connection `superlink` of $FLWR_HOME/config.toml names, and this follows the run's log until it ends. The ServerApp
+    writes the run folder on the SuperLink's machine, so run this there. Returns the metrics rows."""
+    settings = {"conf": conf, "out": os.path.abspath(out), "resume": resume, "timeout": timeout,
+                "threads": torch.get_num_threads()}
+    flwr = os.path.join(os.path.dirname(sys.executable), "flwr")
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+    with tempfile.TemporaryDirectory() as scratch:
+        run_config = os.path.join(scratch, "run.toml")
+        with open(run_config, "w") as f:
+            f.write(f"settings = {json.dumps(json.dumps(settings))}\n")  # a TOML string holding JSON
+        process = subprocess.Popen([flwr, "run", APP_DIR, superlink, "--run-config", run_config, "--stream"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        run_id, log = None, []
+        try:
+            for line in process.stdout:
+                log.append(line)
+                run_id = run_id or next(iter(re.findall(r"Successfully started run (\d+)", line)), None)
+                if OUR_LINES.match(line):
+                    print(line, end="", flush=True)
+            process.wait()
+        except KeyboardInterrupt:  # stop the run on the SuperLink too; the rounds it saved stay
+            if run_id:
+                subprocess.run([flwr, "stop", run_id, superlink], capture_output=True, env=env, timeout=60)
+            process.terminate()
+            raise
+    if run_id is None:
+        raise RunError(f"flwr run could not start the app on SuperLink '{superlink}': "
+                       f"{' '.join(''.join(log[-3:]).split())[:300]}")
+    listing = subprocess.run([flwr, "ls", superlink, "--run-id", run_id, "--format", "json"], capture_output=True,
+                             text=True, env=env, timeout=60)
+    try:
+        status = json.loads(listing.stdout)["runs"][0]
+    except (ValueError, KeyError, IndexError):
+        raise RunError(f"cannot learn how Flower run {run_id} ended: flwr ls answered "
+                       f"{' '.join((listing.stdout + listing.stderr).split())[:200]!r}") from None
+    if status["status"] != "finished:completed":
+        raise RunError(f"the Flower run {run_id} ended {status['status']}: {status['status-details']}")
+    compute = status.get("compute-time", {})
+    print(f"flower: run {run_id} took {status.get('elapsed', 0):.0f} s on the SuperLink; its ClientApp processes "
+          f"ran {compute.get('clientapp-seconds', 0):.0f} s in all")
+    return run_files.read_metrics(out)
