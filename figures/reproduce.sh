@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Re-runs the experiments behind README.md's results and figures: 30-round runs of the default conf, two
 # single-threaded runs at a time (on 2 cores that finishes sooner than one 2-thread run after another; another thread
-# count can change the last digits). A finished run is skipped, an interrupted one resumed; logs go to runs/*.log.
+# count can change the last digits). A finished run is skipped, an interrupted one resumed; each run's output goes to
+# output.log in its folder.
 #   bash figures/reproduce.sh              # everything
 #   bash figures/reproduce.sh frontier     # compression methods, IID and Dirichlet(0.5), seed 0 (runs/frontier)
 #   bash figures/reproduce.sh explore      # STC variants searched for the 100x target (runs/explore)
@@ -16,8 +17,8 @@ if [ "${1:-}" = --one ]; then  # --one OUT [--set KEY=VALUE ...]: one 30-round r
   out=$2; shift 2
   if [ -f "$out/metrics.csv" ] && [ "$(($(wc -l < "$out/metrics.csv") - 1))" -ge 30 ]; then exit 0; fi
   resume=(); [ -f "$out/checkpoint.pt" ] && resume=(--resume)
-  mkdir -p "$(dirname "$out")"
-  exec python main.py -c utils/conf.json --set global_epochs=30 "$@" --out "$out" "${resume[@]}" > "$out.log" 2>&1
+  mkdir -p "$out"
+  exec python main.py -c utils/conf.json --set global_epochs=30 "$@" --out "$out" "${resume[@]}" >> "$out/output.log" 2>&1
 fi
 
 what=${1:-all}
@@ -87,8 +88,10 @@ if [ "$what" = all ] || [ "$what" = figures ]; then
   for part in iid dirichlet; do
     d=runs/frontier/$part
     python -m utils.plot $d/dense $d/f16 $d/int8 $d/sign-ef $d/random0.5 $d/topk0.01-ef-model-m0.5 \
-      $d/int8-topk0.025-ef $d/stc0.05 $d/stc0.01 $d/stc0.0025 runs/explore/$part/stc0.04 \
-      -o figures/frontier-$part.png --title "Fashion-MNIST, CNN, 10 clients, k=2, $part partition: accuracy per byte"
+      $d/int8-topk0.025-ef $d/stc0.05 runs/explore/$part/stc0.04 runs/explore/$part/stc0.04-mean $d/stc0.01 \
+      runs/explore/$part/stc0.01-mean $d/stc0.0025 -o figures/frontier-$part.png \
+      --labels "dense,f16,int8,sign + EF,random 0.5,top-k 1% + EF (whole model; server momentum 0.5),int8 top-k 2.5% + EF,STC 5%,STC 4%,STC 4% (unsent = 0),STC 1%,STC 1% (unsent = 0),STC 0.25%" \
+      --title "Fashion-MNIST, CNN, 10 clients, k=2, $part partition: accuracy per byte"
     python -m utils.plot $d/* runs/explore/$part/* --table
   done
   python -m utils.plot runs/seed1/iid/* --table

@@ -6,6 +6,7 @@ runs as a markdown table.
     python -m utils.plot RUN_DIR [RUN_DIR ...] --table
 """
 import argparse
+import math
 import os
 import sys
 
@@ -45,6 +46,13 @@ def labels_for(run_dirs):
     return labels
 
 
+def color(i, count):
+    """Ten distinct colours, or for more runs twenty: the dark shades of tab20 first, then the light ones."""
+    if count <= 10:
+        return plt.get_cmap("tab10")(i)
+    return plt.get_cmap("tab20")((2 * i) % 20 + (2 * i) // 20)
+
+
 def traffic(row, bytes_shown):
     """A row's bytes: uploaded, or uploaded plus downloaded ('total')."""
     return row["upload_bytes"] + (row["download_bytes"] if bytes_shown == "total" else 0)
@@ -54,7 +62,7 @@ def plot_runs(run_dirs, path, title=None, bytes_shown="upload", labels=None):
     runs = [run_files.read_metrics(d) for d in run_dirs]
     figure, (accuracy_axis, loss_axis, bytes_axis) = plt.subplots(1, 3, figsize=(18, 5))
     for i, (rows, label) in enumerate(zip(runs, labels or labels_for(run_dirs))):
-        style = dict(marker=MARKERS[i % len(MARKERS)], markersize=4, label=label)
+        style = dict(marker=MARKERS[i % len(MARKERS)], markersize=4, label=label, color=color(i, len(runs)))
         rounds = [row["round"] for row in rows]
         accuracy = [row["accuracy"] for row in rows]
         accuracy_axis.plot(rounds, accuracy, **style)
@@ -70,10 +78,14 @@ def plot_runs(run_dirs, path, title=None, bytes_shown="upload", labels=None):
                        (bytes_axis, f"{bytes_label}, cumulative (log scale)", "Accuracy")):
         axis.set(xlabel=x, ylabel=y)
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+    # one legend for the three panels, below them, in as many columns as fit
+    columns = min(len(runs), 4)
+    legend_rows = math.ceil(len(runs) / columns)
+    figure.legend(*accuracy_axis.get_legend_handles_labels(), loc="lower center", ncol=columns, fontsize=9,
+                  frameon=False)
     if title:
         figure.suptitle(title)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.02 + 0.045 * legend_rows, 1, 0.96 if title else 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
