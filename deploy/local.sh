@@ -64,13 +64,19 @@ stop_all() {
   kill -KILL "${pids[@]}" 2>/dev/null || true
 }
 status=1
+main_options=()
 finish() {
   stop_all
   if [ $status -eq 0 ]; then rm -rf "$FLWR_HOME"; else echo "deploy: Flower's logs are in $FLWR_HOME/logs" >&2; fi
+  if [ $status -eq 130 ] || [ $status -eq 143 ]; then  # the SuperLink named above is gone: a new rehearsal continues
+    local again=("${main_options[@]}")
+    [[ " ${again[*]} " == *" --resume "* ]] || again+=(--resume)
+    echo "deploy: continue on a new rehearsal with: deploy/local.sh --nodes $nodes -- $(printf '%q ' "${again[@]}")" >&2
+  fi
 }
 trap finish EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+trap 'status=130; exit 130' INT
+trap 'status=143; exit 143' TERM
 
 # each in a session of its own, so that Ctrl-C reaches main.py (which stops the run) and not them
 setsid flower-superlink --insecure --host 127.0.0.1 --port "$port" --disable-runtime-dependency-installation \
@@ -83,6 +89,7 @@ for i in $(seq 0 $((nodes - 1))); do
   started+=($!)
 done
 
+main_options=("$@")
 set +e
 python main.py "$@" --engine deployment --superlink local-rehearsal
 status=$?
