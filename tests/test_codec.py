@@ -382,3 +382,21 @@ def test_fuzzed_payloads_raise_payload_error_or_decode_cleanly():
 def test_wire_ids_are_unique():
     assert len(codec.SPARSIFIER_IDS) == len(codec.SPARSIFIERS)
     assert len(codec.QUANTIZER_IDS) == len(codec.QUANTIZERS)
+
+
+@pytest.mark.parametrize("sparsifier, quantize", list(itertools.product(SPARSIFIERS, QUANTIZERS)))
+def test_every_method_runs_from_the_command_line(write_conf, tmp_path, sparsifier, quantize):
+    import main
+    from conftest import read_csv
+    out = tmp_path / "run"
+    status = main.main(["-c", write_conf(global_epochs=1), "--out", str(out), "--set", f"sparsifier={sparsifier}",
+                        "--set", f"quantize={quantize}", "--set", "topk_scope=model", "--set", "prop=0.01",
+                        "--set", "error_feedback=true", "--set", "mask=round"])
+    assert status == 0
+    row = read_csv(out / "metrics.csv")[0]
+    assert int(row["rejected"]) == 0 and int(row["refused"]) == 0
+    per_value = {"none": 4, "f16": 2, "int8": 1, "sign": 1 / 8, "ternary": 1 / 8}[quantize]
+    entries = float(row["upload_fraction"]) * int(row["dense_upload_bytes"]) / 4  # of 2 uploads, ~ entries sent
+    assert int(row["upload_bytes"]) >= per_value * entries * 0.99  # at least the values' own bytes
+    if (sparsifier, quantize) != ("none", "none"):
+        assert int(row["upload_bytes"]) < int(row["dense_upload_bytes"])
