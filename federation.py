@@ -125,6 +125,9 @@ def restore(out, conf, server, transport, device):
             raise ValueError(f"its {key} is {state['config'][key]!r}, config.json says {conf.get(key)!r}")
         server.model.load_state_dict(state["model"])
         server.velocity = state["velocity"]
+        strangers = [c for c in state["residuals"] if not 0 <= int(c) < conf["no_models"]]
+        if strangers:
+            raise ValueError(f"it holds a residual of client {strangers[0]}, this run has {conf['no_models']} clients")
         transport.restore_client_state(state["residuals"])
         rows = list(state["rows"])
     except (AttributeError, KeyError, TypeError, RuntimeError, ValueError) as e:
