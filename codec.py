@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from numpy.lib.stride_tricks import sliding_window_view
 
 VERSION = 2
 HEADER = struct.Struct("<BBBII")
@@ -66,9 +67,10 @@ def decode(payload, numels):
         raise PayloadError(f"unknown payload version {version}, sparsifier {sparsifier_id} or quantizer {quantizer_id}")
     if num_tensors != len(numels):
         raise PayloadError(f"payload holds {num_tensors} tensors, the model has {len(numels)}")
-    positions = SPARSIFIER_IDS[sparsifier_id].decode(reader, numels)
+    quantizer = QUANTIZER_IDS[quantizer_id]
+    positions = SPARSIFIER_IDS[sparsifier_id].decode(reader, numels, quantizer.value_bits)
     counts = [numel if where is None else len(where) for numel, where in zip(numels, positions)]
-    values = QUANTIZER_IDS[quantizer_id].decode(reader, counts)
+    values = quantizer.decode(reader, counts)
     if not reader.done():
         raise PayloadError(f"payload has {reader.remaining()} bytes after its last value")
     return num_samples, positions, values
@@ -93,7 +95,7 @@ class Dense:
         return [None] * len(diffs), b""
 
     @staticmethod
-    def decode(reader, numels):
+    def decode(reader, numels, value_bits):
         return [None] * len(numels)
 
 
@@ -110,7 +112,7 @@ class RandomMask:
         return positions, RANDOM_HEADER.pack(mask_seed, self.prop)
 
     @staticmethod
-    def decode(reader, numels):
+    def decode(reader, numels, value_bits):
         mask_seed, prop = reader.unpack(RANDOM_HEADER)
         if not 0 <= prop <= 1:  # NaN fails too
             raise PayloadError(f"mask density {prop} is not in [0, 1]")
@@ -130,8 +132,8 @@ class TopK:
         return positions, encode_positions(positions, [diff.numel() for diff in diffs])
 
     @staticmethod
-    def decode(reader, numels):
-        return decode_positions(reader, numels)
+    def decode(reader, numels, value_bits):
+        return decode_positions(reader, numels, value_bits)
 
 
 def random_positions(seed, prop, numels):
@@ -177,11 +179,15 @@ def encode_positions(positions, numels):
     return POSITIONS_HEADER.pack(coding, len(flat)) + coded
 
 
-def decode_positions(reader, numels):
+def decode_positions(reader, numels, value_bits):
+    """Per-tensor positions, refusing a count that the model or the rest of the payload (the positions, then
+    `value_bits` or more per kept value) cannot hold before anything the size of that count is made."""
     coding, count = reader.unpack(POSITIONS_HEADER)
     total = sum(numels)
     if count > total:
         raise PayloadError(f"{count} positions in a model of {total} entries")
+    if count * value_bits > 8 * reader.remaining():
+        raise PayloadError(f"{reader.remaining()} bytes left cannot hold the values of {count} positions")
     if coding == BITMAP:
         bits = np.unpackbits(reader.array(np.uint8, math.ceil(total / 8)))
         if bits[total:].any():
@@ -197,7 +203,7 @@ def decode_positions(reader, numels):
             raise PayloadError("index list out of range or not strictly increasing")
     else:
         raise PayloadError(f"unknown positions coding {coding}")
-    flat = torch.from_numpy(flat.astype(np.int64))
+    flat = torch.from_numpy(flat.astype(np.int64, copy=False))
     bounds = torch.tensor([0] + list(numels)).cumsum(0)
     cuts = torch.searchsorted(flat, bounds).tolist()
     return [flat[cuts[i]:cuts[i + 1]] - bounds[i] for i in range(len(numels))]
@@ -247,10 +253,11 @@ def golomb_decode(reader, count, total):
     (b,) = reader.unpack(struct.Struct("<B"))
     if b > total.bit_length():  # never chosen for this model; larger would let a shifted quotient overflow
         raise PayloadError(f"Golomb parameter {b} is too large for a model of {total} entries")
-    remainder_bits = np.unpackbits(reader.array(np.uint8, math.ceil(count * b / 8)))
-    if remainder_bits[count * b:].any():
-        raise PayloadError("nonzero padding after the Golomb remainders")
-    remainders = remainder_bits[:count * b].reshape(count, b).astype(np.int64) @ (1 << np.arange(b - 1, -1, -1))
+    if count * (b + 1) > 8 * reader.remaining():  # b remainder bits and at least a quotient's one bit each
+        raise PayloadError(f"{reader.remaining()} bytes left cannot hold {count} Golomb-coded positions")
+    remainder_bytes = reader.array(np.uint8, math.ceil(count * b / 8))
+    check_padding(remainder_bytes, count * b, "Golomb remainders")
+    remainders = read_bits(remainder_bytes, count, b)
     # the quotients sum to at most (total - count) >> b, which bounds how far their terminating ones can lie
     longest = math.ceil((((total - count) >> b) + count) / 8)
     window = np.unpackbits(reader.peek(min(longest, reader.remaining())))
@@ -262,10 +269,37 @@ def golomb_decode(reader, count, total):
         raise PayloadError("nonzero padding after the Golomb quotients")
     reader.skip(used)
     quotients = np.diff(ends, prepend=-1) - 1
-    flat = np.cumsum((quotients << b) + remainders + 1) - 1
+    # positions = cumsum(gap + 1) - 1 with gap = (quotient << b) + remainder, in place: a few int64 per position
+    flat = np.left_shift(quotients, b, out=quotients)
+    flat += remainders
+    flat += 1
+    np.cumsum(flat, out=flat)
+    flat -= 1
     if count and flat[-1] >= total:
         raise PayloadError("Golomb positions run beyond the model")
     return flat
+
+
+def read_bits(data, count, width):
+    """`count` unsigned `width`-bit integers packed most significant bit first, as int64. Each is cut from the 8
+    bytes that begin at the byte holding its first bit (so width <= 57, and Rice parameters are at most the model
+    size's bit length): 8 bytes of memory per integer, where unpacking would take one or more per bit."""
+    if not width:
+        return np.zeros(count, dtype=np.int64)
+    first_bits = np.arange(0, count * width, width, dtype=np.uint64)
+    padded = np.concatenate([data, np.zeros(8, dtype=np.uint8)])  # the last integers' 8 bytes run past the data
+    words = sliding_window_view(padded, 8)[first_bits >> np.uint64(3)].view(">u8").ravel().astype(np.uint64)
+    first_bits &= np.uint64(7)  # now each integer's offset in its first byte
+    words <<= first_bits
+    words >>= np.uint64(64 - width)
+    return words.view(np.int64)
+
+
+def check_padding(data, used_bits, what):
+    """The bits of `data`'s last byte after its first `used_bits` bits must be zero: one payload, one encoding."""
+    spare = 8 * len(data) - used_bits
+    if spare and data[-1] & ((1 << spare) - 1):
+        raise PayloadError(f"nonzero padding after the {what}")
 
 
 # ---- quantizers: how each kept value is written ------------------------------------------------------------------
@@ -274,6 +308,7 @@ class Float32:
     name, wire_id = "none", 0
     help = "f32 values, exact (4 bytes each)"
     dtype, wire_dtype = torch.float32, "<f4"
+    value_bits = 32  # the least each kept value takes, which bounds how many a payload's length can claim
 
     def encode(self, kept, one_group):
         rounded = [values.to(self.dtype) for values in kept]
@@ -288,11 +323,13 @@ class Float16(Float32):
     name, wire_id = "f16", 1
     help = "half-precision values (2 bytes each; beyond +-65504 they become Inf and the upload is rejected)"
     dtype, wire_dtype = torch.float16, "<f2"
+    value_bits = 16
 
 
 class Int8:
     name, wire_id = "int8", 2
     help = "per tensor, scale = max|value| / 127 and each value rounded to the nearest multiple (1 byte each)"
+    value_bits = 8
 
     def encode(self, kept, one_group):
         scales = [values.abs().max().float() / 127 if len(values) else None for values in kept]
@@ -323,6 +360,7 @@ class Sign:
     name, wire_id = "sign", 3
     help = "one sign bit per value times the tensor's mean |value| (scaled sign, as in error-feedback signSGD)"
     shares_magnitude = False
+    value_bits = 1
 
     def encode(self, kept, one_group):
         one_group = one_group and self.shares_magnitude and any(len(values) for values in kept)
@@ -375,10 +413,9 @@ def pack_bits(bools):
 
 
 def unpack_bits(reader, count):
-    bits = np.unpackbits(reader.array(np.uint8, math.ceil(count / 8)))
-    if bits[count:].any():
-        raise PayloadError("nonzero padding after the sign bits")
-    return torch.from_numpy(bits[:count].astype(bool))
+    data = reader.array(np.uint8, math.ceil(count / 8))
+    check_padding(data, count, "sign bits")
+    return torch.from_numpy(np.unpackbits(data, count=count).astype(bool))
 
 
 def read_scales(reader, count):
