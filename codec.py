@@ -51,11 +51,22 @@ class Encoded:
 def encode(conf, diffs, num_samples, mask_seed=0):
     """The upload of `diffs` (flat float tensors) under the method `conf` names; `mask_seed` seeds a random mask."""
     sparsifier = SPARSIFIERS[conf["sparsifier"]](conf)
-    quantizer = QUANTIZERS[conf["quantize"]]()
     positions, sparsifier_part = sparsifier.encode(diffs, mask_seed)
+    return assemble(sparsifier.wire_id, sparsifier_part, positions, QUANTIZERS[conf["quantize"]](),
+                    sparsifier.one_group, diffs, num_samples)
+
+
+def encode_entries(tensors, positions):
+    """Exactly the entries of `tensors` (flat) at `positions` (per tensor, sorted), as f32 values at positions coded
+    as top-k's are: what a client's sync carries of the entries that changed since it last synchronized."""
+    sparsifier_part = encode_positions(positions, [t.numel() for t in tensors])
+    return assemble(TopK.wire_id, sparsifier_part, positions, Float32(), False, tensors, 0).payload
+
+
+def assemble(sparsifier_id, sparsifier_part, positions, quantizer, one_group, diffs, num_samples):
     kept = [diff if where is None else diff[where.to(diff.device)] for diff, where in zip(diffs, positions)]
-    value_part, values = quantizer.encode(kept, sparsifier.one_group)
-    header = HEADER.pack(VERSION, sparsifier.wire_id, quantizer.wire_id, num_samples, len(diffs))
+    value_part, values = quantizer.encode(kept, one_group)
+    header = HEADER.pack(VERSION, sparsifier_id, quantizer.wire_id, num_samples, len(diffs))
     return Encoded(header + sparsifier_part + value_part, positions, values)
 
 
@@ -435,6 +446,48 @@ SPARSIFIER_IDS = {cls.wire_id: cls for cls in SPARSIFIERS.values()}
 QUANTIZER_IDS = {cls.wire_id: cls for cls in QUANTIZERS.values()}
 
 
+# ---- syncs: what a sampled client downloads to hold the server's model (downloads.py decides which) ---------------
+
+REPLAY, CHANGED, DENSE = range(3)
+SYNC_KINDS = {REPLAY: "replay", CHANGED: "changed", DENSE: "dense"}
+COUNT = struct.Struct("<I")
+
+
+def encode_sync(kind, content):
+    """A sync: its kind u8, then for REPLAY the rounds missed (count u32, then per round its payloads: count u32, then
+    each payload's length u32 and bytes), for CHANGED and DENSE one payload (its length is what is left)."""
+    if kind != REPLAY:
+        return bytes([kind]) + content
+    parts = [bytes([REPLAY]), COUNT.pack(len(content))]
+    for message in content:
+        parts.append(COUNT.pack(len(message)))
+        for payload in message:
+            parts += [COUNT.pack(len(payload)), payload]
+    return b"".join(parts)
+
+
+def replay_size(messages):
+    """The length of encode_sync(REPLAY, messages), without building it."""
+    return 1 + COUNT.size * (1 + len(messages)) + sum(COUNT.size + len(p) for message in messages for p in message)
+
+
+def decode_sync(sync):
+    """(kind, content) of a sync: the rounds' payload lists for REPLAY, else the one payload (bytes). Every count is
+    checked against the bytes present before anything is built from it."""
+    reader = Reader(sync)
+    (kind,) = reader.unpack(struct.Struct("<B"))
+    if kind not in SYNC_KINDS:
+        raise PayloadError(f"unknown sync kind {kind}")
+    if kind != REPLAY:
+        return kind, bytes(reader.take(reader.remaining()))
+    messages = []
+    for _ in range(reader.count()):
+        messages.append([bytes(reader.take(reader.count(1))) for _ in range(reader.count())])
+    if not reader.done():
+        raise PayloadError(f"sync has {reader.remaining()} bytes after its last round")
+    return kind, messages
+
+
 class Reader:
     """Reads consecutive fields of a payload, failing cleanly when it is too short."""
 
@@ -459,6 +512,13 @@ class Reader:
     def array(self, dtype, count):
         dtype = np.dtype(dtype)
         return np.frombuffer(self.take(dtype.itemsize * count), dtype=dtype)
+
+    def count(self, item_size=COUNT.size):
+        """A u32 count of items that each take at least `item_size` bytes, refused when they cannot all be here."""
+        (count,) = self.unpack(COUNT)
+        if count * item_size > self.remaining():
+            raise PayloadError(f"claims {count} items, {self.remaining()} bytes are left")
+        return count
 
     def remaining(self):
         return len(self.payload) - self.offset

@@ -2,9 +2,10 @@
 
     rows = federation.run(conf, out, resume, transport_factory)
 
-Each round (`play_round`): sample k clients (`sample_clients`, the one sampling rule), ask the transport to train them
-from the global model and hand back their uploads, decode the uploads into the server's sums, aggregate, evaluate, and
-save the round to the run folder.
+Each round (`play_round`): sample k clients (`sample_clients`, the one sampling rule), synchronize each with the global
+model (what it downloads: downloads.py), ask the transport to train them and hand back their uploads, decode the
+uploads into the server's sums, aggregate (which moves the model by what the download method broadcasts), evaluate,
+and save the round to the run folder.
 """
 import copy
 import sys
@@ -58,37 +59,45 @@ def run(conf, out, resume, transport_factory):
         show_progress = sys.stdout.isatty()
         for round_index in range(len(rows) + 1, conf["global_epochs"] + 1):
             rows.append(play_round(round_index, conf, server, transport, dataset, show_progress))
-            save(out, conf, server, transport, rows)
-            print_row(rows[-1], conf["global_epochs"], show_progress)
+            with run_files.signals_held():  # a stop during the save waits for the round's line, so it is shown
+                save(out, conf, server, transport, rows)
+                print_row(rows[-1], conf["global_epochs"], show_progress)
     return rows
 
 
 def play_round(round_index, conf, server, transport, dataset, show_progress=False):
-    """One round: sample, train, receive, aggregate, evaluate; returns its metrics row."""
+    """One round: sample, synchronize, train, receive, aggregate, evaluate; returns its metrics row."""
     started = time.perf_counter()
     chosen = sample_clients(conf, round_index)
+    syncs = {client_id: server.sync(client_id) for client_id in chosen}  # (the bytes it downloads, their kind)
     progress = progress_printer(round_index) if show_progress else None
-    uploads = transport.train(chosen, server.global_state(), round_index, progress)
+    uploads = transport.train(chosen, {c: sync for c, (sync, _) in syncs.items()}, server.global_state(), round_index,
+                              progress)
     upload_bytes, rejected = 0, 0
     for upload in uploads:
         problem = upload.problem or server.receive(upload.payload)
+        if upload.problem:  # nothing usable came back: what the client's model is now, the server cannot tell
+            server.syncs.forget(upload.client_id)
         if problem:
             rejected += 1
             print(f"round {round_index}: rejected client {upload.client_id}'s upload: {problem}", file=sys.stderr)
         upload_bytes += len(upload.payload)
     losses = [upload.train_loss for upload in uploads if upload.problem is None]
     entries = server.received_entries
-    kept = server.aggregate()
+    kept = server.aggregate(round_index)
     if kept:
         print(f"round {round_index}: the global model stays as it was: {kept}", file=sys.stderr)
     accuracy, loss = server.evaluate(dataset.test_images, dataset.test_labels)
-    dense_bytes = codec.dense_size(server.numels)  # also what each sampled client downloads: the global model, f32
+    download_bytes = sum(len(sync) for sync, _ in syncs.values())
+    kinds = [kind for _, kind in syncs.values()]
     return {
         "round": round_index, "accuracy": round(accuracy, 6), "loss": round(loss, 6),
         "train_loss": round(sum(losses) / len(losses), 6) if losses else float("nan"), "upload_bytes": upload_bytes,
-        "dense_upload_bytes": dense_bytes * len(chosen), "download_bytes": dense_bytes * len(chosen),
-        "total_bytes": upload_bytes + dense_bytes * len(chosen),
+        "dense_upload_bytes": codec.dense_size(server.numels) * len(chosen), "download_bytes": download_bytes,
+        "total_bytes": upload_bytes + download_bytes,
         "upload_fraction": round(entries / (sum(server.numels) * len(chosen)), 6),
+        "syncs_replay": kinds.count("replay"), "syncs_changed": kinds.count("changed"),
+        "syncs_dense": kinds.count("dense"),
         "clients": " ".join(map(str, chosen)), "rejected": rejected,
         "refused": int(kept is not None), "seconds": round(time.perf_counter() - started, 3),
     }
@@ -106,12 +115,15 @@ def save(out, conf, server, transport, rows):
         "rows": rows,
         "model": server.model.state_dict(),
         "velocity": server.velocity,
-        "residuals": transport.client_state(),
+        "download": server.download.state(),
+        "syncs": server.syncs.state(),
+        "clients": transport.client_state(),
     })
 
 
 def restore(out, conf, server, transport, device):
-    """The saved rows; the server's model and momentum and the clients' residuals are put back as they were."""
+    """The saved rows; the server's model, momentum, download state and the clients' state are put back as they
+    were."""
     try:
         state = run_files.load_checkpoint(out, device)
     except Exception as e:  # torch.load raises many kinds for a damaged file
@@ -125,10 +137,14 @@ def restore(out, conf, server, transport, device):
             raise ValueError(f"its {key} is {state['config'][key]!r}, config.json says {conf.get(key)!r}")
         server.model.load_state_dict(state["model"])
         server.velocity = state["velocity"]
-        strangers = [c for c in state["residuals"] if not 0 <= int(c) < conf["no_models"]]
+        server.download.restore(state["download"])
+        server.syncs.restore(state["syncs"])
+        clients = state["clients"]
+        strangers = [c for part in clients.values() for c in part if not 0 <= int(c) < conf["no_models"]]
+        strangers += [c for c in server.syncs.synced if not 0 <= c < conf["no_models"]]
         if strangers:
-            raise ValueError(f"it holds a residual of client {strangers[0]}, this run has {conf['no_models']} clients")
-        transport.restore_client_state(state["residuals"])
+            raise ValueError(f"it holds the state of client {strangers[0]}, this run has {conf['no_models']} clients")
+        transport.restore_client_state(clients)
         rows = list(state["rows"])
     except (AttributeError, KeyError, TypeError, RuntimeError, ValueError) as e:
         raise RunError(f"cannot resume {out}: checkpoint.pt is not from this run ({first_line(e)})") from None
@@ -146,7 +162,8 @@ def print_row(row, total_rounds, clear_progress):
     share = row["upload_bytes"] / row["dense_upload_bytes"]
     print(f"{CLEAR_LINE if clear_progress else ''}round {row['round']:>3}/{total_rounds}  "
           f"acc {row['accuracy']:.4f}  loss {row['loss']:.4f}  "
-          f"upload {row['upload_bytes'] / 1e6:.3f} MB ({share:.1%} of dense)  {row['seconds']:.1f} s", flush=True)
+          f"upload {row['upload_bytes'] / 1e6:.3f} MB ({share:.1%} of dense)  "
+          f"download {row['download_bytes'] / 1e6:.3f} MB  {row['seconds']:.1f} s", flush=True)
 
 
 def progress_printer(round_index):

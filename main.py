@@ -163,8 +163,10 @@ def start(conf, out, resume, args):
         return 1
     if rows:
         sent, dense = run_files.upload_totals(rows)
+        received = sum(row["download_bytes"] for row in rows)
         print(f"done: {out}  final accuracy {rows[-1]['accuracy']:.4f}, "
-              f"uploaded {sent / 1e6:.2f} MB ({sent / dense:.1%} of dense)")
+              f"uploaded {sent / 1e6:.2f} MB ({sent / dense:.1%} of dense), downloaded {received / 1e6:.2f} MB, "
+              f"total {(sent + received) / 1e6:.2f} MB")
     if refused:
         print(f"note: {refused} of {len(rows)} rounds kept the global model as it was "
               f"(column 'refused' of {out}/metrics.csv)", file=sys.stderr)

@@ -1,8 +1,13 @@
-"""The server: owns the global model, decodes uploads into running sums, applies the aggregation rule, evaluates."""
+"""The server: owns the global model, decodes uploads into running sums, applies the aggregation rule, moves the model
+by what its download method broadcasts, keeps the clients in sync with it (downloads.py), evaluates.
+
+A client under a relay or compressed download runs this same class around its own copy of the model (a replica), so
+that it moves exactly as the server's does."""
 import torch
 import torch.nn.functional as F
 
 import codec
+import downloads
 
 EVAL_BATCH_SIZE = 256  # on a CPU, larger batches fall out of cache and run slower per image
 
@@ -15,6 +20,8 @@ class Server:
         self.globals = [t for t in self.model.state_dict().values() if torch.is_floating_point(t)]
         self.numels = [t.numel() for t in self.globals]
         self.velocity = None  # server momentum buffer, created on first use
+        self.download = downloads.METHODS[conf["download"]](conf, self.numels)  # what a round broadcasts
+        self.syncs = downloads.Syncs(conf, self.numels, device)  # what each client holds and downloads
         self._start_round()
 
     def _start_round(self):
@@ -24,6 +31,7 @@ class Server:
         self.total_weight = 0  # sum of n_i over accepted uploads
         self.accepted = 0
         self.received_entries = 0  # diff entries carried by accepted uploads
+        self.accepted_payloads = []  # what a relay download forwards
 
     def global_state(self):
         return self.model.state_dict()
@@ -54,34 +62,67 @@ class Server:
                 weight.index_add_(0, kept, torch.full_like(value, num_samples))
         self.total_weight += num_samples
         self.accepted += 1
+        self.accepted_payloads.append(upload_bytes)
         self.received_entries += sum(len(v) for v in values)
         return None
 
+    def sync(self, client_id):
+        """The bytes `client_id` downloads to hold the global model now, and which kind of sync they are."""
+        return self.syncs.sync(client_id, self.flat_globals())
+
     @torch.no_grad()
-    def aggregate(self):
+    def aggregate(self, round_index=0):
         """Move the global model by this round's accepted uploads under the configured rule, then start afresh.
 
-        Returns None when the model moved, or why it was kept as it was: no upload was accepted, or the step would have
-        made the global model (or the server momentum) non-finite."""
-        problem = self._step() if self.accepted else "no upload was accepted"
+        Returns None when the model moved, or why it stayed as it was: no upload was accepted, the step would have
+        made the global model (or the server momentum) non-finite, or it changed no entry."""
+        problem, message, changed = "no upload was accepted", None, None
+        if self.accepted:
+            update, velocity = self._step()
+            moved, message = self.download.broadcast(update, self.accepted_payloads, round_index)
+            problem, changed = self.move(moved, velocity or [])
+            if changed is not None:
+                self.download.commit()
+                if velocity is not None:
+                    self.velocity = velocity
+                if not any(c.any() for c in changed):
+                    problem = "the accepted uploads changed no entry of the global model"
+        self.syncs.record(message if changed is not None else None, changed)
         self._start_round()
         return problem
 
     def _step(self):
+        """The round's update under the aggregation rule (with server momentum), and the momentum it leaves."""
         updates = [self._update(s, w).float() for s, w in zip(self.weighted_sums, self.weights)]
         velocity = None
         if self.conf["server_momentum"]:
             beta = self.conf["server_momentum"]
             velocity = updates if self.velocity is None else [beta * v + u for v, u in zip(self.velocity, updates)]
             updates = velocity
-        stepped = [g + u.view(g.shape) for g, u in zip(self.globals, updates)]
-        if not all(torch.isfinite(t).all() for t in stepped + (velocity or [])):
-            return "the aggregate would make the global model non-finite, so the model was kept"
+        return updates, velocity
+
+    @torch.no_grad()
+    def move(self, steps, also_finite=()):
+        """Add `steps` (flat, one per tensor) to the global model unless that makes it, or `also_finite`, non-finite.
+        Returns (None, per tensor which entries changed), or (why it stayed as it was, None)."""
+        stepped = [g + u.view(g.shape) for g, u in zip(self.globals, steps)]
+        if not all(torch.isfinite(t).all() for t in stepped + list(also_finite)):
+            return "the aggregate would make the global model non-finite, so the model was kept", None
+        # compared bit for bit: -0.0 and 0.0 differ for a client that must hold the same bits
+        changed = [new.flatten().view(torch.int32) != old.flatten().view(torch.int32)
+                   for new, old in zip(stepped, self.globals)]
         for global_tensor, new in zip(self.globals, stepped):
             global_tensor.copy_(new)
-        if velocity is not None:
-            self.velocity = velocity
-        return None
+        return None, changed
+
+    @torch.no_grad()
+    def overwrite(self, positions, values):
+        """Set the global model's entries at `positions` (None: every entry) to `values`: a client's changed-entries or
+        dense sync."""
+        for global_tensor, kept, value in zip(self.globals, positions, values):
+            flat = global_tensor.flatten().clone()  # logical order, whatever the memory format
+            flat[slice(None) if kept is None else kept.to(flat.device)] = value.to(flat.device)
+            global_tensor.copy_(flat.view(global_tensor.shape))
 
     def _update(self, weighted_sum, weight):
         rule = self.conf["aggregation"]

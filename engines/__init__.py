@@ -1,7 +1,8 @@
 """Engines: how the sampled clients get trained. Each module offers a transport with the same three methods.
 
-    train(chosen, global_state, round_index, progress) -> the clients' Uploads, sorted by client id
-    client_state() -> what the clients keep between rounds (error-feedback residuals), for the checkpoint
+    train(chosen, syncs, global_state, round_index, progress) -> the clients' Uploads, sorted by client id
+        (syncs: client id -> the bytes it downloads to hold global_state; downloads.apply_sync applies them)
+    client_state() -> what the clients keep between rounds, {"residuals": {id: ...}, ...}, for the checkpoint
     restore_client_state(state)  (client ids already checked against the run's clients by federation.restore)
 
 inprocess: one process trains the clients one after another (the default).

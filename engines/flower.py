@@ -5,13 +5,20 @@
     python main.py -c ./utils/conf.json --engine deployment --superlink NAME --out DIR   (on the SuperLink's machine)
     deploy/local.sh --nodes 10 -- -c ./utils/conf.json --out runs/deployed   (a SuperLink and 10 SuperNodes, locally)
 
-The ServerApp runs federation.run with a GridTransport: each round it sends the sampled clients' nodes the global model
-(a dense codec payload, the bytes metrics.csv counts as download) and receives their uploads (codec payloads), sorted
-by client id. The ClientApp answers two kinds of message: "query" (which partition, that is which client, this node
-holds) and "train" (client.Client.local_train on that partition). A node keeps its client's error-feedback residual
-in context.state between rounds; it also returns it beside the upload (not counted as upload bytes), so that the run
-folder's checkpoint holds it and --resume continues exactly, and the server hands it back after a resume.
+The ServerApp runs federation.run with a GridTransport: each round it sends each sampled client's node its sync (what
+the download method makes it download: the dense model, or a replay, the changed entries or the dense model; the bytes
+metrics.csv counts as download) and receives their uploads (codec payloads), sorted by client id. The ClientApp
+answers two kinds of message: "query" (which partition, that is which client, this node holds) and "train": it brings
+its own copy of the model up to the server's with the sync (downloads.apply_sync), sends a checksum of it, which the
+server compares with its own model's, and trains client.Client.local_train on that partition from it.
+
+A node keeps its model (under a relay or compressed download) and its client's error-feedback residual in
+context.state between rounds. Neither is counted as traffic: the residual also travels back beside the upload, and
+the server keeps a copy of the model each node holds (one per round's version, shared), so that the run folder's
+checkpoint holds them and --resume continues exactly; after a resume the server hands them back with the client's next
+message, as a node that had kept them on disk would find them.
 """
+import copy
 import json
 import os
 import re
@@ -30,15 +37,16 @@ from flwr.serverapp import Grid, ServerApp
 
 import codec
 import datasets
+import downloads
 import federation
 import models
 from client import Client, Upload
+from server import Server
 from utils import partition, run_files
 from utils.run_files import RunError
 from utils.seeding import derive_seed
 
 APP_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the folder of pyproject.toml: the Flower app
-DENSE = {"sparsifier": "none", "quantize": "none"}  # how the global model and residuals travel: f32, every entry
 POLL_SECONDS = 0.02  # how often the server asks for replies (Flower's send_and_receive waits 3 s between asks)
 
 
@@ -61,16 +69,22 @@ def train(message: Message, context: Context) -> Message:
     workspace = Workspace.for_conf(conf)
     client_id = int(context.node_config["partition-id"])
     client = Client(client_id, workspace.shares[client_id], conf)
+    kept = context.state.config_records
     if "residual" in task:  # after a resume the server hands back what this node kept before
         client.residual = workspace.tensors(task["residual"])
-    elif "residual" in context.state.config_records:
-        client.residual = workspace.tensors(context.state.config_records["residual"]["values"])
-    upload = client.local_train(workspace.model, workspace.global_state(task["global"]), workspace.dataset,
-                                int(task["round"]))
-    reply = {"client": client_id, "payload": upload.payload, "train_loss": upload.train_loss}
+    elif "residual" in kept:
+        client.residual = workspace.tensors(kept["residual"]["values"])
+    held = task["model"] if "model" in task else kept["model"]["values"] if "model" in kept else None
+    replica = workspace.replica(conf, held)
+    downloads.apply_sync(task["sync"], replica)
+    if conf["download"] != "dense":  # the next sync starts from this model
+        kept["model"] = ConfigRecord({"values": codec.encode(downloads.DENSE_F32, replica.flat_globals(), 0).payload})
+    upload = client.local_train(workspace.model, replica.global_state(), workspace.dataset, int(task["round"]))
+    reply = {"client": client_id, "payload": upload.payload, "train_loss": upload.train_loss,
+             "checksum": downloads.checksum(replica.flat_globals())}
     if client.residual is not None:
-        residual = codec.encode(DENSE, client.residual, 0).payload
-        context.state.config_records["residual"] = ConfigRecord({"values": residual})
+        residual = codec.encode(downloads.DENSE_F32, client.residual, 0).payload
+        kept["residual"] = ConfigRecord({"values": residual})
         reply["residual"] = residual
     return Message(RecordDict({"upload": ConfigRecord(reply)}), reply_to=message)
 
@@ -90,6 +104,7 @@ class Workspace:
                                   conf["pretrained"]).to(self.device)
         self.template = {name: value.clone() for name, value in self.model.state_dict().items()}
         self.numels = [v.numel() for v in self.template.values() if torch.is_floating_point(v)]
+        self.replica_model = copy.deepcopy(self.model)  # the node's own copy of the global model
 
     @classmethod
     def for_conf(cls, conf):
@@ -101,12 +116,14 @@ class Workspace:
         """Flat float tensors on this device from a dense codec payload."""
         return [values.to(self.device) for values in codec.decode(payload, self.numels)[2]]
 
-    def global_state(self, payload):
-        """The state dict the server holds: its floating tensors from the payload, the rest (integer buffers, which
-        never travel) as the model was built, exactly as the in-process engine hands the server's state over."""
-        values = iter(self.tensors(payload))
-        return {name: next(values).view(t.shape) if torch.is_floating_point(t) else t
-                for name, t in self.template.items()}
+    def replica(self, conf, held):
+        """A Server around this node's model: `held` (a dense payload) if it keeps one, else the initial model, which
+        the seed determines, as the server's (integer buffers, which never travel, stay as the model was built)."""
+        self.replica_model.load_state_dict(self.template)
+        replica = Server(self.replica_model, conf, self.device)
+        if held is not None:
+            replica.overwrite([None] * len(self.numels), self.tensors(held))
+        return replica
 
 
 WORKSPACE_KEYS = ("type", "data_dir", "device", "no_models", "partition", "alpha", "shards_per_client", "seed",
@@ -123,7 +140,8 @@ class GridTransport:
         self.timeout, self.threads, self.stop = settings["timeout"], settings["threads"], stop
         self.node_of = self._find_nodes()
         self.residuals = {}  # client id -> its residual's dense payload, for the checkpoint
-        self.to_restore = {}  # residuals to hand back after a resume, on the client's next message
+        self.models = {}  # client id -> the model its node holds, a dense payload (one object per round, shared)
+        self.to_restore = {}  # client id -> what to hand back after a resume with its next message
 
     def _find_nodes(self):
         """Map each client (partition id) to its node, asking every node once which partition it holds."""
@@ -144,20 +162,23 @@ class GridTransport:
                            f"per client with --node-config 'partition-id=ID num-partitions={wanted}'")
         return node_of
 
-    def train(self, chosen, global_state, round_index, progress=None):
+    def train(self, chosen, syncs, global_state, round_index, progress=None):
         floats = [t.flatten() for t in global_state.values() if torch.is_floating_point(t)]
-        task = {"round": round_index, "conf": json.dumps(self.conf), "threads": self.threads,
-                "global": codec.encode(DENSE, floats, 0).payload}
+        expected = downloads.checksum(floats)  # what every node's model must be after its sync
+        held = codec.encode(downloads.DENSE_F32, floats, 0).payload if self.conf["download"] != "dense" else None
+        task = {"round": round_index, "conf": json.dumps(self.conf), "threads": self.threads}
         messages = []
         for client_id in chosen:
-            content = dict(task)
-            if client_id in self.to_restore:
-                content["residual"] = self.to_restore.pop(client_id)
+            content = {**task, "sync": syncs[client_id], **self.to_restore.pop(client_id, {})}
             messages.append(self._message(self.node_of[client_id], "train", content))
         replies = self._exchange(messages, time.monotonic() + self.timeout)
-        return [self._upload(client_id, reply) for client_id, reply in zip(chosen, replies)]
+        uploads = [self._upload(client_id, reply, expected) for client_id, reply in zip(chosen, replies)]
+        for upload in uploads:
+            if held is not None and upload.problem is None:
+                self.models[upload.client_id] = held
+        return uploads
 
-    def _upload(self, client_id, reply):
+    def _upload(self, client_id, reply, expected_checksum):
         """The client's Upload, or one that carries why nothing usable came back."""
         if reply is None:
             return Upload(client_id, b"", float("nan"), problem=f"no reply within {self.timeout:g} s")
@@ -168,6 +189,9 @@ class GridTransport:
             payload, loss = record["payload"], float(record["train_loss"])
             if int(record["client"]) != client_id or not isinstance(payload, bytes):
                 raise ValueError("it answers for another client or carries no payload")
+            if record["checksum"] != expected_checksum:
+                return Upload(client_id, b"", float("nan"), problem="the node's model after its sync is not the "
+                              f"server's (checksum {str(record['checksum'])[:16]}..., expected {expected_checksum[:16]}...)")
             if "residual" in record:
                 self.residuals[client_id] = bytes(record["residual"])
         except (KeyError, TypeError, ValueError) as e:
@@ -175,12 +199,17 @@ class GridTransport:
         return Upload(client_id, payload, loss)
 
     def client_state(self):
-        return {str(client_id): codec.decode(payload, self.numels)[2] for client_id, payload in self.residuals.items()}
+        return {"residuals": {str(c): codec.decode(payload, self.numels)[2] for c, payload in self.residuals.items()},
+                "models": {str(c): payload for c, payload in self.models.items()}}
 
     def restore_client_state(self, state):
-        for client_id, residual in state.items():
-            self.to_restore[int(client_id)] = self.residuals[int(client_id)] = codec.encode(
-                DENSE, [r.cpu().float() for r in residual], 0).payload
+        for client_id, residual in state["residuals"].items():
+            residual = [r.cpu().float() for r in residual]
+            self.residuals[int(client_id)] = codec.encode(downloads.DENSE_F32, residual, 0).payload
+            self.to_restore.setdefault(int(client_id), {})["residual"] = self.residuals[int(client_id)]
+        for client_id, payload in state.get("models", {}).items():
+            self.models[int(client_id)] = bytes(payload)
+            self.to_restore.setdefault(int(client_id), {})["model"] = self.models[int(client_id)]
 
     def _message(self, node_id, kind, content):
         return Message(RecordDict({"task": ConfigRecord(content)}), dst_node_id=node_id, message_type=kind)

@@ -1,7 +1,9 @@
 """The default engine: every sampled client trains in this process, one after another, on one shared model.
 
-Clients own no model: each trains the one `workspace` model in turn, so memory does not grow with the number of clients
-beyond their index lists (and, with error feedback, the residuals of clients that have trained).
+Clients own no model: each trains the one `workspace` model in turn, from the server's state, so memory does not grow
+with the number of clients beyond their index lists (and, with error feedback, the residuals of clients that have
+trained). What a client downloads is counted by the server (downloads.py); that applying it gives the client exactly
+the server's state is what the Flower engines check on every node, and tests/test_downloads.py here.
 """
 from client import Client
 
@@ -12,7 +14,7 @@ class InProcess:
         self.workspace = workspace
         self.clients = [Client(i, share, conf) for i, share in enumerate(shares)]
 
-    def train(self, chosen, global_state, round_index, progress=None):
+    def train(self, chosen, syncs, global_state, round_index, progress=None):
         uploads = []
         for position, client_id in enumerate(chosen):
             steps = (lambda step, total: progress(position, len(chosen), step, total)) if progress else None
@@ -21,8 +23,8 @@ class InProcess:
         return uploads
 
     def client_state(self):
-        return {str(c.id): c.residual for c in self.clients if c.residual is not None}
+        return {"residuals": {str(c.id): c.residual for c in self.clients if c.residual is not None}}
 
     def restore_client_state(self, state):
-        for client_id, residual in state.items():
+        for client_id, residual in state["residuals"].items():
             self.clients[int(client_id)].residual = residual

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import codec
+import downloads
 import federation
 import main
 from conftest import ROOT, TINY, read_csv, without_seconds
@@ -22,9 +23,10 @@ from server import Server
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0",
        "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
-# STC with error feedback and server momentum: state on the clients and on the server, carried from round to round
+# STC with error feedback and server momentum, and a compressed download: state on the clients (residuals, the
+# nodes' models) and on the server (momentum, its residual, the message log), carried from round to round
 STATEFUL = {**TINY, "global_epochs": 2, "sparsifier": "topk", "topk_scope": "model", "quantize": "ternary",
-            "prop": 0.05, "error_feedback": True, "server_momentum": 0.5}
+            "prop": 0.05, "error_feedback": True, "server_momentum": 0.5, "download": "compressed"}
 
 
 def run_command(*argv, timeout=600):
@@ -131,7 +133,9 @@ def upload_reply(client_id, values, payload=None, **record):
         from flwr.app import ConfigRecord, Message, RecordDict
         data = payload if payload is not None else codec.encode(
             {"sparsifier": "none", "quantize": "none"}, [torch.full((6,), values), torch.full((2,), values)], 10).payload
-        fields = {"client": client_id, "payload": data, "train_loss": 0.5, **record}
+        received = codec.decode(message.content.config_records["task"]["sync"], [6, 2])[2]  # the dense model
+        fields = {"client": client_id, "payload": data, "train_loss": 0.5, "checksum": downloads.checksum(received),
+                  **record}
         return Message(RecordDict({"upload": ConfigRecord(fields)}), reply_to=message)
     return reply
 
@@ -152,7 +156,7 @@ def one_round(flower, tiny_model, make_conf, behaviours, timeout=5.0):
     settings = {"timeout": timeout, "threads": 1}
     transport = flower.GridTransport(FakeGrid(behaviours), conf, server.numels, settings, flower.threading.Event())
     test_split = SimpleNamespace(test_images=torch.ones(4, 3), test_labels=torch.tensor([0, 1, 0, 1]))
-    return federation.play_round(1, conf, server, transport, test_split)
+    return federation.play_round(1, conf, server, transport, test_split), server
 
 
 def test_failing_silent_or_garbled_nodes_are_left_out_of_the_round(flower, tiny_model, make_conf, capsys):
@@ -160,7 +164,7 @@ def test_failing_silent_or_garbled_nodes_are_left_out_of_the_round(flower, tiny_
     behaviours = {0: upload_reply(0, 1.0), 1: failing, 2: lambda message: None, 3: garbage,
                   4: upload_reply(3, 1.0), 5: upload_reply(5, 1.0, payload=b"\x02\x00garbage"),
                   6: upload_reply(6, 3.0)}
-    row = one_round(flower, tiny_model, make_conf, behaviours, timeout=0.5)
+    row, _ = one_round(flower, tiny_model, make_conf, behaviours, timeout=0.5)
     err = capsys.readouterr().err
     assert row["rejected"] == 5 and row["refused"] == 0
     for client, reason in ((1, "CUDA out of memory"), (2, "no reply within 0.5 s"), (3, "malformed"),
@@ -172,9 +176,18 @@ def test_failing_silent_or_garbled_nodes_are_left_out_of_the_round(flower, tiny_
     assert row["upload_bytes"] == 2 * (11 + 4 * 8) + len(b"\x02\x00garbage")
 
 
+def test_a_node_whose_model_is_not_the_servers_is_left_out_and_resynchronized(flower, tiny_model, make_conf,
+                                                                              capsys):
+    behaviours = {0: upload_reply(0, 1.0), 1: upload_reply(1, 1.0, checksum="0" * 64)}
+    row, server = one_round(flower, tiny_model, make_conf, behaviours)
+    assert row["rejected"] == 1
+    assert "client 1's upload: the node's model after its sync is not the server's" in capsys.readouterr().err
+    assert server.syncs.synced == {0: 0, 1: downloads.UNKNOWN}  # its next sync is the dense model
+
+
 def test_a_round_without_an_accepted_upload_keeps_the_global_model(flower, tiny_model, make_conf, capsys):
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
-    row = one_round(flower, tiny_model, make_conf, {0: failing, 1: garbage})
+    row, _ = one_round(flower, tiny_model, make_conf, {0: failing, 1: garbage})
     assert row["rejected"] == 2 and row["refused"] == 1 and row["train_loss"] != row["train_loss"]  # NaN
     assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
     assert "the global model stays as it was" in capsys.readouterr().err

@@ -213,7 +213,8 @@ def test_interrupt_then_resume_equals_uninterrupted(uninterrupted, tmp_path, mon
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert len(state["rows"]) == 2
     if VARIANTS[variant].get("error_feedback"):
-        assert state["residuals"] and all(r.abs().sum() > 0 for rs in state["residuals"].values() for r in rs)
+        residuals = state["clients"]["residuals"]
+        assert residuals and all(r.abs().sum() > 0 for rs in residuals.values() for r in rs)
     if VARIANTS[variant].get("server_momentum"):
         assert state["velocity"] is not None
     assert resume_command[:2] == ["python", "main.py"]
@@ -228,7 +229,7 @@ def test_resume_needs_the_saved_residuals_and_velocity(uninterrupted, tmp_path):
     assert call_main("-c", conf, "--out", out) == 0
     path = out / "checkpoint.pt"
     state = torch.load(path, weights_only=True)
-    state["residuals"], state["velocity"] = {}, None
+    state["clients"]["residuals"], state["velocity"] = {}, None
     torch.save(state, path)
     assert call_main("--out", out, "--resume", "--set", "global_epochs=4") == 0
     resumed = without_seconds(read_csv(out / "metrics.csv"))

@@ -7,6 +7,7 @@ import math
 import reprlib
 
 import codec
+import downloads
 
 # key: (default, meaning). The chapter's keys come first, with the chapter's meaning.
 KEYS = {
@@ -35,6 +36,16 @@ KEYS = {
     "residual_decay": (1.0, "error feedback: the fraction of the unsent residual a client keeps (1: all of it)"),
     "topk_scope": ("tensor", "topk: keep the largest entries per tensor, or over the whole model ('model')"),
     "server_momentum": (0.0, "momentum of the server's update (FedAvgM); 0 applies each round's average as is"),
+    "download": ("dense", "how the global model reaches the sampled clients: " + "; ".join(
+        f"{name}: {cls.help}" for name, cls in downloads.METHODS.items())),
+    "download_sparsifier": ("topk", "download=compressed: which entries of the server's step travel (as `sparsifier`)"),
+    "download_prop": (0.04, "download=compressed: fraction of the step's entries broadcast (as `prop`)"),
+    "download_quantize": ("ternary", "download=compressed: how each broadcast value is written (as `quantize`)"),
+    "download_topk_scope": ("model", "download=compressed: top-k per tensor or over the whole model (as `topk_scope`)"),
+    "download_error_feedback": (True, "download=compressed: the server keeps what it did not broadcast and adds it to "
+                                      "its next step"),
+    "download_first_contact": ("seed", "relay/compressed: a client's first model is built from the shared seed (free) "
+                                       "| dense (it downloads the dense model at its first sync)"),
     "partition": ("iid", "iid | dirichlet (label mix per client ~ Dirichlet(alpha)) | shards (few labels per client)"),
     "alpha": (0.5, "Dirichlet concentration for partition='dirichlet': small is skewed, large is near IID"),
     "shards_per_client": (2, "partition='shards': how many labels (one shard each) every client holds"),
@@ -49,6 +60,11 @@ CHOICES = {
     "quantize": tuple(codec.QUANTIZERS),
     "mask": ("fixed", "round"),
     "topk_scope": ("tensor", "model"),
+    "download": tuple(downloads.METHODS),
+    "download_sparsifier": tuple(codec.SPARSIFIERS),
+    "download_quantize": tuple(codec.QUANTIZERS),
+    "download_topk_scope": ("tensor", "model"),
+    "download_first_contact": ("seed", "dense"),
     "partition": ("iid", "dirichlet", "shards"),
 }
 
@@ -66,6 +82,7 @@ RANGES = {
     "seed": (0, 2**63 - 1, True),
     "server_momentum": (0, 1, True),
     "residual_decay": (0, 1, True),
+    "download_prop": (0, 1, True),
     "alpha": (0, math.inf, False),
     "shards_per_client": (1, math.inf, True),
 }
@@ -112,6 +129,10 @@ def validate(overrides):
                                   f"got {shown(value)}")
     if conf["k"] > conf["no_models"]:
         raise ConfigError(f"config key 'k' ({conf['k']}) must not exceed 'no_models' ({conf['no_models']})")
+    if conf["download"] == "relay" and conf["server_momentum"]:
+        raise ConfigError("download 'relay' cannot be used with server_momentum: a client replaying the uploads would "
+                          "need the server's momentum too; use download 'compressed' (the server broadcasts its step) "
+                          "or 'dense'")
     if conf["type"] == "cifar10":
         conf["type"] = "cifar"
     return conf

@@ -14,7 +14,8 @@ import warnings
 import torch
 
 METRICS_COLUMNS = ("round", "accuracy", "loss", "train_loss", "upload_bytes", "dense_upload_bytes",
-                   "download_bytes", "total_bytes", "upload_fraction", "clients", "rejected", "refused", "seconds")
+                   "download_bytes", "total_bytes", "upload_fraction", "syncs_replay", "syncs_changed", "syncs_dense",
+                   "clients", "rejected", "refused", "seconds")
 LOCK_NAME = ".lock"
 
 

@@ -1,0 +1,223 @@
+"""How the global model reaches the sampled clients, and what it costs: the download methods and each client's sync.
+
+A download method (config key `download`) decides what a round broadcasts and so how the global model moves:
+    dense       nothing is broadcast; each sampled client receives the global model, f32 (today's FedAvg).
+    relay       the round's accepted uploads, as they arrived; a client replays them through the server's own
+                aggregation code (server.Server), so its model is the server's bit for bit.
+    compressed  the server's step plus its residual, coded by the codec under the download_* keys; the global model
+                moves by exactly what was broadcast, decode(encode(step + residual)), and the residual keeps the rest.
+
+Under relay and compressed, `Syncs` keeps the round messages (as many of the newest as cost less than the dense model
+together), the round in which each entry last changed, and the round up to which each client is synchronized: an
+integer per client. A sampled client receives the cheapest of (a) the messages it missed, replayed in order, (b) the
+entries changed since its last sync, positions plus their f32 values, (c) the dense model. codec.py writes and reads
+every byte of it (`encode_sync`); `apply_sync` is the client's side, run on a `Server` around the client's own model.
+"""
+import collections
+import hashlib
+
+import torch
+
+import codec
+from utils.seeding import derive_seed
+
+DENSE_F32 = {"sparsifier": "none", "quantize": "none"}  # the codec method that writes a model exactly
+UNKNOWN = -1  # the version of a client whose model the server cannot vouch for
+
+
+class Dense:
+    name = "dense"
+    help = "each sampled client receives the global model, f32 (every entry)"
+
+    def __init__(self, conf, numels):
+        pass
+
+    def broadcast(self, update, accepted, round_index):
+        """(what the global model moves by, the round's message): the update itself; nothing is logged."""
+        return update, None
+
+    def commit(self):
+        """The model moved by what broadcast returned: keep what goes with it."""
+
+    def state(self):
+        return None
+
+    def restore(self, state):
+        pass
+
+
+class Relay(Dense):
+    name = "relay"
+    help = "the round's accepted uploads are forwarded; each client aggregates them with the server's code (lossless)"
+
+    def broadcast(self, update, accepted, round_index):
+        return update, list(accepted)
+
+    @staticmethod
+    def replay(replica, message):
+        """Move `replica` (a Server around a client's model) as the server moved: the same uploads, the same code."""
+        for payload in message:
+            problem = replica.receive(payload)
+            if problem:
+                raise codec.PayloadError(f"a relayed upload does not decode: {problem}")
+        replica.aggregate()
+
+
+class Compressed(Dense):
+    name = "compressed"
+    help = ("the server's step plus its residual, coded with download_sparsifier / download_prop / download_quantize "
+            "/ download_topk_scope; the model moves by exactly what was broadcast")
+
+    def __init__(self, conf, numels):
+        self.numels = numels
+        self.method = {"sparsifier": conf["download_sparsifier"], "prop": conf["download_prop"],
+                       "quantize": conf["download_quantize"], "topk_scope": conf["download_topk_scope"],
+                       "mask": "round"}
+        self.error_feedback = conf["download_error_feedback"]
+        self.seed = conf["seed"]
+        self.residual = None  # what the server's steps have not yet broadcast (flat f32 tensors)
+        self.pending = None
+
+    def broadcast(self, update, accepted, round_index):
+        step = update if self.residual is None else [u + r for u, r in zip(update, self.residual)]
+        payload = codec.encode(self.method, step, 0, derive_seed(self.seed, "download mask", round_index)).payload
+        moved = self.delta(payload, self.numels, step[0].device)
+        self.pending = [s - m for s, m in zip(step, moved)] if self.error_feedback else None
+        return moved, [payload]
+
+    def commit(self):
+        self.residual = self.pending
+
+    @staticmethod
+    def delta(payload, numels, device):
+        """The dense f32 step a compressed message stands for, as the server and every client compute it."""
+        _, positions, values = codec.decode(payload, numels)
+        out = []
+        for numel, kept, value in zip(numels, positions, values):
+            if kept is None:
+                out.append(value.to(device))
+            else:
+                out.append(torch.zeros(numel, device=device).index_put_((kept.to(device),), value.to(device)))
+        return out
+
+    @classmethod
+    def replay(cls, replica, message):
+        (payload,) = message
+        replica.move(cls.delta(payload, replica.numels, replica.globals[0].device))
+
+    def state(self):
+        return self.residual
+
+    def restore(self, state):
+        self.residual = state
+
+
+METHODS = {cls.name: cls for cls in (Dense, Relay, Compressed)}
+
+
+class Syncs:
+    """The server's side of keeping clients synchronized: what each holds, the messages they may miss, their cost."""
+
+    def __init__(self, conf, numels, device):
+        self.logs = conf["download"] != "dense"
+        self.first_contact = conf["download_first_contact"]
+        self.dense_size = codec.dense_size(numels)
+        self.version = 0  # rounds the global model has gone through (the initial model, from the seed, is 0)
+        self.synced = {}  # client id -> the version it holds; absent until its first sync
+        self.log = collections.deque()  # (version, message) of the newest rounds, oldest first
+        self.log_bytes = 0
+        # per entry, the version that last changed it: what a client at version v lacks is where this exceeds v
+        self.last_changed = [torch.zeros(n, dtype=torch.int32, device=device) for n in numels] if self.logs else None
+        self.dense_cache = (None, None)
+
+    def record(self, message, changed):
+        """The round's message (None: the model stayed as it was) and, per tensor, which entries it changed."""
+        self.version += 1
+        if not self.logs:
+            return
+        for last, now in zip(self.last_changed, changed or []):
+            last[now] = self.version
+        message = message or []
+        self.log.append((self.version, message))
+        self.log_bytes += codec.replay_size([message]) - codec.replay_size([])
+        while self.log_bytes > self.dense_size:  # a replay longer than this never beats the dense model
+            _, oldest = self.log.popleft()
+            self.log_bytes -= codec.replay_size([oldest]) - codec.replay_size([])
+
+    def sync(self, client_id, tensors):
+        """(the bytes `client_id` downloads to hold `tensors`, the global model's flat tensors now, and which kind of
+        sync they are: "replay", "changed" or "dense"); the client is then synchronized."""
+        held = self.synced.get(client_id)
+        self.synced[client_id] = self.version
+        if not self.logs:
+            return self.dense(tensors), "dense"
+        if held == UNKNOWN or (held is None and self.first_contact == "dense"):
+            return codec.encode_sync(codec.DENSE, self.dense(tensors)), "dense"
+        held = held or 0  # first contact from the seed: the client builds the initial model itself, for free
+        if held == self.version:
+            return b"", "replay"  # nothing to download
+        missed = [message for version, message in self.log if version > held]
+        best = None
+        if self.log and self.log[0][0] <= held + 1:
+            best = (codec.replay_size(missed), "replay")
+        dense_sync = (1 + self.dense_size, "dense")
+        if best is None or dense_sync[0] < best[0]:
+            best = dense_sync
+        positions = [(last > held).nonzero().squeeze(1) for last in self.last_changed]
+        changed_floor = 1 + codec.HEADER.size + 4 * sum(len(p) for p in positions)  # its values alone
+        changed = None
+        if changed_floor < best[0]:
+            changed = codec.encode_sync(codec.CHANGED, codec.encode_entries(tensors, positions))
+            if len(changed) < best[0]:
+                return changed, "changed"
+        if best[1] == "replay":
+            return codec.encode_sync(codec.REPLAY, missed), "replay"
+        return codec.encode_sync(codec.DENSE, self.dense(tensors)), "dense"
+
+    def forget(self, client_id):
+        """`client_id`'s model is not known any more (its node failed or answered with another model): its next sync
+        is the dense model."""
+        self.synced[client_id] = UNKNOWN
+
+    def dense(self, tensors):
+        """The model as a dense f32 payload, coded once per version however many clients receive it."""
+        version, payload = self.dense_cache
+        if version != self.version:
+            payload = codec.encode(DENSE_F32, tensors, 0).payload
+            self.dense_cache = (self.version, payload)
+        return payload
+
+    def state(self):
+        return {"version": self.version, "synced": dict(self.synced), "log": list(self.log),
+                "last_changed": self.last_changed}
+
+    def restore(self, state):
+        self.version, self.synced = int(state["version"]), {int(c): int(v) for c, v in state["synced"].items()}
+        self.log = collections.deque((int(v), [bytes(p) for p in m]) for v, m in state["log"])
+        self.log_bytes = sum(codec.replay_size([m]) - codec.replay_size([]) for _, m in self.log)
+        if self.logs:
+            self.last_changed = [t.to(torch.int32) for t in state["last_changed"]]
+
+
+def apply_sync(sync, replica):
+    """The client's side: bring `replica` (a Server around the client's model) to the server's model by `sync`."""
+    if not sync:
+        return  # already up to date
+    if replica.conf["download"] == "dense":  # the model itself, as a dense payload
+        kind, content = codec.DENSE, sync
+    else:
+        kind, content = codec.decode_sync(sync)
+    if kind == codec.REPLAY:
+        for message in content:
+            replica.download.replay(replica, message)
+        return
+    _, positions, values = codec.decode(content, replica.numels)
+    replica.overwrite(positions, values)
+
+
+def checksum(tensors):
+    """A digest of a model's flat floating tensors, bit for bit: a node sends it, the server compares it with its own."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()

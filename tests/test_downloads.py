@@ -1,0 +1,228 @@
+"""Downloads: every client that applies the bytes it downloads holds the server's model bit for bit (its own replica
+of the model, trained from), relay gives the dense run's results exactly, and the bytes are what the layout says."""
+import copy
+import struct
+
+import pytest
+import torch
+
+import codec
+import downloads
+import federation
+import models
+from conftest import read_csv, without_seconds
+from engines.inprocess import InProcess
+from server import Server
+
+CPU = torch.device("cpu")
+STC = {"sparsifier": "topk", "topk_scope": "model", "quantize": "ternary", "prop": 0.05, "error_feedback": True}
+
+
+def bits(tensor):
+    """A float tensor's bit patterns in logical order: equal bits, not merely equal values (-0.0 differs from 0.0)."""
+    return tensor.detach().flatten().contiguous().view(torch.int32)
+
+
+def assert_same_model(state, expected):
+    for name, value in expected.items():
+        if torch.is_floating_point(value):
+            assert torch.equal(bits(state[name]), bits(value)), name
+        else:
+            assert torch.equal(state[name], value), name
+
+
+def parse_sync(sync):
+    """A sync's kind and parts, read with struct from the layout in codec.py (not with its decoder)."""
+    kind = sync[0]
+    if kind != 0:
+        return kind, sync[1:]
+    offset, rounds = 1, []
+    (count,) = struct.unpack_from("<I", sync, offset)
+    offset += 4
+    for _ in range(count):
+        (payloads,) = struct.unpack_from("<I", sync, offset)
+        offset += 4
+        message = []
+        for _ in range(payloads):
+            (length,) = struct.unpack_from("<I", sync, offset)
+            message.append(sync[offset + 4:offset + 4 + length])
+            offset += 4 + length
+        rounds.append(message)
+    assert offset == len(sync)
+    return kind, rounds
+
+
+class Replicas(InProcess):
+    """Each client keeps its own model, moved only by the bytes it downloads, and trains from it (not from the
+    server's); after every sync the test compares it with the server's model bit for bit."""
+
+    def __init__(self, conf, dataset, shares, workspace, start_from_garbage=False):
+        super().__init__(conf, dataset, shares, workspace)
+        self.conf, self.initial = conf, copy.deepcopy(workspace)
+        if start_from_garbage:  # a client that cannot know the initial model: its first sync must carry all of it
+            with torch.no_grad():
+                for value in self.initial.state_dict().values():
+                    if torch.is_floating_point(value):
+                        value.fill_(7.0)
+        self.replicas, self.syncs_seen = {}, []
+
+    def train(self, chosen, syncs, global_state, round_index, progress=None):
+        uploads = []
+        for client_id in chosen:
+            replica = self.replicas.setdefault(client_id, Server(copy.deepcopy(self.initial), self.conf, CPU))
+            downloads.apply_sync(syncs[client_id], replica)
+            assert_same_model(replica.global_state(), global_state)
+            self.syncs_seen.append((round_index, client_id, syncs[client_id]))
+            uploads.append(self.clients[client_id].local_train(self.workspace, replica.global_state(), self.dataset,
+                                                               round_index))
+        return uploads
+
+
+def run_with(make_conf, tmp_path, name, transport=InProcess, **overrides):
+    conf = make_conf(**overrides)
+    made = []
+
+    def factory(*args):
+        made.append(transport(*args))
+        return made[0]
+    rows = federation.run(conf, str(tmp_path / name), False, factory)
+    return rows, made[0]
+
+
+@pytest.mark.parametrize("settings", [
+    dict(download="relay", aggregation="masked_mean"),
+    dict(download="relay", aggregation="lambda"),
+    dict(download="compressed", aggregation="mean", server_momentum=0.5),
+    dict(download="compressed", download_sparsifier="random", download_quantize="int8", aggregation="masked_mean"),
+    dict(download="compressed", download_first_contact="dense", download_quantize="none"),
+])
+def test_every_client_holds_the_servers_model_after_its_sync(make_conf, tmp_path, settings):
+    conf = dict(STC, no_models=5, k=2, global_epochs=8, **settings)
+    rows, replicas = run_with(make_conf, tmp_path, "replicas", Replicas, **conf)
+    expected, _ = run_with(make_conf, tmp_path, "inprocess", **conf)
+    # clients that trained from their own replicas give exactly the in-process run, where they train from the server
+    assert without_seconds(rows) == without_seconds(expected)
+    last_seen, longest_absence = {}, 0
+    for round_index, client, _ in replicas.syncs_seen:
+        longest_absence = max(longest_absence, round_index - last_seen.get(client, 1))
+        last_seen[client] = round_index
+    assert longest_absence >= 3  # some client caught up after missing rounds
+
+
+def test_a_client_that_cannot_know_the_initial_model_is_sent_all_of_it(make_conf, tmp_path):
+    conf = dict(STC, no_models=4, k=2, global_epochs=4, download="compressed", download_first_contact="dense")
+    federation.run(make_conf(**conf), str(tmp_path / "r"), False,
+                   lambda *args: Replicas(*args, start_from_garbage=True))  # asserts inside, every sync
+
+
+def test_relay_gives_the_dense_runs_results_exactly(make_conf, tmp_path):
+    dense, _ = run_with(make_conf, tmp_path, "dense", **STC, global_epochs=5)
+    relay, _ = run_with(make_conf, tmp_path, "relay", **STC, global_epochs=5, download="relay")
+    columns = ("accuracy", "loss", "train_loss", "upload_bytes", "clients", "refused")
+    assert [{c: r[c] for c in columns} for r in relay] == [{c: r[c] for c in columns} for r in dense]
+    assert sum(r["download_bytes"] for r in relay) < sum(r["download_bytes"] for r in dense) / 10
+
+
+def test_dense_download_is_the_f32_model_per_sampled_client(make_conf, tmp_path):
+    rows, _ = run_with(make_conf, tmp_path, "dense", global_epochs=2)
+    numels = sum(p.numel() for p in models.build("cnn", (1, 16, 16), 10).state_dict().values())  # all float here
+    for row in rows:
+        assert row["download_bytes"] == 2 * (11 + 4 * numels)
+        assert (row["syncs_dense"], row["syncs_replay"], row["syncs_changed"]) == (2, 0, 0)
+
+
+def test_with_every_client_sampled_each_receives_the_previous_rounds_message(make_conf, tmp_path):
+    conf = dict(STC, no_models=3, k=3, global_epochs=4, download="compressed")
+    rows, replicas = run_with(make_conf, tmp_path, "all", Replicas, **conf)
+    by_round = {}
+    for round_index, client, sync in replicas.syncs_seen:
+        by_round.setdefault(round_index, []).append(sync)
+    assert by_round[1] == [b"", b"", b""]  # the initial model comes from the seed: nothing to download
+    for round_index in (2, 3, 4):
+        syncs = by_round[round_index]
+        assert len(set(syncs)) == 1  # the same message for everyone
+        kind, rounds = parse_sync(syncs[0])
+        assert kind == 0 and len(rounds) == 1 and len(rounds[0]) == 1  # one round's message, one payload
+        assert len(syncs[0]) == 1 + 4 + 4 + 4 + len(rounds[0][0])
+        assert rows[round_index - 1]["download_bytes"] == 3 * len(syncs[0])
+        assert rows[round_index - 1]["syncs_replay"] == 3
+
+
+def test_first_contact_dense_charges_the_dense_model_once_per_client(make_conf, tmp_path):
+    conf = dict(STC, no_models=5, k=2, global_epochs=6, download="compressed", download_first_contact="dense")
+    rows, replicas = run_with(make_conf, tmp_path, "first", Replicas, **conf)
+    numels = replicas.replicas[next(iter(replicas.replicas))].numels
+    dense = 11 + 4 * sum(numels)
+    first = {}
+    for round_index, client, sync in replicas.syncs_seen:
+        first.setdefault(client, sync)
+        assert len(sync) <= 1 + dense  # no sync costs more than the dense model (and the byte that says so)
+    assert all(sync[0] == 2 and len(sync) == 1 + dense for sync in first.values())
+
+
+def test_a_client_further_behind_than_the_log_gets_changed_entries_or_the_dense_model(make_conf):
+    conf = make_conf(download="compressed", download_sparsifier="none", download_quantize="none")
+    server = Server(models.build("cnn", (1, 16, 16), 10), conf, CPU)
+    replica = Server(copy.deepcopy(server.model), conf, CPU)
+    dense = codec.dense_size(server.numels)
+    torch.manual_seed(0)
+    for _ in range(3):  # each round's message is a dense delta: the log can hold none beyond the newest
+        upload = codec.encode({"sparsifier": "none", "quantize": "none"},
+                              [torch.randn(n) * 1e-3 for n in server.numels], 10).payload
+        assert server.receive(upload) is None
+        assert server.aggregate() is None
+        assert server.syncs.log_bytes <= dense
+    assert not server.syncs.log  # a dense delta and its framing cost more than the model: not worth keeping
+    sync, kind = server.sync(client_id=0)
+    assert kind in ("changed", "dense") and len(sync) <= 1 + dense
+    downloads.apply_sync(sync, replica)
+    assert_same_model(replica.global_state(), server.global_state())
+
+
+def test_changed_entries_sync_by_hand(tiny_model, make_conf):
+    """Only entry 4 of the weight and the bias's entry 1 change: the sync carries them and their new values."""
+    conf = make_conf(download="relay", download_first_contact="seed")
+    server = Server(tiny_model, conf, CPU)
+    replica = Server(copy.deepcopy(tiny_model), conf, CPU)
+    with torch.no_grad():  # changed by hand, with no round logged: a replay is impossible
+        server.globals[0].view(-1)[4] = 50.0
+        server.globals[1][1] = -0.25
+    server.syncs.version = 1
+    server.syncs.last_changed[0][4] = 1
+    server.syncs.last_changed[1][1] = 1
+    sync, kind = server.sync(client_id=3)
+    header = struct.pack("<BBBII", 2, 2, 0, 0, 2)  # version 2, top-k positions, f32 values, 0 samples, 2 tensors
+    positions = struct.pack("<BI", 0, 2) + bytes([0b00001001])  # a bitmap of flat positions 4 and 6 + 1
+    values = struct.pack("<2f", 50.0, -0.25)
+    assert kind == "changed" and sync == bytes([1]) + header + positions + values
+    downloads.apply_sync(sync, replica)
+    assert replica.flat_globals()[0].tolist() == [1, 2, 3, 4, 50, 6]
+    assert replica.flat_globals()[1].tolist() == [0.5, -0.25]
+
+
+@pytest.mark.parametrize("sync", [
+    bytes([9]),  # unknown kind
+    bytes([0]) + struct.pack("<I", 2**31),  # claims 2^31 rounds in no bytes
+    bytes([0]) + struct.pack("<II", 1, 1000),  # one round claiming 1000 payloads
+    bytes([0]) + struct.pack("<III", 1, 1, 10**9) + b"abc",  # a payload claiming a gigabyte
+    bytes([0]) + struct.pack("<II", 1, 0) + b"x",  # bytes after the last round
+])
+def test_hostile_syncs_are_refused_before_anything_is_built(sync):
+    with pytest.raises(codec.PayloadError):
+        codec.decode_sync(sync)
+
+
+def test_relay_with_server_momentum_is_one_error_line(write_conf, run_main, tmp_path):
+    status, out, err = run_main("-c", write_conf(download="relay", server_momentum=0.5), "--out", tmp_path / "r")
+    assert status == 2 and err.startswith("error: download 'relay' cannot be used with server_momentum")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_resume_continues_a_compressed_download_exactly(write_conf, run_main, tmp_path):
+    conf = write_conf(**STC, global_epochs=6, download="compressed", server_momentum=0.5)
+    assert run_main("-c", conf, "--out", tmp_path / "whole")[0] == 0
+    assert run_main("-c", conf, "--set", "global_epochs=3", "--out", tmp_path / "split")[0] == 0
+    assert run_main("-c", conf, "--out", tmp_path / "split", "--resume")[0] == 0
+    whole, split = read_csv(tmp_path / "whole" / "metrics.csv"), read_csv(tmp_path / "split" / "metrics.csv")
+    assert without_seconds(split) == without_seconds(whole)
+    assert sum(int(r["download_bytes"]) for r in whole) > 0
