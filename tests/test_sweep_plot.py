@@ -5,6 +5,7 @@ import os
 import shlex
 
 import matplotlib.image
+import pytest
 
 import main
 from conftest import without_seconds
@@ -76,6 +77,24 @@ def test_sweep_rejects_a_bad_value_before_running_anything(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "prop" in err[0]
     assert not (out / "prop=0.5" / "metrics.csv").exists()
+
+
+def test_sweep_refuses_zero_rounds_before_running_anything(tmp_path, capsys):
+    out = tmp_path / "sweep"  # a run of no round has no metrics.csv for the figure to read
+    assert main.main(["-c", write_conf(tmp_path), "--sweep", "global_epochs=0,1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "global_epochs" in err[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("values", ["prop=0.5,0.5", "prop=0.5,1.0,0.50", "type=cifar,synthetic,cifar10"])
+def test_sweep_refuses_a_value_given_twice_before_running_anything(tmp_path, capsys, values):
+    out = tmp_path / "sweep"
+    assert main.main(["-c", write_conf(tmp_path), "--sweep", values, "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "twice" in err[0]
+    assert captured.out == "" and not out.exists()
 
 
 def test_table_and_labels_follow_the_runs(tmp_path, capsys):
