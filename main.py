@@ -111,12 +111,13 @@ def plan(args):
     if not sep or not values:
         raise RunError(f"--sweep expects KEY=V1,V2,..., got {args.sweep!r}")
     args.out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-sweep-{key}")
-    runs = []
-    for raw in values.split(","):  # every value is checked before the first run starts
+    runs, raws = [], values.split(",")
+    for raw in raws:  # every value is checked before the first run starts
         run_args = copy.copy(args)
         run_args.set, run_args.out = args.set + [f"{key}={raw}"], os.path.join(args.out, f"{key}={raw}")
         run_args.resume = args.resume and run_files.holds_run(run_args.out)
         runs.append((*resolve(run_args), run_args.resume))
+    check_distinct(key, raws, runs)
     sources = {(conf["type"], conf["data_dir"]) for conf, _, _ in runs[1:]} - {(runs[0][0]["type"],
                                                                                  runs[0][0]["data_dir"])}
     for name, data_dir in sorted(sources):  # the first run's data is loaded before anything is written
@@ -124,6 +125,16 @@ def plan(args):
     sets = "".join(f" --set {shlex.quote(s)}" for s in args.set)
     return runs, (f"python main.py -c {shlex.quote(args.conf or '')}{sets} --sweep {shlex.quote(args.sweep)} "
                   f"--out {shlex.quote(args.out)} --resume{engine_options(args)}")
+
+
+def check_distinct(key, raws, runs):
+    """Refuse two sweep values that are one run: the same folder, or the same config once parsed (0.5 and 0.50).
+    Found only when the second run starts, the first would already have run for nothing."""
+    for i, (raw, (conf, out, _)) in enumerate(zip(raws, runs)):
+        for earlier_raw, (earlier_conf, earlier_out, _) in zip(raws[:i], runs[:i]):
+            if conf == earlier_conf or os.path.normpath(out) == os.path.normpath(earlier_out):
+                raise RunError(f"--sweep lists the same run twice: {key}={earlier_raw} and {key}={raw}; "
+                               f"give each value once")
 
 
 def engine_options(args):

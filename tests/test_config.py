@@ -41,6 +41,7 @@ def test_cifar10_is_an_alias_of_cifar():
     ({"prop": -0.1}, ["prop"]),
     ({"prop": float("nan")}, ["prop"]),
     ({"k": 0}, ["'k'"]),
+    ({"global_epochs": 0}, ["global_epochs", ">= 1"]),
     ({"no_models": 3, "k": 4}, ["'k'", "no_models"]),
     ({"lr": 0}, ["lr"]),
     ({"lr": -0.01}, ["lr"]),
@@ -61,8 +62,8 @@ def test_validate_rejects(overrides, words):
 
 
 def test_range_boundaries_that_are_allowed():
-    conf = config.validate({"prop": 0, "lambda": 0, "momentum": 1, "no_models": 3, "k": 3, "global_epochs": 0})
-    assert conf["prop"] == 0.0 and conf["k"] == 3 and conf["global_epochs"] == 0
+    conf = config.validate({"prop": 0, "lambda": 0, "momentum": 1, "no_models": 3, "k": 3, "global_epochs": 1})
+    assert conf["prop"] == 0.0 and conf["k"] == 3 and conf["global_epochs"] == 1
     assert config.validate({"prop": 1})["prop"] == 1.0
 
 
@@ -182,9 +183,9 @@ def test_cli_cuda_asked_but_unavailable(run_main, write_conf, tmp_path, monkeypa
 def test_cli_set_values_reach_the_resolved_config(run_main, write_conf, tmp_path):
     """--set values parse as JSON (numbers, booleans), bare strings stay strings; config.json shows them."""
     out = tmp_path / "run"
-    status, _, _ = run_main("-c", write_conf(), "--set", "global_epochs=0", "--set", "prop=0.25",
+    status, _, _ = run_main("-c", write_conf(), "--set", "global_epochs=1", "--set", "prop=0.25",
                             "--set", "error_feedback=true", "--set", "sparsifier=topk", "--out", out)
     assert status == 0
     saved = json.loads((out / "config.json").read_text())
     assert saved["prop"] == 0.25 and saved["error_feedback"] is True and saved["sparsifier"] == "topk"
-    assert saved["global_epochs"] == 0
+    assert saved["global_epochs"] == 1

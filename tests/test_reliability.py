@@ -5,10 +5,12 @@ import gzip
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 
 import pytest
 import torch
@@ -430,5 +432,49 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(write_conf, tmp_path):
 def test_readme_and_ci_install_through_the_setup_script():
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read()
-    assert "pip install" not in readme.split("## Quick start")[1].split("## Command line")[0]
-    assert readme.count("bash setup.sh") >= 2 and "bash setup.sh" in ci and "pip install" not in ci
+    quick_start = readme.split("## Quick start")[1].split("## Command line")[0]
+    assert "pip install" not in quick_start
+    blocks = [block.strip().splitlines() for block in quick_start.split("```")[1::2]]
+    # the first run and the tests, each in the environment setup.sh made
+    assert blocks[0] == ["bash setup.sh", ". .venv/bin/activate", "python main.py -c ./utils/conf.json"]
+    ci_commands = [line for line in ci.splitlines()[1:] if line and not line.startswith(("#", "set ", "cd "))]
+    assert ci_commands == blocks[-1] == ["bash setup.sh", ". .venv/bin/activate", "python -m pytest -q tests"]
+
+
+def wheel(folder, name):
+    """A wheel of one module `name` that holds VALUE = 1, written by hand: a package pip installs offline."""
+    path = os.path.join(folder, f"{name}-1.0-py3-none-any.whl")
+    info = f"{name}-1.0.dist-info"
+    files = {f"{name}.py": "VALUE = 1\n", f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{info}/RECORD"] = "".join(f"{file},,\n" for file in [*files, f"{info}/RECORD"])
+    with zipfile.ZipFile(path, "w") as archive:
+        for file, text in files.items():
+            archive.writestr(file, text)
+    return path
+
+
+def test_setup_installs_into_a_new_venv_beside_an_externally_managed_python(tmp_path):
+    """Debian 12's or Ubuntu 24.04's own Python refuses pip installs (PEP 668): setup.sh, run with it and no virtual
+    environment active, makes .venv and installs the requirements there."""
+    system_python = "/usr/bin/python3"
+    managed = ("import os, sysconfig; "
+               "print(os.path.exists(os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED')))")
+    if not os.path.exists(system_python) or subprocess.run([system_python, "-c", managed], capture_output=True,
+                                                           text=True).stdout.strip() != "True":
+        pytest.skip("no externally managed Python in /usr/bin here")
+    if not os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"):
+        pytest.skip("setup.sh would install Fashion-MNIST on this machine")  # a test must not install packages
+    shutil.copy(os.path.join(ROOT, "setup.sh"), tmp_path)
+    (tmp_path / "requirements.txt").write_text(wheel(tmp_path, "fedsparse_setup_probe") + "\n")
+    env = {key: value for key, value in os.environ.items() if key not in ("VIRTUAL_ENV", "PYTHON")}
+    env["PATH"] = "/usr/bin:/bin"  # python3 is the distribution's, as on a fresh machine
+    for _ in range(2):  # a second run finds .venv and installs into it again
+        result = subprocess.run(["bash", str(tmp_path / "setup.sh")], env=env, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stderr
+    probe = [str(tmp_path / ".venv" / "bin" / "python"), "-c",
+             "import sys, fedsparse_setup_probe; print(sys.prefix != sys.base_prefix, fedsparse_setup_probe.VALUE)"]
+    assert subprocess.run(probe, capture_output=True, text=True).stdout.split() == ["True", "1"]
+    system = subprocess.run([system_python, "-c", "import fedsparse_setup_probe"], capture_output=True, env=env)
+    assert system.returncode != 0  # not installed into the distribution's Python

@@ -3,8 +3,10 @@ import csv
 import json
 import os
 import shlex
+import shutil
 
 import matplotlib.image
+import pytest
 
 import main
 from conftest import without_seconds
@@ -78,6 +80,24 @@ def test_sweep_rejects_a_bad_value_before_running_anything(tmp_path, capsys):
     assert not (out / "prop=0.5" / "metrics.csv").exists()
 
 
+def test_sweep_refuses_zero_rounds_before_running_anything(tmp_path, capsys):
+    out = tmp_path / "sweep"  # a run of no round has no metrics.csv for the figure to read
+    assert main.main(["-c", write_conf(tmp_path), "--sweep", "global_epochs=0,1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "global_epochs" in err[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("values", ["prop=0.5,0.5", "prop=0.5,1.0,0.50", "type=cifar,synthetic,cifar10"])
+def test_sweep_refuses_a_value_given_twice_before_running_anything(tmp_path, capsys, values):
+    out = tmp_path / "sweep"
+    assert main.main(["-c", write_conf(tmp_path), "--sweep", values, "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "twice" in err[0]
+    assert captured.out == "" and not out.exists()
+
+
 def test_table_and_labels_follow_the_runs(tmp_path, capsys):
     conf = write_conf(tmp_path)
     dirs = [str(tmp_path / name) for name in ("a", "b")]
@@ -124,6 +144,67 @@ def test_labels_leave_out_keys_a_sparsifier_does_not_use(tmp_path):
 def test_plot_refuses_a_folder_without_metrics(tmp_path, capsys):
     assert plot.main([str(tmp_path), "-o", str(tmp_path / "x.png")]) == 2
     assert "not a run folder" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("finished")
+    assert main.main(["-c", write_conf(base), "--out", str(base / "run")]) == 0
+    return base / "run"
+
+
+def copy_with_metrics(run_dir, to, edit):
+    """A copy of `run_dir` whose metrics.csv, as lists of cells (the header first), went through `edit`."""
+    shutil.copytree(run_dir, to)
+    with open(to / "metrics.csv", newline="") as f:
+        lines = list(csv.reader(f))
+    with open(to / "metrics.csv", "w", newline="") as f:
+        csv.writer(f).writerows(edit(lines))
+    return str(to)
+
+
+def set_cell(column, value):
+    def edit(lines):
+        lines[2][lines[0].index(column)] = value
+        return lines
+    return edit
+
+
+def extra_cell(lines):
+    lines[2].append("7")
+    return lines
+
+
+@pytest.mark.parametrize("edit, options, words", [
+    (lambda lines: lines[:1], ["--table"], "only its header"),
+    (lambda lines: lines[:1], ["-o", "{tmp}/f.png"], "only its header"),
+    (set_cell("accuracy", "high"), ["--table"], "'high'"),
+    (set_cell("upload_bytes", ""), ["--table"], "upload_bytes"),
+    (extra_cell, ["-o", "{tmp}/f.png"], "more cells than the header"),
+    (None, ["-o", "{tmp}/missing/f.png"], "does not exist"),
+    (None, ["-o", "{tmp}/f.xyz"], ".png"),
+], ids=["header-table", "header-figure", "not-a-number", "empty-cell", "extra-cell", "missing-folder", "format"])
+def test_plot_tool_refuses_bad_input_in_one_line(finished_run, tmp_path, capsys, edit, options, words):
+    run_dir = copy_with_metrics(finished_run, tmp_path / "run", edit) if edit else str(finished_run)
+    assert plot.main([run_dir] + [option.format(tmp=tmp_path) for option in options]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and words in err[0]
+    assert captured.out == "" and not any(name.startswith("f.") for name in os.listdir(tmp_path))
+
+
+def test_table_of_a_run_that_uploaded_nothing(finished_run, tmp_path, capsys):
+    def nothing_sent(lines):  # as when every upload of every round failed
+        column = lines[0].index("upload_bytes")
+        for line in lines[1:]:
+            line[column] = "0"
+        return lines
+    run_dir = copy_with_metrics(finished_run, tmp_path / "silent", nothing_sent)
+    assert plot.main([run_dir, "--table"]) == 0
+    cells = [c.strip() for c in capsys.readouterr().out.strip().splitlines()[2].strip("|").split("|")]
+    accuracy = [float(r["accuracy"]) for r in read_rows(run_dir)]
+    assert [float(c) for c in cells[1:4]] == [accuracy[-1], round(sum(accuracy) / len(accuracy), 4), max(accuracy)]
+    assert cells[4:] == ["0.000", "0.00%", "-"]
 
 
 def test_readme_documents_every_config_key():

@@ -71,7 +71,7 @@ CHOICES = {
 # key: (lowest, highest, whether the lowest is allowed)
 RANGES = {
     "no_models": (1, math.inf, True),
-    "global_epochs": (0, math.inf, True),
+    "global_epochs": (1, math.inf, True),  # a run of no round has no metrics to report, plot or resume
     "local_epochs": (1, math.inf, True),
     "k": (1, math.inf, True),
     "batch_size": (1, math.inf, True),

@@ -6,6 +6,7 @@ runs as a markdown table.
     python -m utils.plot RUN_DIR [RUN_DIR ...] --table
 """
 import argparse
+import csv
 import math
 import os
 import sys
@@ -14,11 +15,14 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: draw to files, never to a window
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 
 import codec  # noqa: E402
 from utils import config, run_files  # noqa: E402
+from utils.run_files import RunError  # noqa: E402
 
 MARKERS = "o*^sDvx+p<>h"
+PLOTTED_COLUMNS = ("round", "accuracy", "loss", "upload_bytes", "dense_upload_bytes", "download_bytes")
 SPARSIFIER_KEYS = {key for cls in codec.SPARSIFIERS.values() for key in cls.keys}
 ERROR_FEEDBACK_KEYS = {"error_feedback", "residual_decay"}
 
@@ -34,7 +38,7 @@ def unused_keys(conf):
 def labels_for(run_dirs):
     """Label each run by the config keys whose values differ between the runs and are not at their default (all of
     them when that leaves nothing), or by its folder name when no key differs."""
-    confs = [{**config.DEFAULTS, **run_files.read_config(d)} for d in run_dirs]  # older runs lack newer keys
+    confs = [{**config.DEFAULTS, **read_config(d)} for d in run_dirs]  # older runs lack newer keys
     differing = [key for key in confs[0] if len({repr(c.get(key)) for c in confs}) > 1 and key != "data_dir"]
     if not differing:
         return [os.path.basename(os.path.normpath(d)) for d in run_dirs]
@@ -44,6 +48,48 @@ def labels_for(run_dirs):
         changed = [key for key in shown if conf[key] != config.DEFAULTS[key]]
         labels.append(", ".join(f"{key}={conf[key]}" for key in changed or shown))
     return labels
+
+
+def read_config(run_dir):
+    """A run's config.json; RunError when it cannot be read."""
+    try:
+        return run_files.read_config(run_dir)
+    except (OSError, ValueError) as e:  # ValueError includes JSON errors
+        raise RunError(f"cannot read {os.path.join(run_dir, 'config.json')}: {e}") from None
+
+
+def read_rows(run_dir):
+    """A run's metrics rows, each holding every column this tool reads; RunError says what is wrong otherwise."""
+    path = os.path.join(run_dir, "metrics.csv")
+    try:
+        rows = run_files.read_metrics(run_dir)
+    except (OSError, ValueError, csv.Error) as e:
+        raise RunError(f"cannot read {path}: {e}") from None
+    if not rows:
+        raise RunError(f"{path} holds no round, only its header")
+    for number, row in enumerate(rows, 1):
+        missing = [column for column in PLOTTED_COLUMNS if column not in row]
+        if missing:
+            raise RunError(f"{path}: row {number} has no {missing[0]}")
+    return rows
+
+
+def ratio(numerator, denominator, form):
+    """`form` filled with numerator / denominator, or '-' when the denominator is 0 (a run whose every upload
+    failed sent 0 bytes)."""
+    return form.format(numerator / denominator) if denominator else "-"
+
+
+def check_output(path):
+    """Refuse, before anything is drawn, a figure file that cannot be written: a missing folder, or an extension
+    matplotlib has no writer for (without one it would add '.png' to the name, so the name printed would be wrong)."""
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        raise RunError(f"-o {path}: the folder {folder} does not exist")
+    extension = os.path.splitext(path)[1][1:].lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if extension not in formats:
+        raise RunError(f"-o {path}: the file name must end in one of {', '.join('.' + f for f in sorted(formats))}")
 
 
 def color(i, count):
@@ -59,7 +105,7 @@ def traffic(row, bytes_shown):
 
 
 def plot_runs(run_dirs, path, title=None, bytes_shown="upload", labels=None):
-    runs = [run_files.read_metrics(d) for d in run_dirs]
+    runs = [read_rows(d) for d in run_dirs]
     figure, (accuracy_axis, loss_axis, bytes_axis) = plt.subplots(1, 3, figsize=(18, 5))
     for i, (rows, label) in enumerate(zip(runs, labels or labels_for(run_dirs))):
         style = dict(marker=MARKERS[i % len(MARKERS)], markersize=4, label=label, color=color(i, len(runs)))
@@ -86,8 +132,12 @@ def plot_runs(run_dirs, path, title=None, bytes_shown="upload", labels=None):
     if title:
         figure.suptitle(title)
     figure.tight_layout(rect=(0, 0.02 + 0.045 * legend_rows, 1, 0.96 if title else 1))
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    try:
+        figure.savefig(path, dpi=110)
+    except OSError as e:
+        raise run_files.SaveError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        plt.close(figure)
 
 
 def table(run_dirs, labels=None):
@@ -96,13 +146,13 @@ def table(run_dirs, labels=None):
     fewer bytes that is."""
     lines = ["| run | final accuracy | last 5 rounds | best accuracy | uploaded MB | of dense | x fewer than dense |",
              "|---|---|---|---|---|---|---|"]
-    for run_dir, label in zip(run_dirs, labels or labels_for(run_dirs)):
-        rows = run_files.read_metrics(run_dir)
+    runs = [read_rows(d) for d in run_dirs]
+    for rows, label in zip(runs, labels or labels_for(run_dirs)):
         sent, dense = run_files.upload_totals(rows)
         last = [row["accuracy"] for row in rows[-5:]]
         lines.append(f"| {label} | {rows[-1]['accuracy']:.4f} | {sum(last) / len(last):.4f} | "
-                     f"{max(r['accuracy'] for r in rows):.4f} | {sent / 1e6:.3f} | {sent / dense:.2%} | "
-                     f"{dense / sent:.0f}x |")
+                     f"{max(r['accuracy'] for r in rows):.4f} | {sent / 1e6:.3f} | {ratio(sent, dense, '{:.2%}')} | "
+                     f"{ratio(dense, sent, '{:.0f}x')} |")
     return "\n".join(lines)
 
 
@@ -125,13 +175,18 @@ def main(argv=None):
             if not os.path.isfile(os.path.join(run_dir, name)):
                 print(f"error: {run_dir} is not a run folder (no {name})", file=sys.stderr)
                 return 2
-    if args.table:
-        print(table(args.runs, labels))
-    elif args.output:
-        plot_runs(args.runs, args.output, args.title, args.bytes, labels)
-        print(f"figure: {args.output}")
-    else:
+    if not args.table and not args.output:
         print("error: give -o FILE.png or --table", file=sys.stderr)
+        return 2
+    try:
+        if args.table:
+            print(table(args.runs, labels))
+        else:
+            check_output(args.output)
+            plot_runs(args.runs, args.output, args.title, args.bytes, labels)
+            print(f"figure: {args.output}")
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -20,7 +20,8 @@ LOCK_NAME = ".lock"
 
 
 class RunError(Exception):
-    """A run that cannot start or go on as asked (nothing to resume, an occupied or unwritable folder, no CUDA)."""
+    """A run that cannot start or go on as asked (nothing to resume, an occupied or unwritable folder, no CUDA), or a
+    run folder that cannot be read back."""
 
 
 class SaveError(RunError):
@@ -114,10 +115,19 @@ def write_metrics(run_dir, rows):
 
 
 def read_metrics(run_dir):
-    """Rows of metrics.csv as dicts of numbers (but 'clients', the space-separated ids sampled that round)."""
+    """Rows of metrics.csv as dicts of numbers (but 'clients', the space-separated ids sampled that round); an empty
+    cell leaves its key out. ValueError names the line of a cell that is not a number."""
     with open(os.path.join(run_dir, "metrics.csv"), newline="", encoding="utf-8") as f:
-        return [{key: value if key == "clients" else float(value) for key, value in row.items() if value != ""}
-                for row in csv.DictReader(f)]
+        reader, rows = csv.DictReader(f, restval=""), []
+        for row in reader:
+            if None in row:  # DictReader files cells beyond the header under None
+                raise ValueError(f"line {reader.line_num} has more cells than the header")
+            try:
+                rows.append({key: value if key == "clients" else float(value) for key, value in row.items()
+                             if value != ""})
+            except ValueError as e:
+                raise ValueError(f"line {reader.line_num}: {e}") from None
+        return rows
 
 
 def upload_totals(rows):
