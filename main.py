@@ -169,8 +169,8 @@ def start(conf, out, resume, args):
     rows = train_rounds(conf, out, resume, args)
     refused = sum(row.get("refused", 0) for row in rows)
     if rows and refused == len(rows):
-        print(f"error: no round of {out} changed the global model: every round's uploads were rejected or its "
-              f"aggregate was non-finite (see the lines above)", file=sys.stderr)
+        print(f"error: no round of {out} changed the global model: in every round the uploads were rejected, or "
+              f"their aggregate was non-finite or changed no entry (see the lines above)", file=sys.stderr)
         return 1
     if rows:
         sent, dense = run_files.upload_totals(rows)

@@ -301,10 +301,21 @@ def test_a_signal_while_saving_waits_until_both_files_are_written(write_conf, tm
         write_metrics(run_dir, rows)
     monkeypatch.setattr(run_files, "write_metrics", signal_midway)
     out = tmp_path / "run"
-    status, _, err = run_main("-c", write_conf(), "--out", out)
+    status, out_text, err = run_main("-c", write_conf(), "--out", out)
     assert status == 130 and "continue with" in err
     saved = torch.load(out / "checkpoint.pt", weights_only=True)["rows"]
     assert len(saved) == 2 and len(read_csv(out / "metrics.csv")) == 2
+    assert "round   2/3" in out_text  # the last saved round is shown before the stop is delivered
+
+
+@pytest.mark.parametrize("settings", [dict(prop=0.0), dict(aggregation="lambda", **{"lambda": 0.0})])
+def test_a_run_in_which_no_round_changed_the_model_says_so(write_conf, tmp_path, run_main, settings):
+    out = tmp_path / "run"
+    status, out_text, err = run_main("-c", write_conf(**settings), "--out", out)
+    assert [int(r["refused"]) for r in read_csv(out / "metrics.csv")] == [1, 1, 1]
+    assert status == 1 and "done:" not in out_text
+    assert err.strip().splitlines()[-1].startswith("error: no round of")
+    assert "the accepted uploads changed no entry of the global model" in err
 
 
 # ---- 4. one run per folder -------------------------------------------------------------------------------------
