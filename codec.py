@@ -18,6 +18,12 @@ Layout, little-endian; tensors are the model's floating-point state-dict entries
                 ternary: groups u8 (0: a magnitude per tensor, 1: one for all), the f32 magnitudes, one sign bit each
 Golomb-Rice gaps: the parameter b u8, then the b-bit remainders of all gaps, then their unary quotients (q zeros and a
 one each): as many bits as interleaving them, and both streams code and decode without a loop per entry.
+
+Downloads use the same payloads (downloads.py decides what they carry): a compressed download's round message is an
+upload-format payload of the server's step (num_samples 0), and a sync (`encode_sync`) wraps payloads in a kind byte:
+    replay      0 | rounds u32 | per round: payloads u32 | per payload: length u32 and its bytes
+    changed     1 | one payload: topk positions and f32 values, the entries changed since the client's last sync
+    dense       2 | one payload: every entry, f32
 """
 import math
 import struct

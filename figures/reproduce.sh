@@ -8,6 +8,7 @@
 #   bash figures/reproduce.sh explore      # STC variants searched for the 100x target (runs/explore)
 #   bash figures/reproduce.sh seeds        # the winners again on seed 1 (runs/seed1)
 #   bash figures/reproduce.sh chapter      # the chapter's prop sweep, masked_mean and the chapter's lambda rule
+#   bash figures/reproduce.sh twoway       # downloads too: relay and compressed, two seeds, and 100 clients (runs/twoway)
 #   bash figures/reproduce.sh figures      # draw the figures and print the tables from finished runs
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -78,6 +79,28 @@ if [ "$what" = all ] || [ "$what" = chapter ]; then  # the chapter's figure: pro
     job runs/chapter/masked_mean/prop=$prop --set prop=$prop
     job runs/chapter/lambda/prop=$prop      --set prop=$prop --set aggregation=lambda
   done
+  run_queue
+fi
+if [ "$what" = all ] || [ "$what" = twoway ]; then  # both directions coded: STC 4% uploads, relay or STC downloads
+  down=(--set download=compressed)  # STC on the server's step: topk over the model, ternary, server residual
+  job runs/frontier/iid/dense --set partition=iid --set sparsifier=none  # dense FedAvg, as the frontier runs it
+  job runs/frontier/dirichlet/dense --set partition=dirichlet --set sparsifier=none
+  for part in iid dirichlet; do job runs/seed1/$part/dense --set seed=1 --set partition=$part --set sparsifier=none; done
+  for seed in 0 1; do
+    d=runs/twoway/seed$seed
+    job $d/iid/relay           --set seed=$seed --set partition=iid "${stc[@]}" --set prop=0.04 --set download=relay
+    for p in 0.04 0.02 0.01; do
+      job $d/iid/down$p        --set seed=$seed --set partition=iid "${stc[@]}" --set prop=0.04 "${down[@]}" \
+        --set download_prop=$p
+    done
+    for p in 0.04 0.02; do
+      job $d/dirichlet/down$p  --set seed=$seed --set partition=dirichlet "${stc[@]}" --set prop=0.04 \
+        --set aggregation=mean "${down[@]}" --set download_prop=$p
+    done
+  done
+  d=runs/twoway/cross-device  # 100 clients of 600 examples, 10 sampled per round: most rounds' clients are stale
+  job $d/dense --set no_models=100 --set k=10 --set sparsifier=none
+  job $d/down0.02 --set no_models=100 --set k=10 "${stc[@]}" --set prop=0.04 "${down[@]}" --set download_prop=0.02
   run_queue
 fi
 if [ "$what" = all ] || [ "$what" = figures ]; then

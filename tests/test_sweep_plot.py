@@ -119,6 +119,9 @@ def test_table_and_labels_follow_the_runs(tmp_path, capsys):
         assert float(cells[4]) == round(sent / 1e6, 3)
         assert cells[5] == f"{sent / dense:.2%}"
         assert cells[6] == f"{dense / sent:.0f}x"
+        received = sum(int(r["download_bytes"]) for r in rows)
+        assert (float(cells[7]), float(cells[8])) == (round(received / 1e6, 3), round((sent + received) / 1e6, 3))
+        assert cells[9] == f"{2 * dense / (sent + received):.0f}x"  # dense FedAvg downloads what it uploads
 
 
 def test_labels_treat_keys_missing_from_older_runs_as_defaults(tmp_path):
@@ -204,7 +207,7 @@ def test_table_of_a_run_that_uploaded_nothing(finished_run, tmp_path, capsys):
     cells = [c.strip() for c in capsys.readouterr().out.strip().splitlines()[2].strip("|").split("|")]
     accuracy = [float(r["accuracy"]) for r in read_rows(run_dir)]
     assert [float(c) for c in cells[1:4]] == [accuracy[-1], round(sum(accuracy) / len(accuracy), 4), max(accuracy)]
-    assert cells[4:] == ["0.000", "0.00%", "-"]
+    assert cells[4:7] == ["0.000", "0.00%", "-"]
 
 
 def test_readme_documents_every_config_key():

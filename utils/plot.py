@@ -25,11 +25,15 @@ MARKERS = "o*^sDvx+p<>h"
 PLOTTED_COLUMNS = ("round", "accuracy", "loss", "upload_bytes", "dense_upload_bytes", "download_bytes")
 SPARSIFIER_KEYS = {key for cls in codec.SPARSIFIERS.values() for key in cls.keys}
 ERROR_FEEDBACK_KEYS = {"error_feedback", "residual_decay"}
+COMPRESSED_DOWNLOAD_KEYS = {"download_sparsifier", "download_prop", "download_quantize", "download_topk_scope",
+                            "download_error_feedback"}
 
 
 def unused_keys(conf):
     """Keys that do not act under this run's method, left out of its label."""
     unused = SPARSIFIER_KEYS - set(codec.SPARSIFIERS[conf["sparsifier"]].keys)
+    if conf["download"] != "compressed":
+        unused |= COMPRESSED_DOWNLOAD_KEYS | ({"download_first_contact"} if conf["download"] == "dense" else set())
     lossless = (codec.SPARSIFIERS[conf["sparsifier"]] is codec.Dense
                 and codec.QUANTIZERS[conf["quantize"]] is codec.Float32)
     return unused | ERROR_FEEDBACK_KEYS if lossless else unused  # nothing is lost, so nothing is fed back
@@ -143,16 +147,19 @@ def plot_runs(run_dirs, path, title=None, bytes_shown="upload", labels=None):
 def table(run_dirs, labels=None):
     """Markdown rows: run, final accuracy and the mean of the last 5 rounds (steadier than the final one when rounds
     fluctuate, as under non-IID data), the best round, uploaded MB, its share of dense uploads and how many times
-    fewer bytes that is."""
-    lines = ["| run | final accuracy | last 5 rounds | best accuracy | uploaded MB | of dense | x fewer than dense |",
-             "|---|---|---|---|---|---|---|"]
+    fewer bytes that is; then downloaded and total MB, and how many times fewer than dense FedAvg's total, which
+    downloads the dense model as many times as it uploads one."""
+    lines = ["| run | final accuracy | last 5 rounds | best accuracy | uploaded MB | of dense | x fewer than dense "
+             "| downloaded MB | total MB | x fewer total |", "|---|---|---|---|---|---|---|---|---|---|"]
     runs = [read_rows(d) for d in run_dirs]
     for rows, label in zip(runs, labels or labels_for(run_dirs)):
         sent, dense = run_files.upload_totals(rows)
+        received = sum(row["download_bytes"] for row in rows)
         last = [row["accuracy"] for row in rows[-5:]]
         lines.append(f"| {label} | {rows[-1]['accuracy']:.4f} | {sum(last) / len(last):.4f} | "
                      f"{max(r['accuracy'] for r in rows):.4f} | {sent / 1e6:.3f} | {ratio(sent, dense, '{:.2%}')} | "
-                     f"{ratio(dense, sent, '{:.0f}x')} |")
+                     f"{ratio(dense, sent, '{:.0f}x')} | {received / 1e6:.3f} | {(sent + received) / 1e6:.3f} | "
+                     f"{ratio(2 * dense, sent + received, '{:.0f}x')} |")
     return "\n".join(lines)
 
 
