@@ -222,6 +222,10 @@ def parse_args(argv):
                              "threads divided by --parallel)")
     parser.add_argument("--client-gpus", type=positive(float, zero=True), default=0.0, metavar="G",
                         help="--engine flower: GPUs per actor, a fraction shares one (default 0)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the command line as a run would (config, run folder; a sweep: every value) and "
+                             "print what would run, without running: the run folder (--out, given or chosen), then "
+                             "one line per run: its no_models and its folder, tab-separated")
     return parser.parse_args(argv)
 
 
@@ -260,6 +264,11 @@ def main(argv=None):
         try:
             args = parse_args(argv)
             runs, continue_with = plan(args)
+            if args.dry_run:  # deploy/local.sh asks, to start one node per client and to know where the run goes
+                print(args.out or runs[0][1])
+                for conf, out, _ in runs:
+                    print(f"{conf['no_models']}\t{out}")
+                return 0
             status = 0
             for conf, out, resume in runs:
                 if args.sweep:

@@ -1,6 +1,9 @@
 """Shared fixtures: a tiny config builder, a tiny model, and a helper that runs main.main and captures its output."""
+import contextlib
 import json
 import os
+import random
+import socket
 import sys
 
 import pytest
@@ -21,6 +24,19 @@ from utils import config  # noqa: E402
 
 # Small end-to-end settings: 4 clients of 750 synthetic examples, 2 sampled per round.
 TINY = {"type": "synthetic", "no_models": 4, "k": 2, "global_epochs": 3, "batch_size": 64, "lr": 0.05}
+
+
+def free_ports(count):
+    """The first of `count` consecutive ports that are free on 127.0.0.1 now."""
+    while True:
+        base = random.randrange(20000, 60000 - count)
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(base, base + count):
+                    stack.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """Engines: the in-process loop, Flower's simulation engine and a local Flower deployment give identical metrics
 (state carried across rounds and across a resume included); Flower nodes that fail, time out or answer garbage are left
 out of their round and the run goes on; the in-process path never imports Flower."""
+import glob
 import json
 import os
 import shlex
@@ -18,7 +19,7 @@ import codec
 import downloads
 import federation
 import main
-from conftest import ROOT, TINY, read_csv, without_seconds
+from conftest import ROOT, TINY, free_ports, read_csv, without_seconds
 from server import Server
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0",
@@ -68,16 +69,40 @@ def test_flower_simulation_stopped_and_resumed_equals_the_in_process_loop(statef
     assert without_seconds(read_csv(out / "metrics.csv")) == expected
 
 
-def test_a_local_deployment_equals_the_in_process_loop_across_a_resume(stateful, tmp_path):
+def test_a_local_deployment_stopped_and_continued_equals_the_in_process_loop(stateful, tmp_path):
+    """deploy/local.sh with TLS and SuperNode authentication, stopped by SIGTERM after a round is saved; the command
+    it prints continues on a new rehearsal, to the same metrics as the in-process loop."""
     conf, expected = stateful
-    out = tmp_path / "deployed"
-    deploy = os.path.join(ROOT, "deploy", "local.sh")
-    run_command("bash", deploy, "--nodes", "4", "--", "-c", conf, "--out", out)
-    assert without_seconds(read_csv(out / "metrics.csv")) == expected[:2]
-    run_command("bash", deploy, "--nodes", "4", "--", "--out", out, "--resume", "--set", "global_epochs=4")
+    out, tmp = tmp_path / "deployed", tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**ENV, "TMPDIR": str(tmp)}  # the rehearsal's $FLWR_HOME, its credentials and logs, are made under tmp
+    port = free_ports(5)  # the SuperLink's, then the 4 nodes'
+    options = ["--nodes", "4", "--port", str(port), "--node-port", str(port + 1)]
+    process = subprocess.Popen(["bash", os.path.join(ROOT, "deploy", "local.sh"), *options, "--", "-c", str(conf),
+                                "--set", "global_epochs=4", "--out", str(out)], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not (out / "metrics.csv").exists():  # a round is saved: stop the job as a scheduler would
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    logs = glob.glob(str(tmp / "fedsparse-flower.*" / "logs"))[0]  # kept after a stop; the credentials are not
+    assert f"Uvicorn running on https://127.0.0.1:{port}" in open(os.path.join(logs, "superlink.log")).read()
+    assert all("registered successfully" in open(os.path.join(logs, f"register-{i}.log")).read() for i in range(4))
+    assert not glob.glob(str(tmp / "fedsparse-flower.*" / "credentials"))
+    command = shlex.split(err.split("continue on a new rehearsal with:")[1].splitlines()[0])
+    assert command == ["deploy/local.sh", *options, "--", "-c", str(conf), "--set", "global_epochs=4",
+                       "--out", str(out), "--resume"]
+    saved = without_seconds(read_csv(out / "metrics.csv"))
+    assert 1 <= len(saved) < 4 and saved == expected[:len(saved)]
+    resumed = subprocess.run(["bash", *command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout and "done:" in resumed.stdout
     assert without_seconds(read_csv(out / "metrics.csv")) == expected[:4]
-    leftovers = subprocess.run(["pgrep", "-f", "flower-superlink|flower-supernode"], capture_output=True, text=True)
-    assert leftovers.stdout == ""  # every process the script started is gone
+    leftovers = subprocess.run(["pgrep", "-af", str(tmp_path)], capture_output=True, text=True)
+    assert leftovers.stdout == ""  # every process the script started (each names its $FLWR_HOME) is gone
 
 
 def test_deploy_script_refuses_bad_options():
