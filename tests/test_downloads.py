@@ -109,6 +109,22 @@ def test_every_client_holds_the_servers_model_after_its_sync(make_conf, tmp_path
     assert longest_absence >= 3  # some client caught up after missing rounds
 
 
+def small_batchnorm_net(image_shape, num_classes, pretrained=False):
+    return torch.nn.Sequential(torch.nn.Conv2d(image_shape[0], 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, num_classes))
+
+
+@pytest.mark.parametrize("download", ["relay", "compressed"])
+def test_batchnorm_statistics_stay_in_sync_too(make_conf, tmp_path, monkeypatch, download):
+    """BatchNorm running statistics travel as floats; its batch counter never travels and stays as built."""
+    monkeypatch.setattr(models, "build", lambda name, shape, classes, pretrained=False: small_batchnorm_net(shape, classes))
+    conf = dict(STC, no_models=3, k=2, global_epochs=4, download=download)
+    rows, replicas = run_with(make_conf, tmp_path, "replicas", Replicas, **conf)
+    expected, _ = run_with(make_conf, tmp_path, "inprocess", **conf)
+    assert without_seconds(rows) == without_seconds(expected)
+    assert "1.running_var" in replicas.initial.state_dict()
+
+
 def test_a_client_that_cannot_know_the_initial_model_is_sent_all_of_it(make_conf, tmp_path):
     conf = dict(STC, no_models=4, k=2, global_epochs=4, download="compressed", download_first_contact="dense")
     federation.run(make_conf(**conf), str(tmp_path / "r"), False,
