@@ -103,20 +103,55 @@ if [ "$what" = all ] || [ "$what" = twoway ]; then  # both directions coded: STC
   job $d/down0.02 --set no_models=100 --set k=10 "${stc[@]}" --set prop=0.04 "${down[@]}" --set download_prop=0.02
   run_queue
 fi
-if [ "$what" = all ] || [ "$what" = figures ]; then
-  python -m utils.plot runs/chapter/masked_mean/prop=* -o figures/prop-sweep-fashion-mnist.png \
-    --title "Fashion-MNIST, CNN, 10 clients, k=2: the chapter's prop sweep, per-entry mean (masked_mean)"
-  python -m utils.plot runs/chapter/lambda/prop=* -o figures/prop-sweep-fashion-mnist-lambda.png \
-    --title "Fashion-MNIST, CNN, 10 clients, k=2: the chapter's prop sweep, the chapter's rule (lambda 0.5)"
+if [ "$what" = all ] || [ "$what" = figures ]; then  # every figure in figures/ is drawn here, and only here
+  finished() {  # finished RUN...: whether every run has its 30 rounds
+    local run
+    for run in "$@"; do
+      [ -f "$run/metrics.csv" ] && [ "$(($(wc -l < "$run/metrics.csv") - 1))" -ge 30 ] || return 1
+    done
+  }
+  draw() {  # draw FIGURE SECTION [plot options ...] -- RUN...: the figure, when its section's runs are all finished
+    local figure=$1 section=$2 options=()
+    shift 2
+    while [ "$1" != -- ]; do options+=("$1"); shift; done
+    shift
+    if finished "$@"; then
+      python -m utils.plot "$@" -o "$figure" "${options[@]}"
+    else
+      echo "not drawn: $figure (its runs are not finished: bash figures/reproduce.sh $section)" >&2
+    fi
+  }
+  draw figures/prop-sweep-fashion-mnist.png chapter \
+    --title "Fashion-MNIST, CNN, 10 clients, k=2: the chapter's prop sweep, per-entry mean (masked_mean)" \
+    -- runs/chapter/masked_mean/prop=1.0 runs/chapter/masked_mean/prop=0.8 runs/chapter/masked_mean/prop=0.5
+  draw figures/prop-sweep-fashion-mnist-lambda.png chapter \
+    --title "Fashion-MNIST, CNN, 10 clients, k=2: the chapter's prop sweep, the chapter's rule (lambda 0.5)" \
+    -- runs/chapter/lambda/prop=1.0 runs/chapter/lambda/prop=0.8 runs/chapter/lambda/prop=0.5
   for part in iid dirichlet; do
-    d=runs/frontier/$part
-    python -m utils.plot $d/dense $d/f16 $d/int8 $d/sign-ef $d/random0.5 $d/topk0.01-ef-model-m0.5 \
-      $d/int8-topk0.025-ef $d/stc0.05 runs/explore/$part/stc0.04 runs/explore/$part/stc0.04-mean $d/stc0.01 \
-      runs/explore/$part/stc0.01-mean $d/stc0.0025 -o figures/frontier-$part.png \
+    d=runs/frontier/$part e=runs/explore/$part
+    draw figures/frontier-$part.png frontier \
       --labels "dense,f16,int8,sign + EF,random 0.5,top-k 1% + EF (whole model; server momentum 0.5),int8 top-k 2.5% + EF,STC 5%,STC 4%,STC 4% (unsent = 0),STC 1%,STC 1% (unsent = 0),STC 0.25%" \
-      --title "Fashion-MNIST, CNN, 10 clients, k=2, $part partition: accuracy per byte"
-    python -m utils.plot $d/* runs/explore/$part/* --table
+      --title "Fashion-MNIST, CNN, 10 clients, k=2, $part partition: accuracy per uploaded byte" \
+      -- $d/dense $d/f16 $d/int8 $d/sign-ef $d/random0.5 $d/topk0.01-ef-model-m0.5 $d/int8-topk0.025-ef \
+      $d/stc0.05 $e/stc0.04 $e/stc0.04-mean $d/stc0.01 $e/stc0.01-mean $d/stc0.0025
+    finished $d/* $e/* && python -m utils.plot $d/* $e/* --table
   done
-  python -m utils.plot runs/seed1/iid/* --table
-  python -m utils.plot runs/seed1/dirichlet/* --table
+  t=runs/twoway/seed0
+  draw figures/twoway-iid.png twoway --bytes total \
+    --labels "dense FedAvg,int8,sign + EF,STC 4% up / dense down,STC 1% up / dense down,STC 4% up / relay down,STC 4% up / STC 4% down,STC 4% up / STC 2% down,STC 4% up / STC 1% down" \
+    --title "Fashion-MNIST, CNN, 10 clients, k=2, IID: accuracy per byte, uploaded and downloaded" \
+    -- runs/frontier/iid/dense runs/frontier/iid/int8 runs/frontier/iid/sign-ef runs/explore/iid/stc0.04 \
+    runs/frontier/iid/stc0.01 $t/iid/relay $t/iid/down0.04 $t/iid/down0.02 $t/iid/down0.01
+  draw figures/twoway-dirichlet.png twoway --bytes total \
+    --labels "dense FedAvg,STC 4% up (unsent = 0) / dense down,STC 4% up (unsent = 0) / STC 4% down,STC 4% up (unsent = 0) / STC 2% down" \
+    --title "Fashion-MNIST, CNN, 10 clients, k=2, Dirichlet(0.5): accuracy per byte, uploaded and downloaded" \
+    -- runs/frontier/dirichlet/dense runs/explore/dirichlet/stc0.04-mean $t/dirichlet/down0.04 $t/dirichlet/down0.02
+  for part in iid dirichlet; do
+    finished runs/seed1/$part/* && python -m utils.plot runs/seed1/$part/* --table
+    for seed in 0 1; do
+      finished runs/twoway/seed$seed/$part/* && python -m utils.plot runs/twoway/seed$seed/$part/* --table
+    done
+  done
+  finished runs/twoway/cross-device/* && python -m utils.plot runs/twoway/cross-device/* --table
+  python figures/syncs.py runs/twoway/seed0/*/* runs/twoway/cross-device/*
 fi
