@@ -89,7 +89,7 @@ if [ "$what" = all ] || [ "$what" = twoway ]; then  # both directions coded: STC
   for seed in 0 1; do
     d=runs/twoway/seed$seed
     job $d/iid/relay           --set seed=$seed --set partition=iid "${stc[@]}" --set prop=0.04 --set download=relay
-    for p in 0.04 0.02 0.01; do
+    for p in 0.04 0.02 0.015 0.01; do
       job $d/iid/down$p        --set seed=$seed --set partition=iid "${stc[@]}" --set prop=0.04 "${down[@]}" \
         --set download_prop=$p
     done
