@@ -158,21 +158,47 @@ class GridTransport:
         return [self._upload(client_id, reply) for client_id, reply in zip(chosen, replies)]
 
     def _upload(self, client_id, reply):
-        """The client's Upload, or one that carries why nothing usable came back."""
+        """The client's Upload, or one that carries why nothing usable came back. Every field is checked here, as it
+        arrives: a bad one found later (a residual, at the checkpoint) would end the run."""
         if reply is None:
             return Upload(client_id, b"", float("nan"), problem=f"no reply within {self.timeout:g} s")
         if reply.has_error():
             return Upload(client_id, b"", float("nan"), problem=f"the node failed ({reply.error.reason})")
         try:
             record = reply.content.config_records["upload"]
-            payload, loss = record["payload"], float(record["train_loss"])
-            if int(record["client"]) != client_id or not isinstance(payload, bytes):
-                raise ValueError("it answers for another client or carries no payload")
-            if "residual" in record:
-                self.residuals[client_id] = bytes(record["residual"])
+            self._check_reply(client_id, record)
         except (KeyError, TypeError, ValueError) as e:
             return Upload(client_id, b"", float("nan"), problem=f"the node's reply is malformed ({e})")
-        return Upload(client_id, payload, loss)
+        if "residual" in record:
+            self.residuals[client_id] = record["residual"]
+        # the payload's bytes are the server's to decode: it rejects a garbled one, and the round counts its bytes
+        return Upload(client_id, record["payload"], record["train_loss"])
+
+    def _check_reply(self, client_id, record):
+        """Raise ValueError naming the first field of a train reply that is not what train() sends."""
+        if type(record["client"]) is not int or record["client"] != client_id:
+            raise ValueError(f"it answers for another client, {record['client']!r}")
+        if not isinstance(record["payload"], bytes):
+            raise ValueError("its payload is not bytes")
+        # NaN is what a diverging client reports in process too: the server then rejects its upload
+        if not isinstance(record["train_loss"], float):
+            raise ValueError(f"its train_loss {record['train_loss']!r} is not a number")
+        feedback = self.conf["error_feedback"]
+        if ("residual" in record) != feedback:
+            raise ValueError(f"its residual is {'missing' if feedback else 'unexpected'}: error feedback is "
+                             f"{'on' if feedback else 'off'}")
+        if feedback:
+            residual = record["residual"]
+            if not isinstance(residual, bytes):
+                raise ValueError("its residual is not bytes")
+            try:
+                _, positions, values = codec.decode(residual, self.numels)
+            except codec.PayloadError as e:
+                raise ValueError(f"its residual is not a payload for this model ({e})") from None
+            if any(kept is not None for kept in positions):
+                raise ValueError("its residual is not dense")
+            if not all(torch.isfinite(v).all() for v in values):
+                raise ValueError("its residual holds NaN or Inf")
 
     def client_state(self):
         return {str(client_id): codec.decode(payload, self.numels)[2] for client_id, payload in self.residuals.items()}

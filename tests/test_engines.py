@@ -129,11 +129,16 @@ def upload_reply(client_id, values, payload=None, **record):
     """A node's reply carrying a dense upload of `values` for nn.Linear(3, 2) from 10 examples."""
     def reply(message):
         from flwr.app import ConfigRecord, Message, RecordDict
-        data = payload if payload is not None else codec.encode(
-            {"sparsifier": "none", "quantize": "none"}, [torch.full((6,), values), torch.full((2,), values)], 10).payload
+        data = payload if payload is not None else dense(values, num_samples=10)
         fields = {"client": client_id, "payload": data, "train_loss": 0.5, **record}
         return Message(RecordDict({"upload": ConfigRecord(fields)}), reply_to=message)
     return reply
+
+
+def dense(value, num_samples=0, numels=(6, 2)):
+    """A dense codec payload of `value` in every entry of tensors of `numels` entries (nn.Linear(3, 2)'s)."""
+    return codec.encode({"sparsifier": "none", "quantize": "none"}, [torch.full((n,), value) for n in numels],
+                        num_samples).payload
 
 
 def failing(message):
@@ -146,13 +151,14 @@ def garbage(message):
     return Message(RecordDict({"something": ConfigRecord({"else": 1})}), reply_to=message)
 
 
-def one_round(flower, tiny_model, make_conf, behaviours, timeout=5.0):
-    conf = make_conf(no_models=len(behaviours), k=len(behaviours), sparsifier="none", aggregation="mean")
+def one_round(flower, tiny_model, make_conf, behaviours, timeout=5.0, **overrides):
+    """(the round's metrics row, the transport) of one round in which node p answers with behaviours[p]."""
+    conf = make_conf(no_models=len(behaviours), k=len(behaviours), sparsifier="none", aggregation="mean", **overrides)
     server = Server(tiny_model, conf, torch.device("cpu"))
     settings = {"timeout": timeout, "threads": 1}
     transport = flower.GridTransport(FakeGrid(behaviours), conf, server.numels, settings, flower.threading.Event())
     test_split = SimpleNamespace(test_images=torch.ones(4, 3), test_labels=torch.tensor([0, 1, 0, 1]))
-    return federation.play_round(1, conf, server, transport, test_split)
+    return federation.play_round(1, conf, server, transport, test_split), transport
 
 
 def test_failing_silent_or_garbled_nodes_are_left_out_of_the_round(flower, tiny_model, make_conf, capsys):
@@ -160,7 +166,7 @@ def test_failing_silent_or_garbled_nodes_are_left_out_of_the_round(flower, tiny_
     behaviours = {0: upload_reply(0, 1.0), 1: failing, 2: lambda message: None, 3: garbage,
                   4: upload_reply(3, 1.0), 5: upload_reply(5, 1.0, payload=b"\x02\x00garbage"),
                   6: upload_reply(6, 3.0)}
-    row = one_round(flower, tiny_model, make_conf, behaviours, timeout=0.5)
+    row, _ = one_round(flower, tiny_model, make_conf, behaviours, timeout=0.5)
     err = capsys.readouterr().err
     assert row["rejected"] == 5 and row["refused"] == 0
     for client, reason in ((1, "CUDA out of memory"), (2, "no reply within 0.5 s"), (3, "malformed"),
@@ -172,9 +178,30 @@ def test_failing_silent_or_garbled_nodes_are_left_out_of_the_round(flower, tiny_
     assert row["upload_bytes"] == 2 * (11 + 4 * 8) + len(b"\x02\x00garbage")
 
 
+def test_a_reply_with_any_bad_field_is_left_out_and_the_round_saves(flower, tiny_model, make_conf, capsys):
+    sparse = codec.encode(make_conf(sparsifier="topk", prop=0.5), [torch.ones(6), torch.ones(2)], 0).payload
+    bad_fields = {1: dict(residual=b"\x02\x00garbage"), 2: dict(residual=dense(0.1, numels=(5, 2))),
+                  3: dict(residual=dense(float("nan"))), 4: dict(residual=sparse), 5: dict(residual="0.1"),
+                  6: {}, 7: dict(residual=dense(0.1), train_loss="0.5"), 8: dict(residual=dense(0.1), client="8"),
+                  9: dict(residual=dense(0.1), payload="bytes")}
+    behaviours = {0: upload_reply(0, 1.0, residual=dense(0.25)),
+                  **{p: upload_reply(p, 1.0, **fields) for p, fields in bad_fields.items()}}
+    row, transport = one_round(flower, tiny_model, make_conf, behaviours, error_feedback=True)
+    err = capsys.readouterr().err
+    assert row["rejected"] == len(bad_fields) and row["refused"] == 0
+    for client, reason in ((1, "residual is not a payload for this model"), (2, "payload ends early"),
+                           (3, "residual holds NaN or Inf"), (4, "residual is not dense"), (5, "residual is not bytes"),
+                           (6, "residual is missing: error feedback is on"), (7, "train_loss '0.5' is not a number"),
+                           (8, "another client"), (9, "payload is not bytes")):
+        assert f"client {client}'s upload: the node's reply is malformed" in err and reason in err, (client, reason)
+    # what the checkpoint saves: only the good reply's residual (a garbled one used to crash the save)
+    state = transport.client_state()
+    assert list(state) == ["0"] and all(torch.equal(r, torch.full_like(r, 0.25)) for r in state["0"])
+
+
 def test_a_round_without_an_accepted_upload_keeps_the_global_model(flower, tiny_model, make_conf, capsys):
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
-    row = one_round(flower, tiny_model, make_conf, {0: failing, 1: garbage})
+    row, _ = one_round(flower, tiny_model, make_conf, {0: failing, 1: garbage})
     assert row["rejected"] == 2 and row["refused"] == 1 and row["train_loss"] != row["train_loss"]  # NaN
     assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
     assert "the global model stays as it was" in capsys.readouterr().err
