@@ -30,6 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 
 import codec
 import datasets
+import engines
 import federation
 import models
 from client import Client, Upload
@@ -257,15 +258,15 @@ def deployed(grid: Grid, context: Context) -> None:
 
 def simulate(conf, out, resume, parallel=1, client_cpus=None, client_gpus=0.0, timeout=600.0):
     """Run `conf` into `out` on Flower's simulation engine: one virtual node per client, `parallel` Ray actors, each
-    with `client_cpus` CPUs (default: this process's torch threads shared among them) and `client_gpus` GPUs.
-    Returns the metrics rows."""
+    training with `client_cpus` torch threads (default: this process's threads shared among them) on `client_gpus`
+    GPUs. Returns the metrics rows."""
     from flwr.simulation import run_simulation  # Ray loads only here
     import logging
     # Flower's log would bury the one line per round; the transport reports a node's failure in one line itself
     logging.getLogger("flwr").setLevel(logging.CRITICAL)
     client_cpus = client_cpus or max(1, torch.get_num_threads() // parallel)
-    # each actor trains with as many threads as it has CPUs; with this process's thread count, the sums match the
-    # in-process engine's bit for bit
+    # each actor trains with as many threads as it has CPUs (whole, at least one); with this process's thread count,
+    # the sums match the in-process engine's bit for bit
     settings = {"conf": conf, "out": out, "resume": resume, "timeout": timeout, "threads": max(1, int(client_cpus))}
     stop, finished, result = threading.Event(), threading.Event(), {}
     app = ServerApp()
@@ -278,8 +279,12 @@ def simulate(conf, out, resume, parallel=1, client_cpus=None, client_gpus=0.0, t
             pass
         finally:
             finished.set()
-    backend = {"client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus}}
-    start_ray(num_cpus=client_cpus * parallel, num_gpus=client_gpus * parallel)
+    # Flower makes as many actors as fit the node's CPUs, int(node CPUs / CPUs per actor), and Ray wants a whole
+    # number for the node: with 0.5 CPUs per actor that would be two actors where one was asked for. So Ray's CPUs
+    # here count actors (one each, `parallel` on the node); an actor's cores are its torch threads. GPUs are Ray's to
+    # share out (which actors see which GPU), so an actor asks for its fraction of one.
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": client_gpus}}
+    start_ray(num_cpus=parallel, num_gpus=engines.node_gpus(client_gpus, parallel))
     try:
         run_simulation(app, client_app, num_supernodes=conf["no_models"], backend_config=backend)
     except KeyboardInterrupt:
@@ -295,6 +300,11 @@ def simulate(conf, out, resume, parallel=1, client_cpus=None, client_gpus=0.0, t
 def start_ray(**resources):
     """Start Ray as Flower's backend would (which then uses it), but keep this process's SIGINT and SIGTERM handlers:
     Ray's would end the process at once, before the finished rounds are reported and the run can be continued."""
+    # Ray binds its daemons, agents and workers to the node's address (on Linux the machine's external one) and their
+    # gRPC servers to every interface, unless it is told this is not a cluster: then all of them bind to 127.0.0.1.
+    # This Ray serves only this process's actors, and it has no authentication: nothing of it may face the network.
+    # Ray reads the variable when it is first imported, which is here.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     pythonpath = os.pathsep.join(sys.path)  # so that actors import this app's modules, as Flower arranges it

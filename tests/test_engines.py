@@ -1,6 +1,8 @@
 """Engines: the in-process loop, Flower's simulation engine and a local Flower deployment give identical metrics
 (state carried across rounds and across a resume included); Flower nodes that fail, time out or answer garbage are left
-out of their round and the run goes on; the in-process path never imports Flower."""
+out of their round and the run goes on; the simulation's Ray listens on 127.0.0.1 only, and its flags are checked before
+it starts; the in-process path never imports Flower."""
+import ipaddress
 import json
 import os
 import shlex
@@ -15,6 +17,7 @@ import pytest
 import torch
 
 import codec
+import engines
 import federation
 import main
 from conftest import ROOT, TINY, read_csv, without_seconds
@@ -64,6 +67,88 @@ def test_flower_simulation_stopped_and_resumed_equals_the_in_process_loop(statef
     resumed = run_command(sys.executable, *command[1:])
     assert "resuming" in resumed.stdout and "done:" in resumed.stdout
     assert without_seconds(read_csv(out / "metrics.csv")) == expected
+
+
+def test_flower_simulation_listens_on_loopback_only_with_the_actors_asked_for(write_conf, tmp_path):
+    """Ray has no authentication: everything it starts for a run (GCS, raylet, agents, workers, this driver) listens on
+    127.0.0.1 only. Half a CPU per actor (Ray wants whole numbers for its node) gives the two actors asked for."""
+    command = [sys.executable, "main.py", "-c", write_conf(), "--out", tmp_path / "run", "--engine", "flower",
+               "--parallel", "2", "--client-cpus", "0.5"]
+    process = subprocess.Popen([str(a) for a in command], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    listening, actors, deadline = set(), set(), time.monotonic() + 600
+    try:
+        while process.poll() is None and time.monotonic() < deadline:  # sampled for the run's whole life
+            tree = process_tree(process.pid)
+            listening |= listening_sockets(tree)
+            actors |= {pid for pid, line in tree.items() if line.startswith("ray::ClientAppActor")}
+            time.sleep(0.1)
+    finally:
+        process.kill()  # a no-op once the run has ended
+        _, err = process.communicate()
+    assert process.returncode == 0, err[-3000:]
+    assert {"gcs_server", "raylet"} <= {program for _, program in listening}  # the sampling saw Ray's daemons
+    exposed = sorted((str(address), program) for address, program in listening if not loopback(address))
+    assert exposed == []
+    assert len(actors) == 2
+
+
+def process_tree(root):
+    """{pid: command line} of process `root` and its descendants, from /proc (Ray renames its workers there)."""
+    children, commands = {}, {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                commands[int(entry)] = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (OSError, ValueError, IndexError):  # not a process, or gone meanwhile
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    tree, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        tree[pid] = commands.get(pid, "")
+        todo += children.get(pid, [])
+    return tree
+
+
+def listening_sockets(tree):
+    """{(IP address, program)} of the TCP sockets that the processes `tree` listen on, from /proc/net/tcp and tcp6
+    (whose rows name a socket by inode) and the processes' file descriptors (which point at those inodes)."""
+    owner = {}
+    for pid, line in tree.items():
+        try:
+            descriptors = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in descriptors:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                owner[target[len("socket:["):-1]] = os.path.basename(line.split(" ")[0])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for row in list(f)[1:]:
+                fields = row.split()
+                if fields[3] == "0A" and fields[9] in owner:  # state 0A: LISTEN
+                    found.add((proc_net_address(fields[1]), owner[fields[9]]))
+    return found
+
+
+def proc_net_address(text):
+    """The IP address of /proc/net/tcp's ADDRESS:PORT: hex, in 32-bit words of the machine's byte order (little)."""
+    hex_address = text.split(":")[0]
+    return ipaddress.ip_address(b"".join(bytes.fromhex(hex_address[i:i + 8])[::-1]
+                                         for i in range(0, len(hex_address), 8)))
+
+
+def loopback(address):
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1, how a dual-stack socket shows 127.0.0.1
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def test_a_local_deployment_equals_the_in_process_loop_across_a_resume(stateful, tmp_path):
@@ -214,6 +299,31 @@ def test_missing_nodes_are_one_clear_error(flower, make_conf):
     with pytest.raises(federation.RunError, match="no node holds partition-id 1"):  # three nodes, one misconfigured
         flower.GridTransport(FakeGrid({0: garbage, 2: garbage, 5: garbage}), conf, [6, 2], settings,
                              flower.threading.Event())
+
+
+# ---- the simulation's flags: checked before Ray starts ------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, message", [
+    (["--timeout", "inf"], "argument --timeout: 'inf' is not a finite number"),
+    (["--timeout", "nan"], "argument --timeout: 'nan' is not a finite number"),
+    (["--timeout", "1e10"], "argument --timeout: '1e10' is more than"),  # a wait beyond threading.TIMEOUT_MAX
+    (["--client-cpus", "inf"], "argument --client-cpus: 'inf' is not a finite number"),
+    (["--client-gpus", "inf"], "argument --client-gpus: 'inf' is not a finite number"),
+    (["--client-gpus", "1.5"], "'1.5' is neither a share of one GPU (0.0001 to 1) nor a whole number"),
+    (["--client-gpus", "0.00001"], "'0.00001' is neither a share of one GPU"),
+    (["--parallel", "3"], "--parallel 3 is more than the 2 clients that train per round (k)"),
+    (["--client-gpus", "0.5"], "--client-gpus 0.5 with --parallel 1 needs 1 GPU(s); CUDA sees 0 here"),
+])
+def test_bad_simulation_flags_are_one_line(write_conf, tmp_path, run_main, monkeypatch, flags, message):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # as on a machine without CUDA
+    status, _, err = run_main("-c", write_conf(), "--out", tmp_path / "run", "--engine", "flower", *flags)
+    assert status == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_share_of_a_gpu_asks_ray_for_whole_gpus():
+    assert [engines.node_gpus(0.5, 1), engines.node_gpus(0.5, 2), engines.node_gpus(0.6, 2)] == [1, 1, 2]
+    assert engines.node_gpus(0.28, 25) == 7 and engines.node_gpus(0.0, 4) == 0  # 0.28 * 25 is 7.000000000000001
 
 
 # ---- Flower stays out of the in-process path ---------------------------------------------------------------------
