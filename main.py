@@ -15,6 +15,7 @@ SIGTERM keep every finished round and print the command that continues (exit sta
 import argparse
 import contextlib
 import copy
+import math
 import os
 import shlex
 import signal
@@ -38,7 +39,10 @@ def exit_status(stop):
 if __name__ == "__main__":  # before the slow imports below, so that SIGTERM while they load is a clean stop too
     signal.signal(signal.SIGTERM, raise_terminated)
 try:  # torch takes seconds to import: Ctrl-C meanwhile is a clean stop, not a traceback
+    import torch
+
     import datasets
+    import engines
     import federation
     import models
     from engines.inprocess import InProcess
@@ -62,7 +66,20 @@ def resolve(args):
     run_files.check_writable(out)
     federation.pick_device(conf["device"])
     models.check_name(conf["model_name"])
+    if args.engine == "flower":
+        check_actors(conf, args)
     return conf, out
+
+
+def check_actors(conf, args):
+    """--engine flower: refuse actors that could not start or would sit idle, before Ray starts."""
+    if args.parallel > conf["k"]:  # each actor holds the data and a model; at most k clients train at once
+        raise RunError(f"--parallel {args.parallel} is more than the {conf['k']} clients that train per round (k): "
+                       f"give at most {conf['k']}")
+    gpus, present = engines.node_gpus(args.client_gpus, args.parallel), torch.cuda.device_count()
+    if gpus > present:
+        raise RunError(f"--client-gpus {args.client_gpus:g} with --parallel {args.parallel} needs {gpus} GPU(s); "
+                       f"CUDA sees {present} here")
 
 
 def new_config(args, overrides):
@@ -213,15 +230,18 @@ def parse_args(argv):
                              "this on the SuperLink's machine); all three give the same metrics")
     parser.add_argument("--superlink", default="local-rehearsal", metavar="NAME",
                         help="--engine deployment: the SuperLink connection of $FLWR_HOME/config.toml to run on")
-    parser.add_argument("--timeout", type=positive(float), default=600.0, metavar="SECONDS",
+    # waits longer than threading.TIMEOUT_MAX (292 years) raise OverflowError
+    parser.add_argument("--timeout", type=positive(float, most=threading.TIMEOUT_MAX), default=600.0,
+                        metavar="SECONDS",
                         help="Flower engines: how long a round waits for a client before leaving it out")
     parser.add_argument("--parallel", type=positive(int), default=1, metavar="N",
-                        help="--engine flower: how many clients train at once (Ray actors)")
+                        help="--engine flower: how many clients train at once (Ray actors, each with its own copy "
+                             "of the data and a model; at most k)")
     parser.add_argument("--client-cpus", type=positive(float), metavar="C",
-                        help="--engine flower: CPUs (and torch threads) per actor (default: this machine's torch "
-                             "threads divided by --parallel)")
-    parser.add_argument("--client-gpus", type=positive(float, zero=True), default=0.0, metavar="G",
-                        help="--engine flower: GPUs per actor, a fraction shares one (default 0)")
+                        help="--engine flower: CPUs per actor, that is its torch threads (a fraction rounds down, "
+                             "to at least 1; default: this machine's torch threads divided by --parallel)")
+    parser.add_argument("--client-gpus", type=gpu_share, default=0.0, metavar="G",
+                        help="--engine flower: GPUs per actor, a fraction up to 1 shares one (default 0)")
     parser.add_argument("--dry-run", action="store_true",
                         help="check the command line as a run would (config, run folder; a sweep: every value) and "
                              "print what would run, without running: the run folder (--out, given or chosen), then "
@@ -229,17 +249,30 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def positive(kind, zero=False):
-    """An argparse type: a number of `kind` above 0 (or at least 0)."""
+def positive(kind, zero=False, most=None):
+    """An argparse type: a finite number of `kind` above 0 (or at least 0), and at most `most`."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not (value >= 0 if zero else value > 0) or value != value:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if not (value >= 0 if zero else value > 0):
             raise argparse.ArgumentTypeError(f"{text!r} must be {'at least' if zero else 'above'} 0")
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"{text!r} is more than {most:.0f}")
         return value
     return parse
+
+
+def gpu_share(text):
+    """An argparse type for --client-gpus: Ray gives an actor a share of one GPU, at its precision of 0.0001, or whole
+    GPUs (not 1.5)."""
+    value = positive(float, zero=True)(text)
+    if value and not (0.0001 <= value <= 1 or value.is_integer()):
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a share of one GPU (0.0001 to 1) nor a whole number")
+    return value
 
 
 @contextlib.contextmanager

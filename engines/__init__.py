@@ -8,3 +8,11 @@
 inprocess: one process trains the clients one after another (the default).
 flower: Flower's simulation engine (Ray actors) and deployment engine (a SuperLink and SuperNodes).
 """
+import math
+
+
+def node_gpus(client_gpus, parallel):
+    """The GPUs the Flower simulation's Ray node declares for `parallel` actors of `client_gpus` each: a whole number,
+    as Ray wants for a node (its actors may take fractions). Rounded to Ray's precision, 0.0001, first: in floats,
+    0.28 * 25 is a little over 7, and should not ask for an eighth GPU."""
+    return math.ceil(round(client_gpus * parallel, 4))

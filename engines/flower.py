@@ -38,6 +38,7 @@ from flwr.serverapp import Grid, ServerApp
 import codec
 import datasets
 import downloads
+import engines
 import federation
 import models
 from client import Client, Upload
@@ -179,24 +180,52 @@ class GridTransport:
         return uploads
 
     def _upload(self, client_id, reply, expected_checksum):
-        """The client's Upload, or one that carries why nothing usable came back."""
+        """The client's Upload, or one that carries why nothing usable came back. Every field is checked here, as it
+        arrives: a bad one found later (a residual, at the checkpoint) would end the run."""
         if reply is None:
             return Upload(client_id, b"", float("nan"), problem=f"no reply within {self.timeout:g} s")
         if reply.has_error():
             return Upload(client_id, b"", float("nan"), problem=f"the node failed ({reply.error.reason})")
         try:
             record = reply.content.config_records["upload"]
-            payload, loss = record["payload"], float(record["train_loss"])
-            if int(record["client"]) != client_id or not isinstance(payload, bytes):
-                raise ValueError("it answers for another client or carries no payload")
-            if record["checksum"] != expected_checksum:
-                return Upload(client_id, b"", float("nan"), problem="the node's model after its sync is not the "
-                              f"server's (checksum {str(record['checksum'])[:16]}..., expected {expected_checksum[:16]}...)")
-            if "residual" in record:
-                self.residuals[client_id] = bytes(record["residual"])
+            self._check_reply(client_id, record)
         except (KeyError, TypeError, ValueError) as e:
             return Upload(client_id, b"", float("nan"), problem=f"the node's reply is malformed ({e})")
-        return Upload(client_id, payload, loss)
+        if record["checksum"] != expected_checksum:
+            return Upload(client_id, b"", float("nan"), problem="the node's model after its sync is not the server's "
+                          f"(checksum {record['checksum'][:16]}..., expected {expected_checksum[:16]}...)")
+        if "residual" in record:
+            self.residuals[client_id] = record["residual"]
+        # the payload's bytes are the server's to decode: it rejects a garbled one, and the round counts its bytes
+        return Upload(client_id, record["payload"], record["train_loss"])
+
+    def _check_reply(self, client_id, record):
+        """Raise ValueError naming the first field of a train reply that is not what train() sends."""
+        if type(record["client"]) is not int or record["client"] != client_id:
+            raise ValueError(f"it answers for another client, {record['client']!r}")
+        if not isinstance(record["payload"], bytes):
+            raise ValueError("its payload is not bytes")
+        if not isinstance(record["checksum"], str):
+            raise ValueError("its checksum is not text")
+        # NaN is what a diverging client reports in process too: the server then rejects its upload
+        if not isinstance(record["train_loss"], float):
+            raise ValueError(f"its train_loss {record['train_loss']!r} is not a number")
+        feedback = self.conf["error_feedback"]
+        if ("residual" in record) != feedback:
+            raise ValueError(f"its residual is {'missing' if feedback else 'unexpected'}: error feedback is "
+                             f"{'on' if feedback else 'off'}")
+        if feedback:
+            residual = record["residual"]
+            if not isinstance(residual, bytes):
+                raise ValueError("its residual is not bytes")
+            try:
+                _, positions, values = codec.decode(residual, self.numels)
+            except codec.PayloadError as e:
+                raise ValueError(f"its residual is not a payload for this model ({e})") from None
+            if any(kept is not None for kept in positions):
+                raise ValueError("its residual is not dense")
+            if not all(torch.isfinite(v).all() for v in values):
+                raise ValueError("its residual holds NaN or Inf")
 
     def client_state(self):
         return {"residuals": {str(c): codec.decode(payload, self.numels)[2] for c, payload in self.residuals.items()},
@@ -260,15 +289,15 @@ def deployed(grid: Grid, context: Context) -> None:
 
 def simulate(conf, out, resume, parallel=1, client_cpus=None, client_gpus=0.0, timeout=600.0):
     """Run `conf` into `out` on Flower's simulation engine: one virtual node per client, `parallel` Ray actors, each
-    with `client_cpus` CPUs (default: this process's torch threads shared among them) and `client_gpus` GPUs.
-    Returns the metrics rows."""
+    training with `client_cpus` torch threads (default: this process's threads shared among them) on `client_gpus`
+    GPUs. Returns the metrics rows."""
     from flwr.simulation import run_simulation  # Ray loads only here
     import logging
     # Flower's log would bury the one line per round; the transport reports a node's failure in one line itself
     logging.getLogger("flwr").setLevel(logging.CRITICAL)
     client_cpus = client_cpus or max(1, torch.get_num_threads() // parallel)
-    # each actor trains with as many threads as it has CPUs; with this process's thread count, the sums match the
-    # in-process engine's bit for bit
+    # each actor trains with as many threads as it has CPUs (whole, at least one); with this process's thread count,
+    # the sums match the in-process engine's bit for bit
     settings = {"conf": conf, "out": out, "resume": resume, "timeout": timeout, "threads": max(1, int(client_cpus))}
     stop, finished, result = threading.Event(), threading.Event(), {}
     app = ServerApp()
@@ -281,8 +310,12 @@ def simulate(conf, out, resume, parallel=1, client_cpus=None, client_gpus=0.0, t
             pass
         finally:
             finished.set()
-    backend = {"client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus}}
-    start_ray(num_cpus=client_cpus * parallel, num_gpus=client_gpus * parallel)
+    # Flower makes as many actors as fit the node's CPUs, int(node CPUs / CPUs per actor), and Ray wants a whole
+    # number for the node: with 0.5 CPUs per actor that would be two actors where one was asked for. So Ray's CPUs
+    # here count actors (one each, `parallel` on the node); an actor's cores are its torch threads. GPUs are Ray's to
+    # share out (which actors see which GPU), so an actor asks for its fraction of one.
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": client_gpus}}
+    start_ray(num_cpus=parallel, num_gpus=engines.node_gpus(client_gpus, parallel))
     try:
         run_simulation(app, client_app, num_supernodes=conf["no_models"], backend_config=backend)
     except KeyboardInterrupt:
@@ -298,6 +331,11 @@ def simulate(conf, out, resume, parallel=1, client_cpus=None, client_gpus=0.0, t
 def start_ray(**resources):
     """Start Ray as Flower's backend would (which then uses it), but keep this process's SIGINT and SIGTERM handlers:
     Ray's would end the process at once, before the finished rounds are reported and the run can be continued."""
+    # Ray binds its daemons, agents and workers to the node's address (on Linux the machine's external one) and their
+    # gRPC servers to every interface, unless it is told this is not a cluster: then all of them bind to 127.0.0.1.
+    # This Ray serves only this process's actors, and it has no authentication: nothing of it may face the network.
+    # Ray reads the variable when it is first imported, which is here.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     pythonpath = os.pathsep.join(sys.path)  # so that actors import this app's modules, as Flower arranges it

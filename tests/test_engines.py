@@ -1,7 +1,9 @@
 """Engines: the in-process loop, Flower's simulation engine and a local Flower deployment give identical metrics
 (state carried across rounds and across a resume included); Flower nodes that fail, time out or answer garbage are left
-out of their round and the run goes on; the in-process path never imports Flower."""
+out of their round and the run goes on; the simulation's Ray listens on 127.0.0.1 only, and its flags are checked before
+it starts; the in-process path never imports Flower."""
 import glob
+import ipaddress
 import json
 import os
 import shlex
@@ -17,6 +19,7 @@ import torch
 
 import codec
 import downloads
+import engines
 import federation
 import main
 from conftest import ROOT, TINY, free_ports, read_csv, without_seconds
@@ -67,6 +70,88 @@ def test_flower_simulation_stopped_and_resumed_equals_the_in_process_loop(statef
     resumed = run_command(sys.executable, *command[1:])
     assert "resuming" in resumed.stdout and "done:" in resumed.stdout
     assert without_seconds(read_csv(out / "metrics.csv")) == expected
+
+
+def test_flower_simulation_listens_on_loopback_only_with_the_actors_asked_for(write_conf, tmp_path):
+    """Ray has no authentication: everything it starts for a run (GCS, raylet, agents, workers, this driver) listens on
+    127.0.0.1 only. Half a CPU per actor (Ray wants whole numbers for its node) gives the two actors asked for."""
+    command = [sys.executable, "main.py", "-c", write_conf(), "--out", tmp_path / "run", "--engine", "flower",
+               "--parallel", "2", "--client-cpus", "0.5"]
+    process = subprocess.Popen([str(a) for a in command], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    listening, actors, deadline = set(), set(), time.monotonic() + 600
+    try:
+        while process.poll() is None and time.monotonic() < deadline:  # sampled for the run's whole life
+            tree = process_tree(process.pid)
+            listening |= listening_sockets(tree)
+            actors |= {pid for pid, line in tree.items() if line.startswith("ray::ClientAppActor")}
+            time.sleep(0.1)
+    finally:
+        process.kill()  # a no-op once the run has ended
+        _, err = process.communicate()
+    assert process.returncode == 0, err[-3000:]
+    assert {"gcs_server", "raylet"} <= {program for _, program in listening}  # the sampling saw Ray's daemons
+    exposed = sorted((str(address), program) for address, program in listening if not loopback(address))
+    assert exposed == []
+    assert len(actors) == 2
+
+
+def process_tree(root):
+    """{pid: command line} of process `root` and its descendants, from /proc (Ray renames its workers there)."""
+    children, commands = {}, {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                commands[int(entry)] = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (OSError, ValueError, IndexError):  # not a process, or gone meanwhile
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    tree, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        tree[pid] = commands.get(pid, "")
+        todo += children.get(pid, [])
+    return tree
+
+
+def listening_sockets(tree):
+    """{(IP address, program)} of the TCP sockets that the processes `tree` listen on, from /proc/net/tcp and tcp6
+    (whose rows name a socket by inode) and the processes' file descriptors (which point at those inodes)."""
+    owner = {}
+    for pid, line in tree.items():
+        try:
+            descriptors = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in descriptors:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                owner[target[len("socket:["):-1]] = os.path.basename(line.split(" ")[0])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for row in list(f)[1:]:
+                fields = row.split()
+                if fields[3] == "0A" and fields[9] in owner:  # state 0A: LISTEN
+                    found.add((proc_net_address(fields[1]), owner[fields[9]]))
+    return found
+
+
+def proc_net_address(text):
+    """The IP address of /proc/net/tcp's ADDRESS:PORT: hex, in 32-bit words of the machine's byte order (little)."""
+    hex_address = text.split(":")[0]
+    return ipaddress.ip_address(b"".join(bytes.fromhex(hex_address[i:i + 8])[::-1]
+                                         for i in range(0, len(hex_address), 8)))
+
+
+def loopback(address):
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1, how a dual-stack socket shows 127.0.0.1
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def test_a_local_deployment_stopped_and_continued_equals_the_in_process_loop(stateful, tmp_path):
@@ -156,13 +241,18 @@ def upload_reply(client_id, values, payload=None, **record):
     """A node's reply carrying a dense upload of `values` for nn.Linear(3, 2) from 10 examples."""
     def reply(message):
         from flwr.app import ConfigRecord, Message, RecordDict
-        data = payload if payload is not None else codec.encode(
-            {"sparsifier": "none", "quantize": "none"}, [torch.full((6,), values), torch.full((2,), values)], 10).payload
+        data = payload if payload is not None else dense(values, num_samples=10)
         received = codec.decode(message.content.config_records["task"]["sync"], [6, 2])[2]  # the dense model
         fields = {"client": client_id, "payload": data, "train_loss": 0.5, "checksum": downloads.checksum(received),
                   **record}
         return Message(RecordDict({"upload": ConfigRecord(fields)}), reply_to=message)
     return reply
+
+
+def dense(value, num_samples=0, numels=(6, 2)):
+    """A dense codec payload of `value` in every entry of tensors of `numels` entries (nn.Linear(3, 2)'s)."""
+    return codec.encode({"sparsifier": "none", "quantize": "none"}, [torch.full((n,), value) for n in numels],
+                        num_samples).payload
 
 
 def failing(message):
@@ -175,13 +265,14 @@ def garbage(message):
     return Message(RecordDict({"something": ConfigRecord({"else": 1})}), reply_to=message)
 
 
-def one_round(flower, tiny_model, make_conf, behaviours, timeout=5.0):
-    conf = make_conf(no_models=len(behaviours), k=len(behaviours), sparsifier="none", aggregation="mean")
+def one_round(flower, tiny_model, make_conf, behaviours, timeout=5.0, **overrides):
+    """(the round's metrics row, the transport) of one round in which node p answers with behaviours[p]."""
+    conf = make_conf(no_models=len(behaviours), k=len(behaviours), sparsifier="none", aggregation="mean", **overrides)
     server = Server(tiny_model, conf, torch.device("cpu"))
     settings = {"timeout": timeout, "threads": 1}
     transport = flower.GridTransport(FakeGrid(behaviours), conf, server.numels, settings, flower.threading.Event())
     test_split = SimpleNamespace(test_images=torch.ones(4, 3), test_labels=torch.tensor([0, 1, 0, 1]))
-    return federation.play_round(1, conf, server, transport, test_split), server
+    return federation.play_round(1, conf, server, transport, test_split), server, transport
 
 
 def test_failing_silent_or_garbled_nodes_are_left_out_of_the_round(flower, tiny_model, make_conf, capsys):
@@ -189,7 +280,7 @@ def test_failing_silent_or_garbled_nodes_are_left_out_of_the_round(flower, tiny_
     behaviours = {0: upload_reply(0, 1.0), 1: failing, 2: lambda message: None, 3: garbage,
                   4: upload_reply(3, 1.0), 5: upload_reply(5, 1.0, payload=b"\x02\x00garbage"),
                   6: upload_reply(6, 3.0)}
-    row, _ = one_round(flower, tiny_model, make_conf, behaviours, timeout=0.5)
+    row, _, _ = one_round(flower, tiny_model, make_conf, behaviours, timeout=0.5)
     err = capsys.readouterr().err
     assert row["rejected"] == 5 and row["refused"] == 0
     for client, reason in ((1, "CUDA out of memory"), (2, "no reply within 0.5 s"), (3, "malformed"),
@@ -204,15 +295,36 @@ def test_failing_silent_or_garbled_nodes_are_left_out_of_the_round(flower, tiny_
 def test_a_node_whose_model_is_not_the_servers_is_left_out_and_resynchronized(flower, tiny_model, make_conf,
                                                                               capsys):
     behaviours = {0: upload_reply(0, 1.0), 1: upload_reply(1, 1.0, checksum="0" * 64)}
-    row, server = one_round(flower, tiny_model, make_conf, behaviours)
+    row, server, _ = one_round(flower, tiny_model, make_conf, behaviours)
     assert row["rejected"] == 1
     assert "client 1's upload: the node's model after its sync is not the server's" in capsys.readouterr().err
     assert server.syncs.synced == {0: 0, 1: downloads.UNKNOWN}  # its next sync is the dense model
 
 
+def test_a_reply_with_any_bad_field_is_left_out_and_the_round_saves(flower, tiny_model, make_conf, capsys):
+    sparse = codec.encode(make_conf(sparsifier="topk", prop=0.5), [torch.ones(6), torch.ones(2)], 0).payload
+    bad_fields = {1: dict(residual=b"\x02\x00garbage"), 2: dict(residual=dense(0.1, numels=(5, 2))),
+                  3: dict(residual=dense(float("nan"))), 4: dict(residual=sparse), 5: dict(residual="0.1"),
+                  6: {}, 7: dict(residual=dense(0.1), train_loss="0.5"), 8: dict(residual=dense(0.1), client="8"),
+                  9: dict(residual=dense(0.1), payload="bytes")}
+    behaviours = {0: upload_reply(0, 1.0, residual=dense(0.25)),
+                  **{p: upload_reply(p, 1.0, **fields) for p, fields in bad_fields.items()}}
+    row, _, transport = one_round(flower, tiny_model, make_conf, behaviours, error_feedback=True)
+    err = capsys.readouterr().err
+    assert row["rejected"] == len(bad_fields) and row["refused"] == 0
+    for client, reason in ((1, "residual is not a payload for this model"), (2, "payload ends early"),
+                           (3, "residual holds NaN or Inf"), (4, "residual is not dense"), (5, "residual is not bytes"),
+                           (6, "residual is missing: error feedback is on"), (7, "train_loss '0.5' is not a number"),
+                           (8, "another client"), (9, "payload is not bytes")):
+        assert f"client {client}'s upload: the node's reply is malformed" in err and reason in err, (client, reason)
+    # what the checkpoint saves: only the good reply's residual (a garbled one used to crash the save)
+    residuals = transport.client_state()["residuals"]
+    assert list(residuals) == ["0"] and all(torch.equal(r, torch.full_like(r, 0.25)) for r in residuals["0"])
+
+
 def test_a_round_without_an_accepted_upload_keeps_the_global_model(flower, tiny_model, make_conf, capsys):
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
-    row, _ = one_round(flower, tiny_model, make_conf, {0: failing, 1: garbage})
+    row, _, _ = one_round(flower, tiny_model, make_conf, {0: failing, 1: garbage})
     assert row["rejected"] == 2 and row["refused"] == 1 and row["train_loss"] != row["train_loss"]  # NaN
     assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
     assert "the global model stays as it was" in capsys.readouterr().err
@@ -225,6 +337,31 @@ def test_missing_nodes_are_one_clear_error(flower, make_conf):
     with pytest.raises(federation.RunError, match="no node holds partition-id 1"):  # three nodes, one misconfigured
         flower.GridTransport(FakeGrid({0: garbage, 2: garbage, 5: garbage}), conf, [6, 2], settings,
                              flower.threading.Event())
+
+
+# ---- the simulation's flags: checked before Ray starts ------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, message", [
+    (["--timeout", "inf"], "argument --timeout: 'inf' is not a finite number"),
+    (["--timeout", "nan"], "argument --timeout: 'nan' is not a finite number"),
+    (["--timeout", "1e10"], "argument --timeout: '1e10' is more than"),  # a wait beyond threading.TIMEOUT_MAX
+    (["--client-cpus", "inf"], "argument --client-cpus: 'inf' is not a finite number"),
+    (["--client-gpus", "inf"], "argument --client-gpus: 'inf' is not a finite number"),
+    (["--client-gpus", "1.5"], "'1.5' is neither a share of one GPU (0.0001 to 1) nor a whole number"),
+    (["--client-gpus", "0.00001"], "'0.00001' is neither a share of one GPU"),
+    (["--parallel", "3"], "--parallel 3 is more than the 2 clients that train per round (k)"),
+    (["--client-gpus", "0.5"], "--client-gpus 0.5 with --parallel 1 needs 1 GPU(s); CUDA sees 0 here"),
+])
+def test_bad_simulation_flags_are_one_line(write_conf, tmp_path, run_main, monkeypatch, flags, message):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # as on a machine without CUDA
+    status, _, err = run_main("-c", write_conf(), "--out", tmp_path / "run", "--engine", "flower", *flags)
+    assert status == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_share_of_a_gpu_asks_ray_for_whole_gpus():
+    assert [engines.node_gpus(0.5, 1), engines.node_gpus(0.5, 2), engines.node_gpus(0.6, 2)] == [1, 1, 2]
+    assert engines.node_gpus(0.28, 25) == 7 and engines.node_gpus(0.0, 4) == 0  # 0.28 * 25 is 7.000000000000001
 
 
 # ---- Flower stays out of the in-process path ---------------------------------------------------------------------
