@@ -102,8 +102,8 @@ class Compressed(Dense):
 
     @classmethod
     def replay(cls, replica, message):
-        (payload,) = message
-        replica.move(cls.delta(payload, replica.numels, replica.globals[0].device))
+        for payload in message:  # one payload, or none for a round that kept the model as it was
+            replica.move(cls.delta(payload, replica.numels, replica.globals[0].device))
 
     def state(self):
         return self.residual

@@ -242,3 +242,19 @@ def test_resume_continues_a_compressed_download_exactly(write_conf, run_main, tm
     whole, split = read_csv(tmp_path / "whole" / "metrics.csv"), read_csv(tmp_path / "split" / "metrics.csv")
     assert without_seconds(split) == without_seconds(whole)
     assert sum(int(r["download_bytes"]) for r in whole) > 0
+
+
+def test_a_round_that_kept_the_model_replays_as_nothing(make_conf):
+    """A compressed download logs a refused round (every upload rejected) as an empty message: a client that missed
+    it replays it as no move, not as an error."""
+    conf = make_conf(download="compressed")  # top-k 4% of the step, ternary: a message far smaller than the model
+    server = Server(models.build("cnn", (1, 16, 16), 10), conf, CPU)
+    replica = Server(copy.deepcopy(server.model), conf, CPU)
+    upload = codec.encode({"sparsifier": "none", "quantize": "none"}, [torch.randn(n) * 1e-3 for n in server.numels],
+                          10).payload
+    assert server.aggregate() == "no upload was accepted"
+    assert server.receive(upload) is None and server.aggregate() is None
+    sync, kind = server.sync(client_id=0)
+    assert kind == "replay" and parse_sync(sync)[1][0] == []
+    downloads.apply_sync(sync, replica)
+    assert_same_model(replica.global_state(), server.global_state())
