@@ -8,6 +8,7 @@ import reprlib
 
 import codec
 import downloads
+import robust
 
 # key: (default, meaning). The chapter's keys come first, with the chapter's meaning.
 KEYS = {
@@ -49,6 +50,12 @@ KEYS = {
     "partition": ("iid", "iid | dirichlet (label mix per client ~ Dirichlet(alpha)) | shards (few labels per client)"),
     "alpha": (0.5, "Dirichlet concentration for partition='dirichlet': small is skewed, large is near IID"),
     "shards_per_client": (2, "partition='shards': how many labels (one shard each) every client holds"),
+    "attackers": (0, "simulated attack: clients 0 .. attackers-1 are malicious (0: none)"),
+    "attack": ("scale", "what a malicious client does before coding its diff: scale (times attack_scale) | sign_flip "
+                        "(times -attack_scale) | noise (plus Gaussian noise, attack_scale times each tensor's own std) "
+                        "| count (claims 2^32-1 examples)"),
+    "attack_scale": (100.0, "the attack's strength: the factor of scale and sign_flip, the noise's std in diff stds"),
+    "attack_from": (1, "the first round in which the malicious clients attack"),
 }
 DEFAULTS = {key: default for key, (default, _) in KEYS.items()}
 
@@ -66,6 +73,7 @@ CHOICES = {
     "download_topk_scope": ("tensor", "model"),
     "download_first_contact": ("seed", "dense"),
     "partition": ("iid", "dirichlet", "shards"),
+    "attack": robust.ATTACKS,
 }
 
 # key: (lowest, highest, whether the lowest is allowed)
@@ -85,6 +93,9 @@ RANGES = {
     "download_prop": (0, 1, True),
     "alpha": (0, math.inf, False),
     "shards_per_client": (1, math.inf, True),
+    "attackers": (0, math.inf, True),
+    "attack_scale": (0, math.inf, True),
+    "attack_from": (1, math.inf, True),
 }
 
 
@@ -129,6 +140,9 @@ def validate(overrides):
                                   f"got {shown(value)}")
     if conf["k"] > conf["no_models"]:
         raise ConfigError(f"config key 'k' ({conf['k']}) must not exceed 'no_models' ({conf['no_models']})")
+    if conf["attackers"] > conf["no_models"]:
+        raise ConfigError(f"config key 'attackers' ({conf['attackers']}) must not exceed 'no_models' "
+                          f"({conf['no_models']})")
     if conf["download"] == "relay" and conf["server_momentum"]:
         raise ConfigError("download 'relay' cannot be used with server_momentum: a client replaying the uploads would "
                           "need the server's momentum too; use download 'compressed' (the server broadcasts its step) "

@@ -27,6 +27,7 @@ SPARSIFIER_KEYS = {key for cls in codec.SPARSIFIERS.values() for key in cls.keys
 ERROR_FEEDBACK_KEYS = {"error_feedback", "residual_decay"}
 COMPRESSED_DOWNLOAD_KEYS = {"download_sparsifier", "download_prop", "download_quantize", "download_topk_scope",
                             "download_error_feedback"}
+ATTACK_KEYS = {"attack", "attack_scale", "attack_from"}
 
 
 def unused_keys(conf):
@@ -34,6 +35,8 @@ def unused_keys(conf):
     unused = SPARSIFIER_KEYS - set(codec.SPARSIFIERS[conf["sparsifier"]].keys)
     if conf["download"] != "compressed":
         unused |= COMPRESSED_DOWNLOAD_KEYS | ({"download_first_contact"} if conf["download"] == "dense" else set())
+    if not conf["attackers"]:
+        unused |= ATTACK_KEYS
     lossless = (codec.SPARSIFIERS[conf["sparsifier"]] is codec.Dense
                 and codec.QUANTIZERS[conf["quantize"]] is codec.Float32)
     return unused | ERROR_FEEDBACK_KEYS if lossless else unused  # nothing is lost, so nothing is fed back
