@@ -1,14 +1,26 @@
-"""Robustness: what a malicious client does (simulated attacks, for experiments).
+"""Robustness: what a malicious client does (simulated attacks, for experiments) and what the server bounds of it.
 
 A client the federation admitted controls its upload: the values of its diff and the number of examples it claims.
-The attacks here act on the diff before the codec, so an attack goes through the same compression as an honest upload.
+The attacks act on the diff before the codec, so an attack goes through the same compression as an honest upload.
+Without any configuration the server bounds both: a claimed count is cut to the client's registered count (server.py),
+and a round after which the test loss is not finite is rolled back (federation.play_round).
+
+An upload here is `Decoded`: what server.Server.receive decoded, values in float64 on the server's device.
 """
+from typing import NamedTuple
+
 import torch
 
 from utils.seeding import generator
 
 ATTACKS = ("scale", "sign_flip", "noise", "count")
 MAX_COUNT = 2**32 - 1  # the most examples an upload can claim (u32)
+
+
+class Decoded(NamedTuple):
+    count: int  # the examples it stands for, as the server bounded them
+    positions: list  # per tensor: the sent flat positions, or None when every entry was sent
+    values: list  # per tensor: the sent values (float64)
 
 
 # ---- attacks: what a malicious client sends ---------------------------------------------------------------------

@@ -1,19 +1,143 @@
-"""Robustness: the simulated attacks."""
+"""Robustness: by default one hostile client can neither outweigh the others by its claim (cut to its share's
+size) nor leave the model non-finite (a round after which the test loss is not finite is rolled back); the
+simulated attacks; honest runs unchanged."""
 import copy
 import math
+import struct
 
 import pytest
 import torch
 
 import codec
 import federation
+import models
 from client import Client
-from conftest import without_seconds
+from conftest import TINY, handmade_upload, without_seconds
 from engines.inprocess import InProcess
-from utils import config, plot
+from server import Server
+from utils import config, partition, plot
 from utils.seeding import derive_seed
 
+CPU = torch.device("cpu")
 MAX_COUNT = 2**32 - 1
+GLOBAL_W = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]  # tiny_model's weight, flattened
+GLOBAL_B = [0.5, -0.5]
+
+
+def hostile_payload(kind, numels, honest):
+    """A hostile upload written by hand from codec.py's layout (version 2, sparsifier none 0, quantizer ternary 4)."""
+    if kind == "dense 1e30":  # finite: it passes every check the decoder makes
+        return handmade_upload(750, [[1e30] * n for n in numels])
+    if kind == "ternary 1e38":  # every entry, one shared magnitude 1e38, every sign bit 0 (+)
+        header = struct.pack("<BBBII", 2, 0, 4, 750, len(numels))
+        return header + bytes([1]) + struct.pack("<f", 1e38) + bytes(math.ceil(sum(numels) / 8))
+    claims_everything = bytearray(honest)  # the honest upload, claiming 2^32-1 examples (u32 at offset 3)
+    struct.pack_into("<I", claims_everything, 3, MAX_COUNT)
+    return bytes(claims_everything)
+
+
+class Hostile(InProcess):
+    """In round 1 the first sampled client's upload is replaced by a hostile one."""
+
+    def __init__(self, conf, dataset, shares, workspace, kind):
+        super().__init__(conf, dataset, shares, workspace)
+        self.kind = kind
+
+    def train(self, chosen, syncs, global_state, round_index, progress=None):
+        uploads = super().train(chosen, syncs, global_state, round_index, progress)
+        if round_index == 1:
+            numels = [t.numel() for t in global_state.values() if torch.is_floating_point(t)]
+            uploads[0].payload = hostile_payload(self.kind, numels, uploads[0].payload)
+        return uploads
+
+
+def flat_globals(server):
+    return [t.tolist() for t in server.flat_globals()]
+
+
+def moved_by(update_w, update_b):
+    return [[g + u for g, u in zip(GLOBAL_W, update_w)], [g + u for g, u in zip(GLOBAL_B, update_b)]]
+
+
+def assert_close(got, expected):
+    for g, e in zip(got, expected):
+        assert g == pytest.approx(e, abs=1e-5)
+
+
+# ---- the safe default: rollback ---------------------------------------------------------------------------------
+
+def test_a_round_made_non_finite_by_one_upload_is_rolled_back(make_conf, synthetic, capsys):
+    conf = make_conf()
+    shares = partition.split(synthetic.train_labels, conf)
+    model = models.build("cnn", synthetic.image_shape, synthetic.num_classes)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    server = Server(model, conf, CPU, registered=[len(share) for share in shares])
+    accuracy, loss = server.evaluate(synthetic.test_images, synthetic.test_labels)
+    transport = Hostile(conf, synthetic, shares, copy.deepcopy(model), "dense 1e30")
+    row = federation.play_round(1, conf, server, transport, synthetic)
+    assert "round 1: rolled back: the test loss after it was not finite" in capsys.readouterr().err
+    assert row["refused"] == 1 and row["rejected"] == 0  # accepted (finite), then undone
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
+    assert (row["accuracy"], row["loss"]) == (round(accuracy, 6), round(loss, 6))  # of the model as it was
+    assert server.syncs.version == 1  # the round happened, and changed nothing
+
+
+def test_roll_back_leaves_what_a_refused_round_leaves(tiny_model, make_conf):
+    """Server momentum, the compressed download's residual and the sync log go back too: after round 2 is rolled
+    back, the server is as one whose round 2 accepted no upload."""
+    conf = make_conf(aggregation="mean", server_momentum=0.5, download="compressed")  # 1 of 8 entries broadcast
+    rolled, refused = Server(tiny_model, conf, CPU), Server(copy.deepcopy(tiny_model), conf, CPU)
+    for server in (rolled, refused):
+        assert server.receive(handmade_upload(1, [[1, -2, 3, 0, 0, 6], [1, 1]])) is None
+        assert server.aggregate(1) is None
+    after_round_1 = flat_globals(rolled)
+    assert rolled.receive(handmade_upload(1, [[1e30] * 6, [1e30] * 2])) is None
+    assert rolled.aggregate(2) is None and flat_globals(rolled) != after_round_1
+    rolled.roll_back()
+    assert refused.aggregate(2) == "no upload was accepted"
+    assert flat_globals(rolled) == flat_globals(refused) == after_round_1
+    assert all(torch.equal(a, b) for a, b in zip(rolled.velocity, refused.velocity))
+    assert all(torch.equal(a, b) for a, b in zip(rolled.download.residual, refused.download.residual))
+    state, expected = rolled.syncs.state(), refused.syncs.state()
+    assert state["version"] == expected["version"] == 2 and state["log"] == expected["log"]
+    assert state["log"][-1] == (2, [])
+    assert all(torch.equal(a, b) for a, b in zip(state["last_changed"], expected["last_changed"]))
+
+
+# ---- the targets: one hostile upload in round 1, default settings ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def honest_run(tmp_path_factory):
+    conf = config.validate({**TINY, "global_epochs": 12, "data_dir": str(tmp_path_factory.mktemp("data"))})
+    return conf, federation.run(conf, str(tmp_path_factory.mktemp("honest")), False, InProcess)
+
+
+@pytest.mark.parametrize("kind", ["dense 1e30", "ternary 1e38"])
+def test_one_hostile_upload_costs_the_run_at_most_a_point(honest_run, tmp_path, kind):
+    conf, honest = honest_run
+    rows = federation.run(conf, str(tmp_path / "run"), False, lambda *args: Hostile(*args, kind))
+    assert [row["refused"] for row in rows] == [1] + [0] * 11  # later honest uploads are accepted again
+    assert all(math.isfinite(row["loss"]) for row in rows)
+    assert abs(rows[-1]["accuracy"] - honest[-1]["accuracy"]) <= 0.01
+
+
+def test_a_claim_of_2_32_minus_1_examples_counts_as_the_clients_share(honest_run, tmp_path):
+    conf, honest = honest_run
+    rows = federation.run(conf, str(tmp_path / "run"), False, lambda *args: Hostile(*args, "count"))
+    assert without_seconds(rows) == without_seconds(honest)
+
+
+def test_claimed_counts_are_cut_to_the_registered_ones(tiny_model, make_conf):
+    server = Server(tiny_model, make_conf(aggregation="mean"), CPU, registered=[1, 3, 10])
+    assert server.receive(handmade_upload(1, [[1] * 6, [1, 1]]), client_id=0) is None  # its share
+    assert server.receive(handmade_upload(MAX_COUNT, [[5] * 6, [5, 5]]), client_id=1) is None  # cut to 3
+    assert server.receive(handmade_upload(4, [[2] * 6, [2, 2]]), client_id=2) is None  # fewer than 10: kept
+    # a relay forwards the counts the server used: the u32 at offset 3 of each payload
+    assert [struct.unpack_from("<I", payload, 3)[0] for payload in server.accepted_payloads] == [1, 3, 4]
+    server.aggregate()
+    step = (1 * 1 + 3 * 5 + 4 * 2) / 8
+    assert_close(flat_globals(server), moved_by([step] * 6, [step] * 2))
+
 
 
 # ---- attacks ------------------------------------------------------------------------------------------------------
@@ -86,6 +210,15 @@ def test_attacked_runs_rerun_bit_identically_and_honest_runs_ignore_the_attack_k
     honest = rows("honest")
     assert attacked != honest
     assert rows("keys", attack="noise", attack_scale=5.0, attack_from=2) == honest
+
+
+def test_registered_counts_leave_honest_runs_as_they_were(make_conf, tmp_path, monkeypatch):
+    """Honest clients claim their share's size: cutting claims to it changes no bit."""
+    conf = make_conf(sparsifier="topk", prop=0.1, error_feedback=True, aggregation="mean")
+    bounded = federation.run(conf, str(tmp_path / "bounded"), False, InProcess)
+    monkeypatch.setattr(federation, "Server", lambda model, conf, device, registered: Server(model, conf, device))
+    unbounded = federation.run(conf, str(tmp_path / "unbounded"), False, InProcess)
+    assert without_seconds(bounded) == without_seconds(unbounded)
 
 
 # ---- configuration ------------------------------------------------------------------------------------------------
