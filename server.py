@@ -37,6 +37,7 @@ class Server:
         self.accepted = 0
         self.received_entries = 0  # diff entries carried by accepted uploads
         self.accepted_payloads = []  # what a relay download forwards
+        self.uploads = []  # with a defense: the round's decoded uploads, which it looks at together before summing
 
     def global_state(self):
         return self.model.state_dict()
@@ -46,9 +47,9 @@ class Server:
         return [t.flatten() for t in self.globals]
 
     def receive(self, upload_bytes, client_id=None):
-        """Decode one upload of `client_id` into this round's sums; returns None, or why it was rejected. Its claimed
-        example count weighs it, cut to the client's registered count: a client may lower its weight, never raise it
-        above its share's."""
+        """Decode one upload of `client_id` into this round's sums (with a defense: keep it for the step); returns None,
+        or why it was rejected. Its claimed example count weighs it, cut to the client's registered count: a client
+        may lower its weight, never raise it above its share's."""
         try:
             claimed, positions, values = codec.decode(upload_bytes, self.numels)
         except codec.PayloadError as e:
@@ -61,7 +62,10 @@ class Server:
         device = self.globals[0].device
         upload = robust.Decoded(num_samples, [None if kept is None else kept.to(device) for kept in positions],
                                 [value.to(device, torch.float64) for value in values])
-        self._add(upload)
+        if self.conf["defense"] == "none":
+            self._add(upload)
+        else:
+            self.uploads.append(upload)
         self.accepted += 1
         # forwarded with the count it was weighed by, so that a client replaying the round weighs it the same
         self.accepted_payloads.append(codec.with_num_samples(upload_bytes, num_samples))
@@ -120,8 +124,9 @@ class Server:
         self.syncs.roll_back()
 
     def _step(self):
-        """The round's update under the aggregation rule (with server momentum), and the momentum it leaves."""
-        updates = [self._update(s, w).float() for s, w in zip(self.weighted_sums, self.weights)]
+        """The round's update under the defense and the aggregation rule (with server momentum), and the momentum it
+        leaves."""
+        updates = [update.float() for update in self._updates()]
         velocity = None
         if self.conf["server_momentum"]:
             beta = self.conf["server_momentum"]
@@ -152,7 +157,22 @@ class Server:
             flat[slice(None) if kept is None else kept.to(flat.device)] = value.to(flat.device)
             global_tensor.copy_(flat.view(global_tensor.shape))
 
-    def _update(self, weighted_sum, weight):
+    def _updates(self):
+        """Per tensor, the round's update in float64: a robust statistic of the uploads, or the aggregation rule over
+        the sums (of the uploads as norm_bound leaves them)."""
+        defense = self.conf["defense"]
+        if defense == "median":
+            return robust.per_entry(self.uploads, self.numels, robust.median)
+        if defense == "trimmed_mean":
+            return robust.per_entry(self.uploads, self.numels, robust.trimmed(self.conf["trim_fraction"]))
+        if defense == "geometric_median":
+            return robust.geometric_median(self.uploads, self.numels)
+        if defense == "norm_bound":
+            for upload in robust.norm_bound(self.uploads, self.conf["clip_norm"], self.conf["clip_multiple"]):
+                self._add(upload)
+        return [self._rule(s, w) for s, w in zip(self.weighted_sums, self.weights)]
+
+    def _rule(self, weighted_sum, weight):
         rule = self.conf["aggregation"]
         if rule == "masked_mean":  # per entry, over the clients that sent it; unsent entries do not move
             return torch.where(weight > 0, weighted_sum / weight.clamp(min=1e-12), 0.0)

@@ -1,6 +1,6 @@
-"""Robustness: by default one hostile client can neither outweigh the others by its claim (cut to its share's
-size) nor leave the model non-finite (a round after which the test loss is not finite is rolled back); the
-simulated attacks; honest runs unchanged."""
+"""Robustness: by default one hostile client cannot wreck a run (its claimed example count is cut to its share's, and a
+round after which the test loss is not finite is rolled back); the defenses on hand-computed numbers, sparse uploads
+included; the simulated attacks; honest runs unchanged."""
 import copy
 import math
 import struct
@@ -11,6 +11,7 @@ import torch
 import codec
 import federation
 import models
+import robust
 from client import Client
 from conftest import TINY, handmade_upload, without_seconds
 from engines.inprocess import InProcess
@@ -139,6 +140,107 @@ def test_claimed_counts_are_cut_to_the_registered_ones(tiny_model, make_conf):
     assert_close(flat_globals(server), moved_by([step] * 6, [step] * 2))
 
 
+# ---- defenses, by hand ----------------------------------------------------------------------------------------
+
+def sparse(num_samples, w_diff, w_kept, b_diff, b_kept):
+    return handmade_upload(num_samples, [w_diff, b_diff], [w_kept, b_kept])
+
+
+# A: weight entries 0-2 and bias 0; B: weight 1-3 and bias 1; C: weight 2-4 and both biases; weight 5: nobody
+SPARSE = [sparse(1, [1, 2, 3, 4, 5, 6], [0, 1, 2], [10, 20], [0]),
+          sparse(3, [5, 6, 7, 8, 9, 10], [1, 2, 3], [30, 40], [1]),
+          sparse(2, [-1, -2, -3, -4, -5, -6], [2, 3, 4], [-10, -20], [0, 1])]
+# four dense uploads and a fifth that sends weight entries 0-2 only
+FIVE = [handmade_upload(1, [[v] * 6, [v - 1, v - 1]]) for v in (1, 2, 3)] + [
+    handmade_upload(1, [[4] * 6, [3, 30]]), sparse(1, [100, -100, 0, 0, 0, 0], [0, 1, 2], [0, 0], [])]
+
+
+def aggregated(tiny_model, make_conf, uploads, **settings):
+    server = Server(tiny_model, make_conf(**settings), CPU)
+    for upload in uploads:
+        assert server.receive(upload) is None
+    assert server.aggregate() is None
+    return flat_globals(server)
+
+
+def test_median_per_entry_over_its_senders(tiny_model, make_conf):
+    got = aggregated(tiny_model, make_conf, SPARSE, defense="median")
+    # w0: A 1 | w1: A 2, B 6 -> 4 | w2: A 3, B 7, C -3 -> 3 | w3: B 8, C -4 -> 2 | w4: C -5 | w5: nobody -> 0
+    # b0: A 10, C -10 -> 0 | b1: B 40, C -20 -> 10; unweighted: the counts 1, 3, 2 do not enter
+    assert_close(got, moved_by([1, 4, 3, 2, -5, 0], [0, 10]))
+
+
+def test_median_of_five(tiny_model, make_conf):
+    got = aggregated(tiny_model, make_conf, FIVE, defense="median")
+    # w0: 1 2 3 4 100 -> 3 | w1: -100 1 2 3 4 -> 2 | w2: 0 1 2 3 4 -> 2 | w3-w5: 1 2 3 4 -> 2.5
+    # b0: 0 1 2 3 -> 1.5 | b1: 0 1 2 30 -> 1.5
+    assert_close(got, moved_by([3, 2, 2, 2.5, 2.5, 2.5], [1.5, 1.5]))
+
+
+def test_trimmed_mean_drops_a_fraction_of_each_entrys_senders(tiny_model, make_conf):
+    got = aggregated(tiny_model, make_conf, FIVE, defense="trimmed_mean", trim_fraction=0.2)
+    # five senders: floor(0.2 * 5) = 1 dropped at each end; four: floor(0.8) = 0, the plain mean
+    # w0: 2 3 4 -> 3 | w1: 1 2 3 -> 2 | w2: 1 2 3 -> 2 | w3-w5: 2.5 | b0: 1.5 | b1: (0 + 1 + 2 + 30) / 4
+    assert_close(got, moved_by([3, 2, 2, 2.5, 2.5, 2.5], [1.5, 8.25]))
+
+
+def test_trimmed_mean_of_sparse_uploads(tiny_model, make_conf):
+    got = aggregated(tiny_model, make_conf, SPARSE, defense="trimmed_mean", trim_fraction=0.4)
+    # three senders: floor(1.2) = 1 at each end, the middle one; two: floor(0.8) = 0, their mean; one: itself
+    assert_close(got, moved_by([1, 4, 3, 2, -5, 0], [0, 10]))
+
+
+def test_norm_bound_to_a_fixed_norm(tiny_model, make_conf):
+    uploads = [handmade_upload(1, [[3, 4, 0, 0, 0, 0], [0, 0]]),  # norm 5: scaled to 1, [0.6, 0.8]
+               handmade_upload(1, [[0.3, 0, 0, 0, 0, 0], [0, 0.4]])]  # norm 0.5: kept
+    got = aggregated(tiny_model, make_conf, uploads, defense="norm_bound", clip_norm=1.0, aggregation="mean")
+    assert_close(got, moved_by([0.45, 0.4, 0, 0, 0, 0], [0, 0.2]))
+
+
+def test_norm_bound_to_a_multiple_of_the_median_norm_of_sparse_uploads(tiny_model, make_conf):
+    uploads = [sparse(1, [1, 0, 0, 0, 0, 0], [0], [0, 0], []),  # norm 1
+               sparse(1, [0, 2, 0, 0, 0, 0], [1], [0, 0], []),  # norm 2, the median: the bound is 2 * 2 = 4
+               sparse(1, [6, 8, 0, 0, 0, 0], [0, 1], [0, 0], [])]  # norm 10 over what was sent: [2.4, 3.2]
+    got = aggregated(tiny_model, make_conf, uploads, defense="norm_bound", clip_multiple=2.0)
+    # masked_mean: w0 (1 + 2.4) / 2, w1 (2 + 3.2) / 2; nothing else was sent
+    assert_close(got, moved_by([1.7, 2.6, 0, 0, 0, 0], [0, 0]))
+
+
+def test_norm_bound_of_two_uploads_uses_the_smaller_norm(tiny_model, make_conf):
+    uploads = [handmade_upload(1, [[1, 0, 0, 0, 0, 0], [0, 0]]), handmade_upload(1, [[0, 100, 0, 0, 0, 0], [0, 0]])]
+    got = aggregated(tiny_model, make_conf, uploads, defense="norm_bound", aggregation="mean")
+    # norms 1 and 100: the bound is 2 * 1, the boosted upload becomes [0, 2]
+    assert_close(got, moved_by([0.5, 1, 0, 0, 0, 0], [0, 0]))
+
+
+def test_geometric_median_of_two_agreeing_uploads_and_an_outlier(tiny_model, make_conf):
+    """Points a, a, b with equal weights: Weiszfeld from the mean (a third of the way to b) leaves a fraction f of
+    b - a, then f / (2 - f): 1/3, 1/5, 1/9, ..., 1 / (2^(i+1) + 1) after i iterations (the mean keeps 1/3)."""
+    uploads = [handmade_upload(10, [[1] * 6, [1, 1]])] * 2 + [handmade_upload(10, [[66] * 6, [66, 66]])]
+    got = aggregated(tiny_model, make_conf, uploads, defense="geometric_median")
+    step = 1 + 65 / (2 ** (robust.WEISZFELD_ITERATIONS + 1) + 1)
+    assert_close(got, moved_by([step] * 6, [step] * 2))
+    assert robust.WEISZFELD_ITERATIONS == 5 and step == 2  # 65 = 2^6 + 1: a step of 1 + 1
+
+
+def test_geometric_median_of_sparse_weighted_uploads_against_a_plain_loop(tiny_model, make_conf):
+    got = aggregated(tiny_model, make_conf, SPARSE, defense="geometric_median")
+    # what the server reconstructs of A, B, C (unsent = 0), weighted by their counts 1, 3, 2
+    points = [[1, 2, 3, 0, 0, 0, 10, 0], [0, 6, 7, 8, 0, 0, 0, 40], [0, 0, -3, -4, -5, 0, -10, -20]]
+    weights = [1, 3, 2]
+    z = [sum(w * p[j] for w, p in zip(weights, points)) / sum(weights) for j in range(8)]
+    for _ in range(robust.WEISZFELD_ITERATIONS):
+        betas = [w / max(1e-6, math.sqrt(sum((z[j] - p[j]) ** 2 for j in range(8)))) for w, p in zip(weights, points)]
+        z = [sum(b * p[j] for b, p in zip(betas, points)) / sum(betas) for j in range(8)]
+    assert_close(got, moved_by(z[:6], z[6:]))
+
+
+def test_a_defense_that_changes_nothing_leaves_the_run_bit_identical(make_conf, tmp_path):
+    plain = federation.run(make_conf(), str(tmp_path / "plain"), False, InProcess)
+    unclipped = federation.run(make_conf(defense="norm_bound", clip_norm=1e30), str(tmp_path / "bound"), False,
+                               InProcess)
+    assert without_seconds(unclipped) == without_seconds(plain)
+
 
 # ---- attacks ------------------------------------------------------------------------------------------------------
 
@@ -225,7 +327,9 @@ def test_registered_counts_leave_honest_runs_as_they_were(make_conf, tmp_path, m
 
 @pytest.mark.parametrize("settings, message", [
     (dict(attackers=5), "error: config key 'attackers' (5) must not exceed 'no_models' (4)"),
-    (dict(attack="backdoor"), "error: config key 'attack' must be one of scale, sign_flip, noise, count"),
+    (dict(trim_fraction=0.5), "error: config key 'trim_fraction' must be < 0.5"),
+    (dict(defense="krum"), "error: config key 'defense' must be one of none, norm_bound, median, trimmed_mean, "
+                           "geometric_median"),
     (dict(attack_from=0), "error: config key 'attack_from' must be >= 1"),
 ])
 def test_impossible_settings_are_one_error_line(write_conf, run_main, tmp_path, settings, message):
@@ -233,6 +337,8 @@ def test_impossible_settings_are_one_error_line(write_conf, run_main, tmp_path, 
     assert status == 2 and err.startswith(message) and len(err.strip().splitlines()) == 1
 
 
-def test_plot_labels_leave_out_the_attack_keys_without_attackers():
-    assert {"attack", "attack_scale", "attack_from"} <= plot.unused_keys(config.DEFAULTS)
-    assert not {"attack", "attack_scale", "attack_from"} & plot.unused_keys({**config.DEFAULTS, "attackers": 1})
+def test_plot_labels_leave_out_the_keys_of_other_defenses_and_of_absent_attackers():
+    median = plot.unused_keys({**config.DEFAULTS, "defense": "median"})
+    assert {"clip_norm", "clip_multiple", "trim_fraction", "attack", "attack_scale", "attack_from"} <= median
+    attacked = plot.unused_keys({**config.DEFAULTS, "defense": "norm_bound", "attackers": 1})
+    assert not {"clip_norm", "clip_multiple", "attack", "attack_scale", "attack_from"} & attacked
