@@ -1,6 +1,6 @@
-"""Robustness: by default one hostile client cannot wreck a run (its claimed example count is cut to its share's, and a
-round after which the test loss is not finite is rolled back); the defenses on hand-computed numbers, sparse uploads
-included; the simulated attacks; honest runs unchanged."""
+"""Robustness: by default one hostile client can neither outweigh the others by its claim (cut to its share's size)
+nor leave the model non-finite (a round after which the test loss is not finite is rolled back); the defenses on
+hand-computed numbers, sparse uploads included; the simulated attacks; honest runs unchanged."""
 import copy
 import math
 import struct
