@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import codec
+import robust
 from utils.seeding import derive_seed, generator
 
 
@@ -62,11 +63,17 @@ class Client:
         diffs = [(local_state[name] - global_state[name]).flatten() for name in names]
         if self.residual is not None:
             diffs = [diff + residual for diff, residual in zip(diffs, self.residual)]
-        encoded = codec.encode(self.conf, diffs, len(self.indices), self.mask_seed(round_index))
+        num_samples, mask_seed = len(self.indices), self.mask_seed(round_index)
+        encoded = codec.encode(self.conf, diffs, num_samples, mask_seed)
         if self.conf["error_feedback"]:
             decay = self.conf["residual_decay"]
             self.residual = [unreceived(diff, kept, sent).mul_(decay)
                              for diff, kept, sent in zip(diffs, encoded.positions, encoded.values)]
+        if robust.attacks(self.conf, self.id, round_index):
+            # it keeps an honest client's residual, so that its attack has the same strength every round, and sends
+            # its attacked diff through the same codec
+            attacked, num_samples = robust.attack(self.conf, diffs, num_samples, self.id, round_index)
+            encoded = codec.encode(self.conf, attacked, num_samples, mask_seed)
         return Upload(self.id, encoded.payload, train_loss)
 
 

@@ -93,6 +93,12 @@ def decode(payload, numels):
     return num_samples, positions, values
 
 
+def with_num_samples(payload, num_samples):
+    """`payload`, a well-formed upload, claiming `num_samples` examples instead (only its header changes)."""
+    version, sparsifier_id, quantizer_id, _, num_tensors = HEADER.unpack_from(payload)
+    return HEADER.pack(version, sparsifier_id, quantizer_id, num_samples, num_tensors) + payload[HEADER.size:]
+
+
 def dense_size(numels):
     """Bytes of a dense f32 payload of a model with `numels` entries per tensor (a dense upload, or the download)."""
     return HEADER.size + 4 * sum(numels)

@@ -2,8 +2,9 @@
 
 A download method (config key `download`) decides what a round broadcasts and so how the global model moves:
     dense       nothing is broadcast; each sampled client receives the global model, f32 (today's FedAvg).
-    relay       the round's accepted uploads, as they arrived; a client replays them through the server's own
-                aggregation code (server.Server), so its model is the server's bit for bit.
+    relay       the round's accepted uploads, as they arrived but claiming the example count the server weighed each
+                by; a client replays them through the server's own aggregation code (server.Server), so its model is
+                the server's bit for bit.
     compressed  the server's step plus its residual, coded by the codec under the download_* keys; the global model
                 moves by exactly what was broadcast, decode(encode(step + residual)), and the residual keeps the rest.
 
@@ -12,6 +13,7 @@ together), the round in which each entry last changed, and the round up to which
 integer per client. A sampled client receives the cheapest of (a) the messages it missed, replayed in order, (b) the
 entries changed since its last sync, positions plus their f32 values, (c) the dense model. codec.py writes and reads
 every byte of it (`encode_sync`); `apply_sync` is the client's side, run on a `Server` around the client's own model.
+A round the server rolls back (Server.roll_back) is logged as one that kept the model: an empty message.
 """
 import collections
 import hashlib
@@ -38,6 +40,9 @@ class Dense:
 
     def commit(self):
         """The model moved by what broadcast returned: keep what goes with it."""
+
+    def roll_back(self):
+        """The last committed move was undone: go back to what was kept before it."""
 
     def state(self):
         return None
@@ -77,6 +82,7 @@ class Compressed(Dense):
         self.seed = conf["seed"]
         self.residual = None  # what the server's steps have not yet broadcast (flat f32 tensors)
         self.pending = None
+        self.previous = None  # the residual before the last commit
 
     def broadcast(self, update, accepted, round_index):
         step = update if self.residual is None else [u + r for u, r in zip(update, self.residual)]
@@ -86,7 +92,10 @@ class Compressed(Dense):
         return moved, [payload]
 
     def commit(self):
-        self.residual = self.pending
+        self.previous, self.residual = self.residual, self.pending
+
+    def roll_back(self):
+        self.residual = self.previous
 
     @staticmethod
     def delta(payload, numels, device):
@@ -102,8 +111,8 @@ class Compressed(Dense):
 
     @classmethod
     def replay(cls, replica, message):
-        (payload,) = message
-        replica.move(cls.delta(payload, replica.numels, replica.globals[0].device))
+        for payload in message:  # one payload, or none for a round that kept the model as it was
+            replica.move(cls.delta(payload, replica.numels, replica.globals[0].device))
 
     def state(self):
         return self.residual
@@ -129,15 +138,31 @@ class Syncs:
         # per entry, the version that last changed it: what a client at version v lacks is where this exceeds v
         self.last_changed = [torch.zeros(n, dtype=torch.int32, device=device) for n in numels] if self.logs else None
         self.dense_cache = (None, None)
+        self.before = None  # what roll_back restores: the log and the changed entries' versions before the last round
 
     def record(self, message, changed):
         """The round's message (None: the model stayed as it was) and, per tensor, which entries it changed."""
         self.version += 1
         if not self.logs:
             return
+        self.before = (collections.deque(self.log), self.log_bytes,
+                       [(now, last[now]) for last, now in zip(self.last_changed, changed or [])])
         for last, now in zip(self.last_changed, changed or []):
             last[now] = self.version
-        message = message or []
+        self._log(message or [])
+
+    def roll_back(self):
+        """The last round's move was undone: it is logged as a round that kept the model as it was (an empty message),
+        and its entries' versions are what they were."""
+        self.dense_cache = (None, None)  # coded at this version from the model before it went back
+        if not self.logs:
+            return
+        self.log, self.log_bytes, changed = self.before
+        for last, (now, previous) in zip(self.last_changed, changed):
+            last[now] = previous
+        self._log([])
+
+    def _log(self, message):
         self.log.append((self.version, message))
         self.log_bytes += codec.replay_size([message]) - codec.replay_size([])
         while self.log_bytes > self.dense_size:  # a replay longer than this never beats the dense model

@@ -8,6 +8,7 @@ uploads into the server's sums, aggregate (which moves the model by what the dow
 and save the round to the run folder.
 """
 import copy
+import math
 import sys
 import time
 
@@ -46,7 +47,7 @@ def run(conf, out, resume, transport_factory):
               "error is fed back); set mask to 'round' to send it", file=sys.stderr)
     torch.manual_seed(derive_seed(conf["seed"], "init"))
     server = Server(models.build(conf["model_name"], dataset.image_shape, dataset.num_classes, conf["pretrained"]),
-                    conf, device)
+                    conf, device, registered=[len(share) for share in shares])
     with run_files.locked(out):
         if not resume and run_files.holds_run(out):  # another run finished here since the command line was checked
             raise RunError(f"{out} already holds a run: continue it with --resume, or choose another --out")
@@ -66,7 +67,8 @@ def run(conf, out, resume, transport_factory):
 
 
 def play_round(round_index, conf, server, transport, dataset, show_progress=False):
-    """One round: sample, synchronize, train, receive, aggregate, evaluate; returns its metrics row."""
+    """One round: sample, synchronize, train, receive, aggregate, evaluate (and roll back a round after which the test
+    loss is not finite); returns its metrics row."""
     started = time.perf_counter()
     chosen = sample_clients(conf, round_index)
     syncs = {client_id: server.sync(client_id) for client_id in chosen}  # (the bytes it downloads, their kind)
@@ -75,7 +77,7 @@ def play_round(round_index, conf, server, transport, dataset, show_progress=Fals
                               progress)
     upload_bytes, rejected = 0, 0
     for upload in uploads:
-        problem = upload.problem or server.receive(upload.payload)
+        problem = upload.problem or server.receive(upload.payload, upload.client_id)
         if upload.problem:  # nothing usable came back: what the client's model is now, the server cannot tell
             server.syncs.forget(upload.client_id)
         if problem:
@@ -88,6 +90,11 @@ def play_round(round_index, conf, server, transport, dataset, show_progress=Fals
     if kept:
         print(f"round {round_index}: the global model stays as it was: {kept}", file=sys.stderr)
     accuracy, loss = server.evaluate(dataset.test_images, dataset.test_labels)
+    if kept is None and not math.isfinite(loss):  # finite uploads can do this: one of 1e30 in every entry
+        kept = "the test loss after it was not finite"
+        server.roll_back()
+        print(f"round {round_index}: rolled back: {kept}", file=sys.stderr)
+        accuracy, loss = server.evaluate(dataset.test_images, dataset.test_labels)
     download_bytes = sum(len(sync) for sync, _ in syncs.values())
     kinds = [kind for _, kind in syncs.values()]
     return {

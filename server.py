@@ -8,18 +8,23 @@ import torch.nn.functional as F
 
 import codec
 import downloads
+import robust
 
 EVAL_BATCH_SIZE = 256  # on a CPU, larger batches fall out of cache and run slower per image
 
 
 class Server:
-    def __init__(self, model, conf, device):
+    def __init__(self, model, conf, device, registered=None):
         self.model = model.to(device)
         self.conf = conf
+        # per client, the examples its share holds, known from enrollment: the most an upload of it may claim (None in
+        # a replica: the uploads it replays carry the counts the server used)
+        self.registered = registered
         # the global model's floating tensors, in the order uploads carry them (flattened, in logical order)
         self.globals = [t for t in self.model.state_dict().values() if torch.is_floating_point(t)]
         self.numels = [t.numel() for t in self.globals]
         self.velocity = None  # server momentum buffer, created on first use
+        self.undo = None  # what roll_back restores: the global tensors and the momentum before the last move
         self.download = downloads.METHODS[conf["download"]](conf, self.numels)  # what a round broadcasts
         self.syncs = downloads.Syncs(conf, self.numels, device)  # what each client holds and downloads
         self._start_round()
@@ -32,6 +37,7 @@ class Server:
         self.accepted = 0
         self.received_entries = 0  # diff entries carried by accepted uploads
         self.accepted_payloads = []  # what a relay download forwards
+        self.uploads = []  # with a defense: the round's decoded uploads, which it looks at together before summing
 
     def global_state(self):
         return self.model.state_dict()
@@ -40,31 +46,43 @@ class Server:
         """The global model's floating tensors, flattened in logical order (copies where memory is channels-last)."""
         return [t.flatten() for t in self.globals]
 
-    def receive(self, upload_bytes):
-        """Decode one upload and add it to this round's sums; returns None, or why it was rejected."""
+    def receive(self, upload_bytes, client_id=None):
+        """Decode one upload of `client_id` into this round's sums (with a defense: keep it for the step); returns None,
+        or why it was rejected. Its claimed example count weighs it, cut to the client's registered count: a client
+        may lower its weight, never raise it above its share's."""
         try:
-            num_samples, positions, values = codec.decode(upload_bytes, self.numels)
+            claimed, positions, values = codec.decode(upload_bytes, self.numels)
         except codec.PayloadError as e:
             return f"malformed payload ({e})"
-        if num_samples == 0:
+        if claimed == 0:
             return "claims 0 training examples, so it has no weight"
         if not all(torch.isfinite(v).all() for v in values):
             return "holds NaN or Inf"
+        num_samples = claimed if self.registered is None else min(claimed, self.registered[client_id])
         device = self.globals[0].device
-        for weighted_sum, weight, kept, value in zip(self.weighted_sums, self.weights, positions, values):
-            value = value.to(device, torch.float64) * num_samples
-            if kept is None:
-                weighted_sum += value
-                weight += num_samples
-            else:
-                kept = kept.to(device)
-                weighted_sum.index_add_(0, kept, value)
-                weight.index_add_(0, kept, torch.full_like(value, num_samples))
-        self.total_weight += num_samples
+        upload = robust.Decoded(num_samples, [None if kept is None else kept.to(device) for kept in positions],
+                                [value.to(device, torch.float64) for value in values])
+        if self.conf["defense"] == "none":
+            self._add(upload)
+        else:
+            self.uploads.append(upload)
         self.accepted += 1
-        self.accepted_payloads.append(upload_bytes)
+        # forwarded with the count it was weighed by, so that a client replaying the round weighs it the same
+        self.accepted_payloads.append(codec.with_num_samples(upload_bytes, num_samples))
         self.received_entries += sum(len(v) for v in values)
         return None
+
+    def _add(self, upload):
+        """Add a decoded upload to this round's sums, weighted by its example count."""
+        for weighted_sum, weight, kept, value in zip(self.weighted_sums, self.weights, upload.positions, upload.values):
+            value = value * upload.count
+            if kept is None:
+                weighted_sum += value
+                weight += upload.count
+            else:
+                weighted_sum.index_add_(0, kept, value)
+                weight.index_add_(0, kept, torch.full_like(value, upload.count))
+        self.total_weight += upload.count
 
     def sync(self, client_id):
         """The bytes `client_id` downloads to hold the global model now, and which kind of sync they are."""
@@ -75,13 +93,16 @@ class Server:
         """Move the global model by this round's accepted uploads under the configured rule, then start afresh.
 
         Returns None when the model moved, or why it stayed as it was: no upload was accepted, the step would have
-        made the global model (or the server momentum) non-finite, or it changed no entry."""
+        made the global model (or the server momentum) non-finite, or it changed no entry. After a move, `roll_back`
+        can undo it until the next aggregate."""
         problem, message, changed = "no upload was accepted", None, None
         if self.accepted:
             update, velocity = self._step()
             moved, message = self.download.broadcast(update, self.accepted_payloads, round_index)
+            before = [g.clone() for g in self.globals]
             problem, changed = self.move(moved, velocity or [])
             if changed is not None:
+                self.undo = (before, self.velocity)
                 self.download.commit()
                 if velocity is not None:
                     self.velocity = velocity
@@ -91,9 +112,21 @@ class Server:
         self._start_round()
         return problem
 
+    @torch.no_grad()
+    def roll_back(self):
+        """Undo the last aggregate's move: the model, the server momentum, the compressed download's residual and the
+        round's log entry become what a round that kept the model as it was leaves (its message is empty, so a client
+        replaying the round stays in sync)."""
+        before, self.velocity = self.undo
+        for global_tensor, previous in zip(self.globals, before):
+            global_tensor.copy_(previous)
+        self.download.roll_back()
+        self.syncs.roll_back()
+
     def _step(self):
-        """The round's update under the aggregation rule (with server momentum), and the momentum it leaves."""
-        updates = [self._update(s, w).float() for s, w in zip(self.weighted_sums, self.weights)]
+        """The round's update under the defense and the aggregation rule (with server momentum), and the momentum it
+        leaves."""
+        updates = [update.float() for update in self._updates()]
         velocity = None
         if self.conf["server_momentum"]:
             beta = self.conf["server_momentum"]
@@ -124,7 +157,22 @@ class Server:
             flat[slice(None) if kept is None else kept.to(flat.device)] = value.to(flat.device)
             global_tensor.copy_(flat.view(global_tensor.shape))
 
-    def _update(self, weighted_sum, weight):
+    def _updates(self):
+        """Per tensor, the round's update in float64: a robust statistic of the uploads, or the aggregation rule over
+        the sums (of the uploads as norm_bound leaves them)."""
+        defense = self.conf["defense"]
+        if defense == "median":
+            return robust.per_entry(self.uploads, self.numels, robust.median)
+        if defense == "trimmed_mean":
+            return robust.per_entry(self.uploads, self.numels, robust.trimmed(self.conf["trim_fraction"]))
+        if defense == "geometric_median":
+            return robust.geometric_median(self.uploads, self.numels)
+        if defense == "norm_bound":
+            for upload in robust.norm_bound(self.uploads, self.conf["clip_norm"], self.conf["clip_multiple"]):
+                self._add(upload)
+        return [self._rule(s, w) for s, w in zip(self.weighted_sums, self.weights)]
+
+    def _rule(self, weighted_sum, weight):
         rule = self.conf["aggregation"]
         if rule == "masked_mean":  # per entry, over the clients that sent it; unsent entries do not move
             return torch.where(weight > 0, weighted_sum / weight.clamp(min=1e-12), 0.0)

@@ -9,6 +9,7 @@
 #   bash figures/reproduce.sh seeds        # the winners again on seed 1 (runs/seed1)
 #   bash figures/reproduce.sh chapter      # the chapter's prop sweep, masked_mean and the chapter's lambda rule
 #   bash figures/reproduce.sh twoway       # downloads too: relay and compressed, two seeds, and 100 clients (runs/twoway)
+#   bash figures/reproduce.sh robust       # defenses, honest and against one 100x booster of 10, k=5 (runs/robust)
 #   bash figures/reproduce.sh figures      # draw the figures and print the tables from finished runs
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -102,6 +103,18 @@ if [ "$what" = all ] || [ "$what" = twoway ]; then  # both directions coded: STC
   job $d/dense --set no_models=100 --set k=10 --set sparsifier=none
   job $d/down0.02 --set no_models=100 --set k=10 "${stc[@]}" --set prop=0.04 "${down[@]}" --set download_prop=0.02
   run_queue
+fi
+if [ "$what" = all ] || [ "$what" = robust ]; then  # k=5 of 10; client 0 boosts its update 100x when sampled
+  for method in dense stc0.04; do
+    if [ $method = dense ]; then up=(--set sparsifier=none); else up=("${stc[@]}" --set prop=0.04); fi
+    for defense in none norm_bound median trimmed_mean geometric_median; do
+      job runs/robust/$method/honest-$defense   --set k=5 "${up[@]}" --set defense=$defense
+      job runs/robust/$method/boost100-$defense --set k=5 "${up[@]}" --set defense=$defense --set attackers=1 \
+        --set attack=scale --set attack_scale=100
+    done
+  done
+  run_queue
+  for method in dense stc0.04; do python -m utils.plot runs/robust/$method/* --table; done
 fi
 if [ "$what" = all ] || [ "$what" = figures ]; then  # every figure in figures/ is drawn here, and only here
   finished() {  # finished RUN...: whether every run has its 30 rounds

@@ -242,3 +242,44 @@ def test_resume_continues_a_compressed_download_exactly(write_conf, run_main, tm
     whole, split = read_csv(tmp_path / "whole" / "metrics.csv"), read_csv(tmp_path / "split" / "metrics.csv")
     assert without_seconds(split) == without_seconds(whole)
     assert sum(int(r["download_bytes"]) for r in whole) > 0
+
+
+def test_a_round_that_kept_the_model_replays_as_nothing(make_conf):
+    """A compressed download logs a refused round (every upload rejected) as an empty message: a client that missed
+    it replays it as no move, not as an error."""
+    conf = make_conf(download="compressed")  # top-k 4% of the step, ternary: a message far smaller than the model
+    server = Server(models.build("cnn", (1, 16, 16), 10), conf, CPU)
+    replica = Server(copy.deepcopy(server.model), conf, CPU)
+    upload = codec.encode({"sparsifier": "none", "quantize": "none"}, [torch.randn(n) * 1e-3 for n in server.numels],
+                          10).payload
+    assert server.aggregate() == "no upload was accepted"
+    assert server.receive(upload) is None and server.aggregate() is None
+    sync, kind = server.sync(client_id=0)
+    assert kind == "replay" and parse_sync(sync)[1][0] == []
+    downloads.apply_sync(sync, replica)
+    assert_same_model(replica.global_state(), server.global_state())
+
+
+@pytest.mark.parametrize("download", ["relay", "compressed"])
+def test_every_client_holds_the_servers_model_through_a_rollback(make_conf, tmp_path, capsys, download):
+    """Client 0 boosts its upload 1e30 times from round 3: each round it is sampled in is rolled back, and is logged
+    as an empty message that clients replay as no move."""
+    conf = dict(STC, no_models=4, k=2, global_epochs=8, download=download, attackers=1, attack_scale=1e30,
+                attack_from=3)
+    rows, replicas = run_with(make_conf, tmp_path, "replicas", Replicas, **conf)  # asserts inside, every sync
+    refused = [row["round"] for row in rows if row["refused"]]
+    assert refused and all(row["round"] >= 3 and "0" in row["clients"].split() for row in rows if row["refused"])
+    assert capsys.readouterr().err.count("rolled back: the test loss after it was not finite") == len(refused)
+    replayed_empty = [(round_index, client) for round_index, client, sync in replicas.syncs_seen
+                      if sync and sync[0] == 0 and [] in parse_sync(sync)[1]]
+    assert replayed_empty  # some client replayed a rolled-back round
+    expected, _ = run_with(make_conf, tmp_path, "inprocess", **conf)
+    assert without_seconds(rows) == without_seconds(expected)
+
+
+def test_a_relay_forwards_the_example_count_the_server_used(make_conf, tmp_path):
+    """Client 0 claims 2^32-1 examples; the server weighs it by its share, and so does every client replaying it."""
+    conf = dict(STC, no_models=4, k=2, global_epochs=4, download="relay")
+    rows, _ = run_with(make_conf, tmp_path, "replicas", Replicas, **conf, attackers=1, attack="count")  # asserts inside
+    honest, _ = run_with(make_conf, tmp_path, "honest", **conf)
+    assert without_seconds(rows) == without_seconds(honest)

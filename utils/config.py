@@ -8,6 +8,7 @@ import reprlib
 
 import codec
 import downloads
+import robust
 
 # key: (default, meaning). The chapter's keys come first, with the chapter's meaning.
 KEYS = {
@@ -49,6 +50,21 @@ KEYS = {
     "partition": ("iid", "iid | dirichlet (label mix per client ~ Dirichlet(alpha)) | shards (few labels per client)"),
     "alpha": (0.5, "Dirichlet concentration for partition='dirichlet': small is skewed, large is near IID"),
     "shards_per_client": (2, "partition='shards': how many labels (one shard each) every client holds"),
+    "defense": ("none", "the server's robust step: none (the aggregation rule) | norm_bound (each upload clipped in L2 "
+                        "norm, then the aggregation rule) | median | trimmed_mean (per entry, over the clients that "
+                        "sent it, unweighted) | geometric_median (RFA; unsent = 0, weighted by example counts)"),
+    "clip_norm": (0.0, "defense=norm_bound: the L2 norm each decoded upload is clipped to; 0: clip_multiple times the "
+                       "round's median norm"),
+    "clip_multiple": (2.0, "defense=norm_bound with clip_norm 0: the bound, as a multiple of the round's median upload "
+                           "norm"),
+    "trim_fraction": (0.2, "defense=trimmed_mean: per entry, floor(trim_fraction * senders) values are dropped at each "
+                           "end (< 0.5)"),
+    "attackers": (0, "simulated attack: clients 0 .. attackers-1 are malicious (0: none)"),
+    "attack": ("scale", "what a malicious client does before coding its diff: scale (times attack_scale) | sign_flip "
+                        "(times -attack_scale) | noise (plus Gaussian noise, attack_scale times each tensor's own std) "
+                        "| count (claims 2^32-1 examples)"),
+    "attack_scale": (100.0, "the attack's strength: the factor of scale and sign_flip, the noise's std in diff stds"),
+    "attack_from": (1, "the first round in which the malicious clients attack"),
 }
 DEFAULTS = {key: default for key, (default, _) in KEYS.items()}
 
@@ -66,6 +82,8 @@ CHOICES = {
     "download_topk_scope": ("tensor", "model"),
     "download_first_contact": ("seed", "dense"),
     "partition": ("iid", "dirichlet", "shards"),
+    "defense": robust.DEFENSES,
+    "attack": robust.ATTACKS,
 }
 
 # key: (lowest, highest, whether the lowest is allowed)
@@ -85,6 +103,12 @@ RANGES = {
     "download_prop": (0, 1, True),
     "alpha": (0, math.inf, False),
     "shards_per_client": (1, math.inf, True),
+    "clip_norm": (0, math.inf, True),
+    "clip_multiple": (0, math.inf, False),
+    "trim_fraction": (0, 0.5, True),  # 0.5 itself is refused below
+    "attackers": (0, math.inf, True),
+    "attack_scale": (0, math.inf, True),
+    "attack_from": (1, math.inf, True),
 }
 
 
@@ -129,6 +153,12 @@ def validate(overrides):
                                   f"got {shown(value)}")
     if conf["k"] > conf["no_models"]:
         raise ConfigError(f"config key 'k' ({conf['k']}) must not exceed 'no_models' ({conf['no_models']})")
+    if conf["attackers"] > conf["no_models"]:
+        raise ConfigError(f"config key 'attackers' ({conf['attackers']}) must not exceed 'no_models' "
+                          f"({conf['no_models']})")
+    if conf["trim_fraction"] >= 0.5:
+        raise ConfigError(f"config key 'trim_fraction' must be < 0.5 (trimming half from each end leaves nothing), got "
+                          f"{shown(conf['trim_fraction'])}")
     if conf["download"] == "relay" and conf["server_momentum"]:
         raise ConfigError("download 'relay' cannot be used with server_momentum: a client replaying the uploads would "
                           "need the server's momentum too; use download 'compressed' (the server broadcasts its step) "

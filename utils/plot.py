@@ -27,6 +27,8 @@ SPARSIFIER_KEYS = {key for cls in codec.SPARSIFIERS.values() for key in cls.keys
 ERROR_FEEDBACK_KEYS = {"error_feedback", "residual_decay"}
 COMPRESSED_DOWNLOAD_KEYS = {"download_sparsifier", "download_prop", "download_quantize", "download_topk_scope",
                             "download_error_feedback"}
+DEFENSE_KEYS = {"norm_bound": {"clip_norm", "clip_multiple"}, "trimmed_mean": {"trim_fraction"}}
+ATTACK_KEYS = {"attack", "attack_scale", "attack_from"}
 
 
 def unused_keys(conf):
@@ -34,6 +36,9 @@ def unused_keys(conf):
     unused = SPARSIFIER_KEYS - set(codec.SPARSIFIERS[conf["sparsifier"]].keys)
     if conf["download"] != "compressed":
         unused |= COMPRESSED_DOWNLOAD_KEYS | ({"download_first_contact"} if conf["download"] == "dense" else set())
+    unused |= set().union(*DEFENSE_KEYS.values()) - DEFENSE_KEYS.get(conf["defense"], set())
+    if not conf["attackers"]:
+        unused |= ATTACK_KEYS
     lossless = (codec.SPARSIFIERS[conf["sparsifier"]] is codec.Dense
                 and codec.QUANTIZERS[conf["quantize"]] is codec.Float32)
     return unused | ERROR_FEEDBACK_KEYS if lossless else unused  # nothing is lost, so nothing is fed back

@@ -1,0 +1,344 @@
+"""Robustness: by default one hostile client can neither outweigh the others by its claim (cut to its share's size)
+nor leave the model non-finite (a round after which the test loss is not finite is rolled back); the defenses on
+hand-computed numbers, sparse uploads included; the simulated attacks; honest runs unchanged."""
+import copy
+import math
+import struct
+
+import pytest
+import torch
+
+import codec
+import federation
+import models
+import robust
+from client import Client
+from conftest import TINY, handmade_upload, without_seconds
+from engines.inprocess import InProcess
+from server import Server
+from utils import config, partition, plot
+from utils.seeding import derive_seed
+
+CPU = torch.device("cpu")
+MAX_COUNT = 2**32 - 1
+GLOBAL_W = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]  # tiny_model's weight, flattened
+GLOBAL_B = [0.5, -0.5]
+
+
+def hostile_payload(kind, numels, honest):
+    """A hostile upload written by hand from codec.py's layout (version 2, sparsifier none 0, quantizer ternary 4)."""
+    if kind == "dense 1e30":  # finite: it passes every check the decoder makes
+        return handmade_upload(750, [[1e30] * n for n in numels])
+    if kind == "ternary 1e38":  # every entry, one shared magnitude 1e38, every sign bit 0 (+)
+        header = struct.pack("<BBBII", 2, 0, 4, 750, len(numels))
+        return header + bytes([1]) + struct.pack("<f", 1e38) + bytes(math.ceil(sum(numels) / 8))
+    claims_everything = bytearray(honest)  # the honest upload, claiming 2^32-1 examples (u32 at offset 3)
+    struct.pack_into("<I", claims_everything, 3, MAX_COUNT)
+    return bytes(claims_everything)
+
+
+class Hostile(InProcess):
+    """In round 1 the first sampled client's upload is replaced by a hostile one."""
+
+    def __init__(self, conf, dataset, shares, workspace, kind):
+        super().__init__(conf, dataset, shares, workspace)
+        self.kind = kind
+
+    def train(self, chosen, syncs, global_state, round_index, progress=None):
+        uploads = super().train(chosen, syncs, global_state, round_index, progress)
+        if round_index == 1:
+            numels = [t.numel() for t in global_state.values() if torch.is_floating_point(t)]
+            uploads[0].payload = hostile_payload(self.kind, numels, uploads[0].payload)
+        return uploads
+
+
+def flat_globals(server):
+    return [t.tolist() for t in server.flat_globals()]
+
+
+def moved_by(update_w, update_b):
+    return [[g + u for g, u in zip(GLOBAL_W, update_w)], [g + u for g, u in zip(GLOBAL_B, update_b)]]
+
+
+def assert_close(got, expected):
+    for g, e in zip(got, expected):
+        assert g == pytest.approx(e, abs=1e-5)
+
+
+# ---- the safe default: rollback ---------------------------------------------------------------------------------
+
+def test_a_round_made_non_finite_by_one_upload_is_rolled_back(make_conf, synthetic, capsys):
+    conf = make_conf()
+    shares = partition.split(synthetic.train_labels, conf)
+    model = models.build("cnn", synthetic.image_shape, synthetic.num_classes)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    server = Server(model, conf, CPU, registered=[len(share) for share in shares])
+    accuracy, loss = server.evaluate(synthetic.test_images, synthetic.test_labels)
+    transport = Hostile(conf, synthetic, shares, copy.deepcopy(model), "dense 1e30")
+    row = federation.play_round(1, conf, server, transport, synthetic)
+    assert "round 1: rolled back: the test loss after it was not finite" in capsys.readouterr().err
+    assert row["refused"] == 1 and row["rejected"] == 0  # accepted (finite), then undone
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
+    assert (row["accuracy"], row["loss"]) == (round(accuracy, 6), round(loss, 6))  # of the model as it was
+    assert server.syncs.version == 1  # the round happened, and changed nothing
+
+
+def test_roll_back_leaves_what_a_refused_round_leaves(tiny_model, make_conf):
+    """Server momentum, the compressed download's residual and the sync log go back too: after round 2 is rolled
+    back, the server is as one whose round 2 accepted no upload."""
+    conf = make_conf(aggregation="mean", server_momentum=0.5, download="compressed")  # 1 of 8 entries broadcast
+    rolled, refused = Server(tiny_model, conf, CPU), Server(copy.deepcopy(tiny_model), conf, CPU)
+    for server in (rolled, refused):
+        assert server.receive(handmade_upload(1, [[1, -2, 3, 0, 0, 6], [1, 1]])) is None
+        assert server.aggregate(1) is None
+    after_round_1 = flat_globals(rolled)
+    assert rolled.receive(handmade_upload(1, [[1e30] * 6, [1e30] * 2])) is None
+    assert rolled.aggregate(2) is None and flat_globals(rolled) != after_round_1
+    rolled.roll_back()
+    assert refused.aggregate(2) == "no upload was accepted"
+    assert flat_globals(rolled) == flat_globals(refused) == after_round_1
+    assert all(torch.equal(a, b) for a, b in zip(rolled.velocity, refused.velocity))
+    assert all(torch.equal(a, b) for a, b in zip(rolled.download.residual, refused.download.residual))
+    state, expected = rolled.syncs.state(), refused.syncs.state()
+    assert state["version"] == expected["version"] == 2 and state["log"] == expected["log"]
+    assert state["log"][-1] == (2, [])
+    assert all(torch.equal(a, b) for a, b in zip(state["last_changed"], expected["last_changed"]))
+
+
+# ---- the targets: one hostile upload in round 1, default settings ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def honest_run(tmp_path_factory):
+    conf = config.validate({**TINY, "global_epochs": 12, "data_dir": str(tmp_path_factory.mktemp("data"))})
+    return conf, federation.run(conf, str(tmp_path_factory.mktemp("honest")), False, InProcess)
+
+
+@pytest.mark.parametrize("kind", ["dense 1e30", "ternary 1e38"])
+def test_one_hostile_upload_costs_the_run_at_most_a_point(honest_run, tmp_path, kind):
+    conf, honest = honest_run
+    rows = federation.run(conf, str(tmp_path / "run"), False, lambda *args: Hostile(*args, kind))
+    assert [row["refused"] for row in rows] == [1] + [0] * 11  # later honest uploads are accepted again
+    assert all(math.isfinite(row["loss"]) for row in rows)
+    assert abs(rows[-1]["accuracy"] - honest[-1]["accuracy"]) <= 0.01
+
+
+def test_a_claim_of_2_32_minus_1_examples_counts_as_the_clients_share(honest_run, tmp_path):
+    conf, honest = honest_run
+    rows = federation.run(conf, str(tmp_path / "run"), False, lambda *args: Hostile(*args, "count"))
+    assert without_seconds(rows) == without_seconds(honest)
+
+
+def test_claimed_counts_are_cut_to_the_registered_ones(tiny_model, make_conf):
+    server = Server(tiny_model, make_conf(aggregation="mean"), CPU, registered=[1, 3, 10])
+    assert server.receive(handmade_upload(1, [[1] * 6, [1, 1]]), client_id=0) is None  # its share
+    assert server.receive(handmade_upload(MAX_COUNT, [[5] * 6, [5, 5]]), client_id=1) is None  # cut to 3
+    assert server.receive(handmade_upload(4, [[2] * 6, [2, 2]]), client_id=2) is None  # fewer than 10: kept
+    # a relay forwards the counts the server used: the u32 at offset 3 of each payload
+    assert [struct.unpack_from("<I", payload, 3)[0] for payload in server.accepted_payloads] == [1, 3, 4]
+    server.aggregate()
+    step = (1 * 1 + 3 * 5 + 4 * 2) / 8
+    assert_close(flat_globals(server), moved_by([step] * 6, [step] * 2))
+
+
+# ---- defenses, by hand ----------------------------------------------------------------------------------------
+
+def sparse(num_samples, w_diff, w_kept, b_diff, b_kept):
+    return handmade_upload(num_samples, [w_diff, b_diff], [w_kept, b_kept])
+
+
+# A: weight entries 0-2 and bias 0; B: weight 1-3 and bias 1; C: weight 2-4 and both biases; weight 5: nobody
+SPARSE = [sparse(1, [1, 2, 3, 4, 5, 6], [0, 1, 2], [10, 20], [0]),
+          sparse(3, [5, 6, 7, 8, 9, 10], [1, 2, 3], [30, 40], [1]),
+          sparse(2, [-1, -2, -3, -4, -5, -6], [2, 3, 4], [-10, -20], [0, 1])]
+# four dense uploads and a fifth that sends weight entries 0-2 only
+FIVE = [handmade_upload(1, [[v] * 6, [v - 1, v - 1]]) for v in (1, 2, 3)] + [
+    handmade_upload(1, [[4] * 6, [3, 30]]), sparse(1, [100, -100, 0, 0, 0, 0], [0, 1, 2], [0, 0], [])]
+
+
+def aggregated(tiny_model, make_conf, uploads, **settings):
+    server = Server(tiny_model, make_conf(**settings), CPU)
+    for upload in uploads:
+        assert server.receive(upload) is None
+    assert server.aggregate() is None
+    return flat_globals(server)
+
+
+def test_median_per_entry_over_its_senders(tiny_model, make_conf):
+    got = aggregated(tiny_model, make_conf, SPARSE, defense="median")
+    # w0: A 1 | w1: A 2, B 6 -> 4 | w2: A 3, B 7, C -3 -> 3 | w3: B 8, C -4 -> 2 | w4: C -5 | w5: nobody -> 0
+    # b0: A 10, C -10 -> 0 | b1: B 40, C -20 -> 10; unweighted: the counts 1, 3, 2 do not enter
+    assert_close(got, moved_by([1, 4, 3, 2, -5, 0], [0, 10]))
+
+
+def test_median_of_five(tiny_model, make_conf):
+    got = aggregated(tiny_model, make_conf, FIVE, defense="median")
+    # w0: 1 2 3 4 100 -> 3 | w1: -100 1 2 3 4 -> 2 | w2: 0 1 2 3 4 -> 2 | w3-w5: 1 2 3 4 -> 2.5
+    # b0: 0 1 2 3 -> 1.5 | b1: 0 1 2 30 -> 1.5
+    assert_close(got, moved_by([3, 2, 2, 2.5, 2.5, 2.5], [1.5, 1.5]))
+
+
+def test_trimmed_mean_drops_a_fraction_of_each_entrys_senders(tiny_model, make_conf):
+    got = aggregated(tiny_model, make_conf, FIVE, defense="trimmed_mean", trim_fraction=0.2)
+    # five senders: floor(0.2 * 5) = 1 dropped at each end; four: floor(0.8) = 0, the plain mean
+    # w0: 2 3 4 -> 3 | w1: 1 2 3 -> 2 | w2: 1 2 3 -> 2 | w3-w5: 2.5 | b0: 1.5 | b1: (0 + 1 + 2 + 30) / 4
+    assert_close(got, moved_by([3, 2, 2, 2.5, 2.5, 2.5], [1.5, 8.25]))
+
+
+def test_trimmed_mean_of_sparse_uploads(tiny_model, make_conf):
+    got = aggregated(tiny_model, make_conf, SPARSE, defense="trimmed_mean", trim_fraction=0.4)
+    # three senders: floor(1.2) = 1 at each end, the middle one; two: floor(0.8) = 0, their mean; one: itself
+    assert_close(got, moved_by([1, 4, 3, 2, -5, 0], [0, 10]))
+
+
+def test_norm_bound_to_a_fixed_norm(tiny_model, make_conf):
+    uploads = [handmade_upload(1, [[3, 4, 0, 0, 0, 0], [0, 0]]),  # norm 5: scaled to 1, [0.6, 0.8]
+               handmade_upload(1, [[0.3, 0, 0, 0, 0, 0], [0, 0.4]])]  # norm 0.5: kept
+    got = aggregated(tiny_model, make_conf, uploads, defense="norm_bound", clip_norm=1.0, aggregation="mean")
+    assert_close(got, moved_by([0.45, 0.4, 0, 0, 0, 0], [0, 0.2]))
+
+
+def test_norm_bound_to_a_multiple_of_the_median_norm_of_sparse_uploads(tiny_model, make_conf):
+    uploads = [sparse(1, [1, 0, 0, 0, 0, 0], [0], [0, 0], []),  # norm 1
+               sparse(1, [0, 2, 0, 0, 0, 0], [1], [0, 0], []),  # norm 2, the median: the bound is 2 * 2 = 4
+               sparse(1, [6, 8, 0, 0, 0, 0], [0, 1], [0, 0], [])]  # norm 10 over what was sent: [2.4, 3.2]
+    got = aggregated(tiny_model, make_conf, uploads, defense="norm_bound", clip_multiple=2.0)
+    # masked_mean: w0 (1 + 2.4) / 2, w1 (2 + 3.2) / 2; nothing else was sent
+    assert_close(got, moved_by([1.7, 2.6, 0, 0, 0, 0], [0, 0]))
+
+
+def test_norm_bound_of_two_uploads_uses_the_smaller_norm(tiny_model, make_conf):
+    uploads = [handmade_upload(1, [[1, 0, 0, 0, 0, 0], [0, 0]]), handmade_upload(1, [[0, 100, 0, 0, 0, 0], [0, 0]])]
+    got = aggregated(tiny_model, make_conf, uploads, defense="norm_bound", aggregation="mean")
+    # norms 1 and 100: the bound is 2 * 1, the boosted upload becomes [0, 2]
+    assert_close(got, moved_by([0.5, 1, 0, 0, 0, 0], [0, 0]))
+
+
+def test_geometric_median_of_two_agreeing_uploads_and_an_outlier(tiny_model, make_conf):
+    """Points a, a, b with equal weights: Weiszfeld from the mean (a third of the way to b) leaves a fraction f of
+    b - a, then f / (2 - f): 1/3, 1/5, 1/9, ..., 1 / (2^(i+1) + 1) after i iterations (the mean keeps 1/3)."""
+    uploads = [handmade_upload(10, [[1] * 6, [1, 1]])] * 2 + [handmade_upload(10, [[66] * 6, [66, 66]])]
+    got = aggregated(tiny_model, make_conf, uploads, defense="geometric_median")
+    step = 1 + 65 / (2 ** (robust.WEISZFELD_ITERATIONS + 1) + 1)
+    assert_close(got, moved_by([step] * 6, [step] * 2))
+    assert robust.WEISZFELD_ITERATIONS == 5 and step == 2  # 65 = 2^6 + 1: a step of 1 + 1
+
+
+def test_geometric_median_of_sparse_weighted_uploads_against_a_plain_loop(tiny_model, make_conf):
+    got = aggregated(tiny_model, make_conf, SPARSE, defense="geometric_median")
+    # what the server reconstructs of A, B, C (unsent = 0), weighted by their counts 1, 3, 2
+    points = [[1, 2, 3, 0, 0, 0, 10, 0], [0, 6, 7, 8, 0, 0, 0, 40], [0, 0, -3, -4, -5, 0, -10, -20]]
+    weights = [1, 3, 2]
+    z = [sum(w * p[j] for w, p in zip(weights, points)) / sum(weights) for j in range(8)]
+    for _ in range(robust.WEISZFELD_ITERATIONS):
+        betas = [w / max(1e-6, math.sqrt(sum((z[j] - p[j]) ** 2 for j in range(8)))) for w, p in zip(weights, points)]
+        z = [sum(b * p[j] for b, p in zip(betas, points)) / sum(betas) for j in range(8)]
+    assert_close(got, moved_by(z[:6], z[6:]))
+
+
+def test_a_defense_that_changes_nothing_leaves_the_run_bit_identical(make_conf, tmp_path):
+    plain = federation.run(make_conf(), str(tmp_path / "plain"), False, InProcess)
+    unclipped = federation.run(make_conf(defense="norm_bound", clip_norm=1e30), str(tmp_path / "bound"), False,
+                               InProcess)
+    assert without_seconds(unclipped) == without_seconds(plain)
+
+
+# ---- attacks ------------------------------------------------------------------------------------------------------
+
+def hand_moved(tiny_model):
+    """tiny_model moved by a known diff: weight [1, -2, 0, 0, 0, 3], bias [0.5, -1]."""
+    local = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        local.weight.add_(torch.tensor([[1.0, -2.0, 0.0], [0.0, 0.0, 3.0]]))
+        local.bias.add_(torch.tensor([0.5, -1.0]))
+    return local
+
+
+def sent(make_conf, tiny_model, client_id, round_index, **settings):
+    conf = make_conf(sparsifier="none", quantize="none", **settings)
+    upload = Client(client_id, torch.arange(7), conf)._upload(hand_moved(tiny_model), tiny_model.state_dict(),
+                                                              round_index, 0.0)
+    count, _, values = codec.decode(upload.payload, [6, 2])
+    return count, [v.tolist() for v in values]
+
+
+@pytest.mark.parametrize("attack, expected", [
+    ("scale", (7, [[10, -20, 0, 0, 0, 30], [5, -10]])),
+    ("sign_flip", (7, [[-10, 20, 0, 0, 0, -30], [-5, 10]])),
+    ("count", (MAX_COUNT, [[1, -2, 0, 0, 0, 3], [0.5, -1]])),
+])
+def test_attacks_by_hand(make_conf, tiny_model, attack, expected):
+    settings = dict(attackers=1, attack=attack, attack_scale=10.0, attack_from=2)
+    assert sent(make_conf, tiny_model, 0, 2, **settings) == expected
+    honest = (7, [[1, -2, 0, 0, 0, 3], [0.5, -1]])
+    assert sent(make_conf, tiny_model, 0, 1, **settings) == honest  # before attack_from
+    assert sent(make_conf, tiny_model, 1, 2, **settings) == honest  # not one of the attackers
+
+
+def test_noise_attack_adds_seeded_noise_scaled_by_each_tensors_std(make_conf, tiny_model):
+    settings = dict(attackers=1, attack="noise", attack_scale=3.0, seed=4)
+    count, values = sent(make_conf, tiny_model, 0, 2, **settings)
+    draw = torch.Generator().manual_seed(derive_seed(4, "attack", 2, 0))
+    for got, diff in zip(values, ([1, -2, 0, 0, 0, 3], [0.5, -1])):
+        mean = sum(diff) / len(diff)
+        std = math.sqrt(sum((d - mean) ** 2 for d in diff) / len(diff))  # of the tensor, not of the model
+        noise = torch.randn(len(diff), generator=draw).tolist()
+        assert got == pytest.approx([d + 3.0 * std * n for d, n in zip(diff, noise)], abs=1e-5)
+    assert count == 7
+    assert sent(make_conf, tiny_model, 0, 2, **settings)[1] == values  # the same draw every time
+    assert sent(make_conf, tiny_model, 0, 3, **settings)[1] != values  # another round, another draw
+
+
+def test_an_attacker_keeps_an_honest_clients_residual(make_conf, tiny_model):
+    stc = dict(sparsifier="topk", topk_scope="model", quantize="ternary", prop=0.25, error_feedback=True)
+    attacker = Client(0, torch.arange(7), make_conf(**stc, attackers=1))
+    honest = Client(0, torch.arange(7), make_conf(**stc))
+    for round_index in (1, 2):
+        payloads = [client._upload(hand_moved(tiny_model), tiny_model.state_dict(), round_index, 0.0).payload
+                    for client in (attacker, honest)]
+        assert payloads[0] != payloads[1]
+        assert all(torch.equal(a, h) for a, h in zip(attacker.residual, honest.residual))
+    # the boost went through the codec: the same positions and signs, a 100x ternary magnitude
+    (_, kept_a, values_a), (_, kept_h, values_h) = (codec.decode(p, [6, 2]) for p in payloads)
+    assert all(torch.equal(a, h) for a, h in zip(kept_a, kept_h))
+    assert all(torch.allclose(a, 100 * h) for a, h in zip(values_a, values_h))
+
+
+def test_attacked_runs_rerun_bit_identically_and_honest_runs_ignore_the_attack_keys(make_conf, tmp_path):
+    def rows(name, **settings):
+        return without_seconds(federation.run(make_conf(**settings), str(tmp_path / name), False, InProcess))
+    noisy = dict(attackers=1, attack="noise", attack_scale=5.0)
+    attacked = rows("noise", **noisy)
+    assert rows("noise-again", **noisy) == attacked
+    honest = rows("honest")
+    assert attacked != honest
+    assert rows("keys", attack="noise", attack_scale=5.0, attack_from=2) == honest
+
+
+def test_registered_counts_leave_honest_runs_as_they_were(make_conf, tmp_path, monkeypatch):
+    """Honest clients claim their share's size: cutting claims to it changes no bit."""
+    conf = make_conf(sparsifier="topk", prop=0.1, error_feedback=True, aggregation="mean")
+    bounded = federation.run(conf, str(tmp_path / "bounded"), False, InProcess)
+    monkeypatch.setattr(federation, "Server", lambda model, conf, device, registered: Server(model, conf, device))
+    unbounded = federation.run(conf, str(tmp_path / "unbounded"), False, InProcess)
+    assert without_seconds(bounded) == without_seconds(unbounded)
+
+
+# ---- configuration ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(attackers=5), "error: config key 'attackers' (5) must not exceed 'no_models' (4)"),
+    (dict(trim_fraction=0.5), "error: config key 'trim_fraction' must be < 0.5"),
+    (dict(defense="krum"), "error: config key 'defense' must be one of none, norm_bound, median, trimmed_mean, "
+                           "geometric_median"),
+    (dict(attack_from=0), "error: config key 'attack_from' must be >= 1"),
+])
+def test_impossible_settings_are_one_error_line(write_conf, run_main, tmp_path, settings, message):
+    status, _, err = run_main("-c", write_conf(**settings), "--out", tmp_path / "run")
+    assert status == 2 and err.startswith(message) and len(err.strip().splitlines()) == 1
+
+
+def test_plot_labels_leave_out_the_keys_of_other_defenses_and_of_absent_attackers():
+    median = plot.unused_keys({**config.DEFAULTS, "defense": "median"})
+    assert {"clip_norm", "clip_multiple", "trim_fraction", "attack", "attack_scale", "attack_from"} <= median
+    attacked = plot.unused_keys({**config.DEFAULTS, "defense": "norm_bound", "attackers": 1})
+    assert not {"clip_norm", "clip_multiple", "attack", "attack_scale", "attack_from"} & attacked
