@@ -107,7 +107,7 @@ fi
 if [ "$what" = all ] || [ "$what" = robust ]; then  # k=5 of 10; client 0 boosts its update 100x when sampled
   for method in dense stc0.04; do
     if [ $method = dense ]; then up=(--set sparsifier=none); else up=("${stc[@]}" --set prop=0.04); fi
-    for defense in none norm_bound median trimmed_mean geometric_median; do
+    for defense in none geometric_median norm_bound median trimmed_mean; do  # the targets' runs first
       job runs/robust/$method/honest-$defense   --set k=5 "${up[@]}" --set defense=$defense
       job runs/robust/$method/boost100-$defense --set k=5 "${up[@]}" --set defense=$defense --set attackers=1 \
         --set attack=scale --set attack_scale=100
