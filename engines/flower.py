@@ -18,6 +18,7 @@ the server keeps a copy of the model each node holds (one per round's version, s
 checkpoint holds them and --resume continues exactly; after a resume the server hands them back with the client's next
 message, as a node that had kept them on disk would find them.
 """
+import contextlib
 import copy
 import json
 import os
@@ -299,7 +300,7 @@ def simulate(conf, out, resume, parallel=1, client_cpus=None, client_gpus=0.0, t
     # each actor trains with as many threads as it has CPUs (whole, at least one); with this process's thread count,
     # the sums match the in-process engine's bit for bit
     settings = {"conf": conf, "out": out, "resume": resume, "timeout": timeout, "threads": max(1, int(client_cpus))}
-    stop, finished, result = threading.Event(), threading.Event(), {}
+    stop, result = threading.Event(), {}
     app = ServerApp()
 
     @app.main()
@@ -308,8 +309,6 @@ def simulate(conf, out, resume, parallel=1, client_cpus=None, client_gpus=0.0, t
             result["rows"] = serve(grid, settings, stop)
         except KeyboardInterrupt:  # the stop asked for below; the main thread reports it
             pass
-        finally:
-            finished.set()
     # Flower makes as many actors as fit the node's CPUs, int(node CPUs / CPUs per actor), and Ray wants a whole
     # number for the node: with 0.5 CPUs per actor that would be two actors where one was asked for. So Ray's CPUs
     # here count actors (one each, `parallel` on the node); an actor's cores are its torch threads. GPUs are Ray's to
@@ -317,15 +316,38 @@ def simulate(conf, out, resume, parallel=1, client_cpus=None, client_gpus=0.0, t
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": client_gpus}}
     start_ray(num_cpus=parallel, num_gpus=engines.node_gpus(client_gpus, parallel))
     try:
-        run_simulation(app, client_app, num_supernodes=conf["no_models"], backend_config=backend)
-    except KeyboardInterrupt:
-        stop.set()  # the ServerApp's thread stops at its next wait for replies; what it saved stays
-        finished.wait(timeout)
-        raise
+        with signals_as(stop) as caught:
+            run_simulation(app, client_app, num_supernodes=conf["no_models"], backend_config=backend)
     finally:
         import ray
         ray.shutdown()
+    if caught:  # delivered now, to the handlers main.py set, which report the stop and the command that continues
+        signal.raise_signal(caught[0])
     return result.get("rows", [])
+
+
+@contextlib.contextmanager
+def signals_as(stop):
+    """Turn a first SIGINT or SIGTERM into `stop` (the ServerApp's thread then ends at its next wait for replies,
+    after the round it saved, and Flower winds its workers down before it shuts Ray down); yield the signals caught.
+    Raising in this thread instead would make Flower shut Ray down under a worker still waiting for an actor, and the
+    process would hang at exit. A second signal stops at once."""
+    caught = []
+
+    def hold(signum, frame):
+        if caught:
+            raise KeyboardInterrupt
+        caught.append(signum)
+        stop.set()
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield caught
+        return
+    previous = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def start_ray(**resources):
