@@ -35,6 +35,11 @@ class Client:
             return derive_seed(self.conf["seed"], "mask", self.id)
         return derive_seed(self.conf["seed"], "mask", self.id, round_index)
 
+    def rounding_seed(self, round_index):
+        """The seed of this client's random rounding (QSGD's levels): new every round, whatever `mask` says, since
+        rounding drawn alike every round would make the same errors every round."""
+        return derive_seed(self.conf["seed"], "rounding", round_index, self.id)
+
     def local_train(self, model, global_state, dataset, round_index, progress=None):
         """Train `model` from `global_state` for local_epochs of SGD on this client's data; return its Upload."""
         conf = self.conf
@@ -63,8 +68,9 @@ class Client:
         diffs = [(local_state[name] - global_state[name]).flatten() for name in names]
         if self.residual is not None:
             diffs = [diff + residual for diff, residual in zip(diffs, self.residual)]
-        num_samples, mask_seed = len(self.indices), self.mask_seed(round_index)
-        encoded = codec.encode(self.conf, diffs, num_samples, mask_seed)
+        seeds = self.mask_seed(round_index), self.rounding_seed(round_index)
+        num_samples = len(self.indices)
+        encoded = codec.encode(self.conf, diffs, num_samples, *seeds)
         if self.conf["error_feedback"]:
             decay = self.conf["residual_decay"]
             self.residual = [unreceived(diff, kept, sent).mul_(decay)
@@ -73,7 +79,7 @@ class Client:
             # it keeps an honest client's residual, so that its attack has the same strength every round, and sends
             # its attacked diff through the same codec
             attacked, num_samples = robust.attack(self.conf, diffs, num_samples, self.id, round_index)
-            encoded = codec.encode(self.conf, attacked, num_samples, mask_seed)
+            encoded = codec.encode(self.conf, attacked, num_samples, *seeds)
         return Upload(self.id, encoded.payload, train_loss)
 
 

@@ -12,12 +12,19 @@ Layout, little-endian; tensors are the model's floating-point state-dict entries
                 random: mask_seed u64 | prop f64; the receiver regenerates the Bernoulli(prop) mask
                 topk:   coding u8 | count u32 | the kept positions over the flattened model, coded as a bitmap,
                         a list of u8/u16/u32 indices, or Golomb-Rice gaps, whichever is smallest (POSITION_CODINGS)
+                hybrid: the top-k part's positions as topk's | seed u64 | count u32; the receiver regenerates the
+                        random part, `count` positions drawn uniformly from the seed among those not in the top-k
     values      the kept values, tensor after tensor, as the quantizer writes them:
                 none: f32 each | f16: f16 each | int8: a f32 scale per tensor that keeps entries, then i8 each |
                 sign: a f32 magnitude per tensor that keeps entries, then one sign bit each |
-                ternary: groups u8 (0: a magnitude per tensor, 1: one for all), the f32 magnitudes, one sign bit each
+                ternary: groups u8 (0: a magnitude per tensor, 1: one for all), the f32 magnitudes, one sign bit each |
+                qsgd: levels s u16 | bucket size u32 | a f32 norm per bucket (each tensor's values cut into buckets) |
+                      every value's level l in 0..s as the Elias-gamma code of l + 1, in two streams | a sign bit per
+                      nonzero level
 Golomb-Rice gaps: the parameter b u8, then the b-bit remainders of all gaps, then their unary quotients (q zeros and a
-one each): as many bits as interleaving them, and both streams code and decode without a loop per entry.
+one each): as many bits as interleaving them, and both streams code and decode without a loop per entry. Elias-gamma
+codes are split the same way: the unary lengths of all codes (n - 1 zeros and a one for an n-bit integer), then their
+binary tails (the n - 1 bits after the leading one), each stream padded to a byte.
 
 Downloads use the same payloads (downloads.py decides what they carry): a compressed download's round message is an
 upload-format payload of the server's step (num_samples 0), and a sync (`encode_sync`) wraps payloads in a kind byte:
@@ -36,6 +43,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 VERSION = 2
 HEADER = struct.Struct("<BBBII")
 RANDOM_HEADER = struct.Struct("<Qd")
+HYBRID_RANDOM = struct.Struct("<QI")
+QSGD_HEADER = struct.Struct("<HI")
 POSITIONS_HEADER = struct.Struct("<BI")
 BITMAP, INDEX_U8, INDEX_U16, INDEX_U32, GOLOMB = range(5)
 INDEX_DTYPES = {INDEX_U8: np.dtype("<u1"), INDEX_U16: np.dtype("<u2"), INDEX_U32: np.dtype("<u4")}
@@ -54,24 +63,25 @@ class Encoded:
     values: list  # per tensor: the kept values as the receiver will decode them (quantization included)
 
 
-def encode(conf, diffs, num_samples, mask_seed=0):
-    """The upload of `diffs` (flat float tensors) under the method `conf` names; `mask_seed` seeds a random mask."""
+def encode(conf, diffs, num_samples, mask_seed=0, rounding_seed=0):
+    """The upload of `diffs` (flat float tensors) under the method `conf` names; `mask_seed` seeds a random mask (the
+    same every round under `mask: fixed`), `rounding_seed` a quantizer's random rounding (new every round)."""
     sparsifier = SPARSIFIERS[conf["sparsifier"]](conf)
     positions, sparsifier_part = sparsifier.encode(diffs, mask_seed)
-    return assemble(sparsifier.wire_id, sparsifier_part, positions, QUANTIZERS[conf["quantize"]](),
-                    sparsifier.one_group, diffs, num_samples)
+    return assemble(sparsifier.wire_id, sparsifier_part, positions, QUANTIZERS[conf["quantize"]](conf),
+                    sparsifier.one_group, diffs, num_samples, rounding_seed)
 
 
 def encode_entries(tensors, positions):
     """Exactly the entries of `tensors` (flat) at `positions` (per tensor, sorted), as f32 values at positions coded
     as top-k's are: what a client's sync carries of the entries that changed since it last synchronized."""
     sparsifier_part = encode_positions(positions, [t.numel() for t in tensors])
-    return assemble(TopK.wire_id, sparsifier_part, positions, Float32(), False, tensors, 0).payload
+    return assemble(TopK.wire_id, sparsifier_part, positions, Float32({}), False, tensors, 0).payload
 
 
-def assemble(sparsifier_id, sparsifier_part, positions, quantizer, one_group, diffs, num_samples):
+def assemble(sparsifier_id, sparsifier_part, positions, quantizer, one_group, diffs, num_samples, rounding_seed=0):
     kept = [diff if where is None else diff[where.to(diff.device)] for diff, where in zip(diffs, positions)]
-    value_part, values = quantizer.encode(kept, one_group)
+    value_part, values = quantizer.encode(kept, one_group, rounding_seed)
     header = HEADER.pack(VERSION, sparsifier_id, quantizer.wire_id, num_samples, len(diffs))
     return Encoded(header + sparsifier_part + value_part, positions, values)
 
@@ -159,10 +169,53 @@ class TopK:
         return decode_positions(reader, numels, value_bits)
 
 
+class Hybrid:
+    name, wire_id, keys = "hybrid", 3, ("prop", "topk_share", "topk_scope", "mask")
+    help = ("the `ceil(prop * n)` entries of the whole model split: the largest |entries| for a `topk_share` of them "
+            "(per tensor or of the whole model, `topk_scope`), the rest drawn at random from a seed among the others; "
+            "only the top-k positions and the seed travel")
+    one_group = False  # ternary's one magnitude suits one top-k selection, not top entries mixed with random ones
+
+    def __init__(self, conf):
+        self.prop, self.share, self.scope = conf["prop"], conf["topk_share"], conf["topk_scope"]
+
+    def encode(self, diffs, mask_seed):
+        numels = [diff.numel() for diff in diffs]
+        top = [where.cpu() for where in topk_positions(diffs, self.share * self.prop, self.scope)]
+        # the budget is topk's at this prop: per-tensor ceilings of the top-k part can leave the random part nothing
+        count = max(0, kept_count(self.prop, sum(numels)) - sum(len(where) for where in top))
+        positions = with_random_others(top, numels, mask_seed, count)
+        return positions, encode_positions(top, numels) + HYBRID_RANDOM.pack(mask_seed, count)
+
+    @staticmethod
+    def decode(reader, numels, value_bits):
+        top = decode_positions(reader, numels, value_bits)
+        mask_seed, count = reader.unpack(HYBRID_RANDOM)
+        taken = sum(len(where) for where in top)
+        if count > sum(numels) - taken:
+            raise PayloadError(f"{count} random positions among the {sum(numels) - taken} not in the top-k")
+        if (taken + count) * value_bits > 8 * reader.remaining():
+            raise PayloadError(f"{reader.remaining()} bytes left cannot hold the values of {taken + count} positions")
+        return with_random_others(top, numels, mask_seed, count)
+
+
 def random_positions(seed, prop, numels):
     """Per tensor, the sorted flat positions a Bernoulli(prop) mask keeps; the same on every machine for a seed."""
     generator = torch.Generator().manual_seed(seed)
     return [(torch.rand(numel, generator=generator) < prop).nonzero().squeeze(1) for numel in numels]
+
+
+def with_random_others(top, numels, seed, count):
+    """Per tensor, the sorted positions `top` (on the CPU) plus `count` more drawn uniformly without replacement among
+    the model's other entries: those whose seeded f64 key is largest (the others' keys are drawn, the top's set below
+    any), the same on every machine for a seed. f64 keys: among millions of f32 keys, ties would be common."""
+    bounds = torch.tensor([0] + list(numels)).cumsum(0)
+    taken = torch.cat([where + bound for where, bound in zip(top, bounds)]) if top else torch.zeros(0, dtype=torch.long)
+    keys = torch.rand(int(bounds[-1]), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    keys[taken] = -1.0
+    flat = torch.cat([taken, keys.topk(count, sorted=False).indices]).sort().values
+    cuts = torch.searchsorted(flat, bounds).tolist()
+    return [flat[cuts[i]:cuts[i + 1]] - bounds[i] for i in range(len(numels))]
 
 
 def topk_positions(diffs, prop, scope="tensor"):
@@ -309,12 +362,18 @@ def read_bits(data, count, width):
     size's bit length): 8 bytes of memory per integer, where unpacking would take one or more per bit."""
     if not width:
         return np.zeros(count, dtype=np.int64)
-    first_bits = np.arange(0, count * width, width, dtype=np.uint64)
+    return read_fields(data, np.arange(0, count * width, width, dtype=np.uint64), np.uint64(width))
+
+
+def read_fields(data, first_bits, widths):
+    """Unsigned integers packed most significant bit first, the i-th `widths[i]` bits (at most 57, or 0) from bit
+    `first_bits[i]` (uint64, overwritten), as int64; `widths` may be one width for all."""
     padded = np.concatenate([data, np.zeros(8, dtype=np.uint8)])  # the last integers' 8 bytes run past the data
     words = sliding_window_view(padded, 8)[first_bits >> np.uint64(3)].view(">u8").ravel().astype(np.uint64)
     first_bits &= np.uint64(7)  # now each integer's offset in its first byte
     words <<= first_bits
-    words >>= np.uint64(64 - width)
+    words >>= np.uint64(1)  # 64 - width in two shifts: a shift by 64 (a width of 0) is undefined
+    words >>= np.uint64(63) - widths
     return words.view(np.int64)
 
 
@@ -327,13 +386,20 @@ def check_padding(data, used_bits, what):
 
 # ---- quantizers: how each kept value is written ------------------------------------------------------------------
 
-class Float32:
+class Quantizer:
+    keys = ()  # the config keys a quantizer reads
+
+    def __init__(self, conf):
+        pass
+
+
+class Float32(Quantizer):
     name, wire_id = "none", 0
     help = "f32 values, exact (4 bytes each)"
     dtype, wire_dtype = torch.float32, "<f4"
     value_bits = 32  # the least each kept value takes, which bounds how many a payload's length can claim
 
-    def encode(self, kept, one_group):
+    def encode(self, kept, one_group, rounding_seed):
         rounded = [values.to(self.dtype) for values in kept]
         return flat_bytes(rounded, self.wire_dtype), [values.float() for values in rounded]
 
@@ -349,12 +415,12 @@ class Float16(Float32):
     value_bits = 16
 
 
-class Int8:
+class Int8(Quantizer):
     name, wire_id = "int8", 2
     help = "per tensor, scale = max|value| / 127 and each value rounded to the nearest multiple (1 byte each)"
     value_bits = 8
 
-    def encode(self, kept, one_group):
+    def encode(self, kept, one_group, rounding_seed):
         scales = [values.abs().max().float() / 127 if len(values) else None for values in kept]
         codes = [(values.float() / scale).round().clamp(-127, 127).to(torch.int8) if scale else
                  torch.zeros(len(values), dtype=torch.int8, device=values.device)
@@ -379,13 +445,13 @@ class Int8:
         return Int8.dequantize(split(codes, counts), scales.tolist())
 
 
-class Sign:
+class Sign(Quantizer):
     name, wire_id = "sign", 3
     help = "one sign bit per value times the tensor's mean |value| (scaled sign, as in error-feedback signSGD)"
     shares_magnitude = False
     value_bits = 1
 
-    def encode(self, kept, one_group):
+    def encode(self, kept, one_group, rounding_seed):
         one_group = one_group and self.shares_magnitude and any(len(values) for values in kept)
         groups = [torch.cat(kept)] if one_group else [values for values in kept if len(values)]
         magnitudes = [float(group.abs().float().mean()) for group in groups]
@@ -411,6 +477,115 @@ class Ternary(Sign):
     help = ("STC's ternary values: one sign bit per kept value times one magnitude, the mean |kept value| of the "
             "whole selection under `topk_scope: model`, else of each tensor")
     shares_magnitude = True
+
+
+class QSGD(Quantizer):
+    name, wire_id, keys = "qsgd", 5, ("levels", "bucket_size")
+    help = ("QSGD (Alistarh et al. 2017): per bucket of `bucket_size` values a f32 norm, and each value's "
+            "|value| / norm * `levels` rounded up or down at random (unbiased), Elias-gamma coded, with a sign bit")
+    value_bits = 1  # a level of 0: one bit of Elias-gamma code and no sign bit
+
+    def __init__(self, conf):
+        self.levels, self.bucket_size = conf["levels"], conf["bucket_size"]
+
+    def encode(self, kept, one_group, rounding_seed):
+        counts = [len(values) for values in kept]
+        values = np.concatenate([v.detach().cpu().numpy().astype(np.float64) for v in kept] or [np.zeros(0)])
+        starts = bucket_starts(counts, self.bucket_size)
+        norms = (np.sqrt(np.add.reduceat(values ** 2, starts)) if len(starts) else np.zeros(0)).astype(SCALE_DTYPE)
+        # in f64, from the f32 norm that travels: E[level] = scaled, so the reconstruction is unbiased
+        per_norm = np.divide(self.levels, norms.astype(np.float64), out=np.zeros(len(norms)), where=norms > 0)
+        scaled = np.abs(values, out=values)
+        scaled *= np.repeat(per_norm, np.diff(starts, append=len(values)))
+        floor = np.floor(scaled)
+        scaled -= floor  # now the fractional part: the probability of rounding up
+        generator = torch.Generator().manual_seed(rounding_seed)
+        levels = floor.astype(np.int64)
+        levels += torch.rand(len(values), generator=generator, dtype=torch.float64).numpy() < scaled
+        np.minimum(levels, self.levels, out=levels)  # f32 norms can round below |value|
+        negative = np.concatenate([v.detach().cpu().numpy() < 0 for v in kept] or [np.zeros(0, dtype=bool)])
+        negative &= levels > 0
+        payload = (QSGD_HEADER.pack(self.levels, self.bucket_size) + norms.tobytes()
+                   + gamma_encode(levels + 1) + np.packbits(negative[levels > 0]).tobytes())
+        dequantized = qsgd_values(norms, starts, levels, negative, self.levels)
+        return payload, [v.to(original.device) for v, original in zip(split(dequantized, counts), kept)]
+
+    @staticmethod
+    def decode(reader, counts):
+        levels, bucket_size = reader.unpack(QSGD_HEADER)
+        if levels < 1 or bucket_size < 1:
+            raise PayloadError(f"QSGD levels {levels} or bucket size {bucket_size} below 1")
+        if sum(counts) > 8 * reader.remaining():  # a bit of Elias-gamma code each, at least
+            raise PayloadError(f"{reader.remaining()} bytes left cannot hold {sum(counts)} QSGD levels")
+        starts = bucket_starts(counts, bucket_size)
+        norms = read_scales(reader, len(starts))
+        codes = gamma_decode(reader, sum(counts), levels + 1)
+        level_of = codes - 1
+        negative = np.zeros(len(level_of), dtype=bool)
+        negative[level_of > 0] = unpack_bits(reader, int(np.count_nonzero(level_of))).numpy()
+        return split(qsgd_values(norms, starts, level_of, negative, levels), counts)
+
+
+def bucket_starts(counts, bucket_size):
+    """Where each bucket begins among the values of all tensors, concatenated: a tensor's values are cut into buckets of
+    `bucket_size` (its last one shorter), so that no bucket mixes tensors of different scales."""
+    offsets = np.cumsum([0] + counts[:-1])
+    return np.concatenate([offset + np.arange(0, count, bucket_size) for offset, count in zip(offsets, counts)]
+                          or [np.zeros(0, dtype=np.int64)]).astype(np.int64)
+
+
+def qsgd_values(norms, starts, levels, negative, s):
+    """norm * level / s with the value's sign, in f32, computed the same way by the client and the server."""
+    norm_of = np.repeat(np.asarray(norms, dtype=np.float32), np.diff(starts, append=len(levels)))
+    values = norm_of * (levels.astype(np.float32) / np.float32(s))
+    np.negative(values, out=values, where=negative)
+    return torch.from_numpy(values)
+
+
+def gamma_encode(integers):
+    """Elias-gamma codes of `integers` (>= 1) in two streams (see the layout): an n-bit integer is n - 1 zeros and a
+    one in the first, its n - 1 bits after the leading one in the second."""
+    widths = np.zeros(len(integers), dtype=np.int64)  # bit length - 1: a pass per bit of the largest
+    for bit in range(1, int(integers.max()).bit_length() if len(integers) else 0):
+        widths += integers >> bit > 0
+    ends = np.cumsum(widths + 1) - 1
+    lengths = np.zeros(ends[-1] + 1 if len(ends) else 0, dtype=np.uint8)
+    lengths[ends] = 1
+    long = np.flatnonzero(widths)  # integers above 1, the few that have a tail when levels are small
+    tail_starts = (np.cumsum(widths) - widths)[long]  # where each tail begins in its stream
+    integers, widths = integers[long], widths[long]
+    tails = np.zeros(int(widths.sum()), dtype=np.uint8)
+    for bit in range(int(widths.max()) if len(widths) else 0):  # the tails' bits, most significant first
+        has = widths > bit
+        tails[tail_starts[has] + bit] = (integers[has] >> (widths[has] - 1 - bit)) & 1
+    return np.packbits(lengths).tobytes() + np.packbits(tails).tobytes()
+
+
+def gamma_decode(reader, count, largest):
+    """`count` Elias-gamma coded integers, each refused above `largest`. The lengths stream is searched for its ones
+    in a window of at most the bytes present and the longest `count` codes of integers up to `largest` could take."""
+    most_bits = largest.bit_length()
+    window = np.unpackbits(reader.peek(min(math.ceil(count * most_bits / 8), reader.remaining())))
+    ends = np.flatnonzero(window)[:count]
+    if len(ends) < count:
+        raise PayloadError("Elias-gamma lengths end early")
+    used = ends[-1] // 8 + 1 if count else 0
+    if count and window[ends[-1] + 1:used * 8].any():
+        raise PayloadError("nonzero padding after the Elias-gamma lengths")
+    reader.skip(used)
+    widths = np.diff(ends, prepend=-1) - 1
+    if count and widths.max() >= most_bits:
+        raise PayloadError(f"an Elias-gamma code longer than those of integers up to {largest}")
+    tail_bits = int(widths.sum())
+    tails = reader.array(np.uint8, math.ceil(tail_bits / 8))
+    check_padding(tails, tail_bits, "Elias-gamma tails")
+    long = np.flatnonzero(widths)  # integers above 1, the few that have a tail when levels are small
+    first_bits = (np.cumsum(widths) - widths)[long].astype(np.uint64)
+    integers = np.ones(count, dtype=np.int64)
+    integers[long] = read_fields(tails, first_bits, widths[long].astype(np.uint64)) | (1 << widths[long])
+    if count and integers.max() > largest:
+        raise PayloadError(f"an Elias-gamma coded integer above {largest}")
+    return integers
 
 
 def signed_magnitudes(negative, magnitudes, one_group):
@@ -452,8 +627,8 @@ def split(flat, counts):
     return list(flat.split(counts)) if counts else []
 
 
-SPARSIFIERS = {cls.name: cls for cls in (RandomMask, TopK, Dense)}
-QUANTIZERS = {cls.name: cls for cls in (Float32, Float16, Int8, Sign, Ternary)}
+SPARSIFIERS = {cls.name: cls for cls in (RandomMask, TopK, Dense, Hybrid)}
+QUANTIZERS = {cls.name: cls for cls in (Float32, Float16, Int8, Sign, Ternary, QSGD)}
 SPARSIFIER_IDS = {cls.wire_id: cls for cls in SPARSIFIERS.values()}
 QUANTIZER_IDS = {cls.wire_id: cls for cls in QUANTIZERS.values()}
 

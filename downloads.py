@@ -71,11 +71,13 @@ class Relay(Dense):
 class Compressed(Dense):
     name = "compressed"
     help = ("the server's step plus its residual, coded with download_sparsifier / download_prop / download_quantize "
-            "/ download_topk_scope; the model moves by exactly what was broadcast")
+            "/ download_topk_scope (and the upload's levels, bucket_size, topk_share); the model moves by exactly what "
+            "was broadcast")
 
     def __init__(self, conf, numels):
         self.numels = numels
-        self.method = {"sparsifier": conf["download_sparsifier"], "prop": conf["download_prop"],
+        # the method's own parameters (QSGD's levels and buckets, the hybrid's share) are the upload's
+        self.method = {**conf, "sparsifier": conf["download_sparsifier"], "prop": conf["download_prop"],
                        "quantize": conf["download_quantize"], "topk_scope": conf["download_topk_scope"],
                        "mask": "round"}
         self.error_feedback = conf["download_error_feedback"]
@@ -86,7 +88,9 @@ class Compressed(Dense):
 
     def broadcast(self, update, accepted, round_index):
         step = update if self.residual is None else [u + r for u, r in zip(update, self.residual)]
-        payload = codec.encode(self.method, step, 0, derive_seed(self.seed, "download mask", round_index)).payload
+        seeds = derive_seed(self.seed, "download mask", round_index), derive_seed(self.seed, "download rounding",
+                                                                                 round_index)
+        payload = codec.encode(self.method, step, 0, *seeds).payload
         moved = self.delta(payload, self.numels, step[0].device)
         self.pending = [s - m for s, m in zip(step, moved)] if self.error_feedback else None
         return moved, [payload]

@@ -24,6 +24,10 @@ METHODS = {  # label: the config keys that choose the method
     "STC (top-k whole model, ternary)": {"sparsifier": "topk", "topk_scope": "model", "quantize": "ternary"},
     "random mask, f32": {"sparsifier": "random", "topk_scope": "tensor", "quantize": "none"},
     "dense, sign": {"sparsifier": "none", "topk_scope": "tensor", "quantize": "sign"},
+    "dense, QSGD (s 4, buckets 512)": {"sparsifier": "none", "topk_scope": "tensor", "quantize": "qsgd"},
+    "top-k whole model, QSGD": {"sparsifier": "topk", "topk_scope": "model", "quantize": "qsgd"},
+    "hybrid (half top-k), ternary": {"sparsifier": "hybrid", "topk_scope": "model", "quantize": "ternary"},
+    "hybrid (half top-k), QSGD": {"sparsifier": "hybrid", "topk_scope": "model", "quantize": "qsgd"},
 }
 
 
@@ -48,8 +52,8 @@ def main():
           f"{torch.get_num_threads()} threads; dense payload {codec.dense_size(numels) / 1e6:.2f} MB")
     slowest = (0.0, 0.0)
     for label, keys in METHODS.items():
-        conf = {**keys, "prop": args.prop}
-        encode_seconds, encoded = best_of(args.repeats, lambda: codec.encode(conf, diffs, 500, mask_seed=1))
+        conf = {**keys, "prop": args.prop, "levels": 4, "bucket_size": 512, "topk_share": 0.5}
+        encode_seconds, encoded = best_of(args.repeats, lambda: codec.encode(conf, diffs, 500, 1, 2))
         decode_seconds, _ = best_of(args.repeats, lambda: codec.decode(encoded.payload, numels))
         size = len(encoded.payload)
         print(f"{label:>34}: encode {encode_seconds * 1e3:7.1f} ms  decode {decode_seconds * 1e3:7.1f} ms  "

@@ -14,8 +14,9 @@ import models
 from conftest import dense_from
 
 HEADER_BYTES, RANDOM_BYTES, POSITIONS_HEADER_BYTES = 11, 16, 5
-SPARSIFIERS = ["none", "random", "topk"]
+SPARSIFIERS = ["none", "random", "topk"]  # the methods whose sizes the layout tests below work out
 QUANTIZERS = ["none", "f16", "int8", "sign", "ternary"]
+EVERY_METHOD = list(itertools.product(codec.SPARSIFIERS, codec.QUANTIZERS))  # round trips, fuzzing, runs
 
 
 def cnn_numels():
@@ -29,7 +30,8 @@ def random_diffs(numels, seed=0):
 
 
 def method(sparsifier="topk", quantize="none", prop=0.1, topk_scope="tensor"):
-    return {"sparsifier": sparsifier, "quantize": quantize, "prop": prop, "topk_scope": topk_scope}
+    return {"sparsifier": sparsifier, "quantize": quantize, "prop": prop, "topk_scope": topk_scope, "levels": 4,
+            "bucket_size": 64, "topk_share": 0.5}
 
 
 # ---- random masks ----------------------------------------------------------------------------------------------
@@ -58,8 +60,7 @@ def test_random_positions_depend_on_the_seed_only():
 # ---- round trips: positions exactly, values as the encoder says the receiver will see them ------------------------
 
 @pytest.mark.parametrize("sparsifier, quantize, scope", [
-    (s, q, scope) for s, q in itertools.product(SPARSIFIERS, QUANTIZERS) for scope in ("tensor", "model")
-    if scope == "tensor" or s == "topk"])
+    (s, q, scope) for s, q in EVERY_METHOD for scope in ("tensor", "model") if scope == "tensor" or s == "topk"])
 def test_every_method_round_trips(sparsifier, quantize, scope):
     numels = cnn_numels()
     diffs = random_diffs(numels, seed=1)
@@ -274,7 +275,7 @@ def sample_payloads():
     numels = [100, 300, 7]
     diffs = random_diffs(numels, seed=6)
     payloads = {}
-    for s, q in itertools.product(SPARSIFIERS, QUANTIZERS):
+    for s, q in EVERY_METHOD:
         for prop, scope in ((0.02, "model"), (0.5, "tensor")):
             payloads[(s, q, prop, scope)] = codec.encode(method(s, q, prop, scope), diffs, 3, 4).payload
     return numels, payloads
@@ -384,7 +385,7 @@ def test_wire_ids_are_unique():
     assert len(codec.QUANTIZER_IDS) == len(codec.QUANTIZERS)
 
 
-@pytest.mark.parametrize("sparsifier, quantize", list(itertools.product(SPARSIFIERS, QUANTIZERS)))
+@pytest.mark.parametrize("sparsifier, quantize", EVERY_METHOD)
 def test_every_method_runs_from_the_command_line(write_conf, tmp_path, sparsifier, quantize):
     import main
     from conftest import read_csv
@@ -395,7 +396,7 @@ def test_every_method_runs_from_the_command_line(write_conf, tmp_path, sparsifie
     assert status == 0
     row = read_csv(out / "metrics.csv")[0]
     assert int(row["rejected"]) == 0 and int(row["refused"]) == 0
-    per_value = {"none": 4, "f16": 2, "int8": 1, "sign": 1 / 8, "ternary": 1 / 8}[quantize]
+    per_value = {"none": 4, "f16": 2, "int8": 1, "sign": 1 / 8, "ternary": 1 / 8, "qsgd": 1 / 8}[quantize]
     entries = float(row["upload_fraction"]) * int(row["dense_upload_bytes"]) / 4  # of 2 uploads, ~ entries sent
     assert int(row["upload_bytes"]) >= per_value * entries * 0.99  # at least the values' own bytes
     if (sparsifier, quantize) != ("none", "none"):

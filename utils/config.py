@@ -36,6 +36,10 @@ KEYS = {
     "error_feedback": (False, "clients keep what they did not send and add it to their next diff"),
     "residual_decay": (1.0, "error feedback: the fraction of the unsent residual a client keeps (1: all of it)"),
     "topk_scope": ("tensor", "topk: keep the largest entries per tensor, or over the whole model ('model')"),
+    "topk_share": (0.5, "hybrid: the fraction of the budget (prop) spent on the largest entries; the rest is random"),
+    "levels": (4, "qsgd: the number of levels s (1 .. 65535): |value| / bucket norm is rounded to a multiple of 1/s"),
+    "bucket_size": (512, "qsgd: values per bucket (one f32 norm each, 1/16 bit per value at 512; the variance bound "
+                         "grows as sqrt(bucket_size) / levels)"),
     "server_momentum": (0.0, "momentum of the server's update (FedAvgM); 0 applies each round's average as is"),
     "download": ("dense", "how the global model reaches the sampled clients: " + "; ".join(
         f"{name}: {cls.help}" for name, cls in downloads.METHODS.items())),
@@ -101,6 +105,9 @@ RANGES = {
     "server_momentum": (0, 1, True),
     "residual_decay": (0, 1, True),
     "download_prop": (0, 1, True),
+    "topk_share": (0, 1, True),
+    "levels": (1, 2**16 - 1, True),  # a u16 on the wire
+    "bucket_size": (1, 2**32 - 1, True),  # a u32 on the wire
     "alpha": (0, math.inf, False),
     "shards_per_client": (1, math.inf, True),
     "clip_norm": (0, math.inf, True),

@@ -24,6 +24,7 @@ from utils.run_files import RunError  # noqa: E402
 MARKERS = "o*^sDvx+p<>h"
 PLOTTED_COLUMNS = ("round", "accuracy", "loss", "upload_bytes", "dense_upload_bytes", "download_bytes")
 SPARSIFIER_KEYS = {key for cls in codec.SPARSIFIERS.values() for key in cls.keys}
+QUANTIZER_KEYS = {key for cls in codec.QUANTIZERS.values() for key in cls.keys}
 ERROR_FEEDBACK_KEYS = {"error_feedback", "residual_decay"}
 COMPRESSED_DOWNLOAD_KEYS = {"download_sparsifier", "download_prop", "download_quantize", "download_topk_scope",
                             "download_error_feedback"}
@@ -34,6 +35,7 @@ ATTACK_KEYS = {"attack", "attack_scale", "attack_from"}
 def unused_keys(conf):
     """Keys that do not act under this run's method, left out of its label."""
     unused = SPARSIFIER_KEYS - set(codec.SPARSIFIERS[conf["sparsifier"]].keys)
+    unused |= QUANTIZER_KEYS - set(codec.QUANTIZERS[conf["quantize"]].keys)
     if conf["download"] != "compressed":
         unused |= COMPRESSED_DOWNLOAD_KEYS | ({"download_first_contact"} if conf["download"] == "dense" else set())
     unused |= set().union(*DEFENSE_KEYS.values()) - DEFENSE_KEYS.get(conf["defense"], set())
