@@ -91,6 +91,13 @@ def ratio(numerator, denominator, form):
     return form.format(numerator / denominator) if denominator else "-"
 
 
+def times(numerator, denominator):
+    """How many times fewer bytes: '110x', or '1.33x' below 10, where whole numbers would hide the difference."""
+    if denominator and numerator / denominator < 10:
+        return ratio(numerator, denominator, "{:.2f}x")
+    return ratio(numerator, denominator, "{:.0f}x")
+
+
 def check_output(path):
     """Refuse, before anything is drawn, a figure file that cannot be written: a missing folder, or an extension
     matplotlib has no writer for (without one it would add '.png' to the name, so the name printed would be wrong)."""
@@ -165,8 +172,8 @@ def table(run_dirs, labels=None):
         last = [row["accuracy"] for row in rows[-5:]]
         lines.append(f"| {label} | {rows[-1]['accuracy']:.4f} | {sum(last) / len(last):.4f} | "
                      f"{max(r['accuracy'] for r in rows):.4f} | {sent / 1e6:.3f} | {ratio(sent, dense, '{:.2%}')} | "
-                     f"{ratio(dense, sent, '{:.0f}x')} | {received / 1e6:.3f} | {(sent + received) / 1e6:.3f} | "
-                     f"{ratio(2 * dense, sent + received, '{:.0f}x')} |")
+                     f"{times(dense, sent)} | {received / 1e6:.3f} | {(sent + received) / 1e6:.3f} | "
+                     f"{times(2 * dense, sent + received)} |")
     return "\n".join(lines)
 
 
