@@ -1,4 +1,4 @@
-"""fedsparse: federated averaging where each client uploads only part of its model update, coded as bytes.
+"""fedsparse: federated averaging where clients upload and download only part of the model update, coded as bytes.
 
 Run:     python main.py -c ./utils/conf.json [--set prop=0.5 ...] [--out DIR]
 Resume:  python main.py --out DIR --resume          (continues an interrupted run to the same end)
@@ -6,11 +6,13 @@ Sweep:   python main.py -c ./utils/conf.json --sweep prop=1.0,0.8,0.5 [--out DIR
 Flower:  python main.py -c ./utils/conf.json --engine flower [--parallel 2]      (Flower's simulation engine)
          deploy/local.sh --nodes 10 -- -c ./utils/conf.json --out DIR          (a Flower deployment, on 127.0.0.1)
 
-Each round: sample k clients; each trains from the global model on its own data and uploads its weight diff, selected
-and coded by the compression method (codec.py); the server decodes and averages the uploads into the global model and
-evaluates it (federation.py runs the rounds). One line per round is printed, and <out>/metrics.csv,
-<out>/config.json and <out>/checkpoint.pt are written. Bad input is one line on stderr and exit status 2; Ctrl-C and
-SIGTERM keep every finished round and print the command that continues (exit status 130 and 143).
+Each round: sample k clients; each downloads what brings its model to the server's (the dense model, or under a relay
+or compressed download the cheapest of the rounds it missed, the changed entries or the dense model: downloads.py),
+trains from it on its own data and uploads its weight diff, selected and coded by the compression method (codec.py);
+the server decodes and aggregates the uploads into the global model and evaluates it (federation.py runs the rounds).
+One line per round is printed, and <out>/metrics.csv, <out>/config.json and <out>/checkpoint.pt are written. Bad input
+is one line on stderr and exit status 2; Ctrl-C and SIGTERM keep every finished round and print the command that
+continues (exit status 130 and 143).
 """
 import argparse
 import contextlib
