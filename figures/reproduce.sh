@@ -105,9 +105,9 @@ if [ "$what" = all ] || [ "$what" = twoway ]; then  # both directions coded: STC
   run_queue
 fi
 if [ "$what" = all ] || [ "$what" = robust ]; then  # k=5 of 10; client 0 boosts its update 100x when sampled
-  for method in dense stc0.04; do
-    if [ $method = dense ]; then up=(--set sparsifier=none); else up=("${stc[@]}" --set prop=0.04); fi
-    for defense in none geometric_median norm_bound median trimmed_mean; do  # the targets' runs first
+  for defense in none geometric_median norm_bound median trimmed_mean; do  # the targets' runs first
+    for method in dense stc0.04; do
+      if [ $method = dense ]; then up=(--set sparsifier=none); else up=("${stc[@]}" --set prop=0.04); fi
       job runs/robust/$method/honest-$defense   --set k=5 "${up[@]}" --set defense=$defense
       job runs/robust/$method/boost100-$defense --set k=5 "${up[@]}" --set defense=$defense --set attackers=1 \
         --set attack=scale --set attack_scale=100
