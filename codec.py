@@ -325,6 +325,20 @@ def golomb_encode(flat, total):
     return bytes([b]) + np.packbits(remainder_bits).tobytes() + np.packbits(quotient_bits).tobytes()
 
 
+def read_unary(reader, count, longest_bits, what):
+    """`count` unary-coded integers (that many zeros, then a one), byte-padded, which together take at most
+    `longest_bits`: only that window of the bytes present is searched for their ones."""
+    window = np.unpackbits(reader.peek(min(math.ceil(longest_bits / 8), reader.remaining())))
+    ends = np.flatnonzero(window)[:count]
+    if len(ends) < count:
+        raise PayloadError(f"{what} end early")
+    used = ends[-1] // 8 + 1 if count else 0
+    if count and window[ends[-1] + 1:used * 8].any():
+        raise PayloadError(f"nonzero padding after the {what}")
+    reader.skip(used)
+    return np.diff(ends, prepend=-1) - 1
+
+
 def golomb_decode(reader, count, total):
     (b,) = reader.unpack(struct.Struct("<B"))
     if b > total.bit_length():  # never chosen for this model; larger would let a shifted quotient overflow
@@ -335,16 +349,7 @@ def golomb_decode(reader, count, total):
     check_padding(remainder_bytes, count * b, "Golomb remainders")
     remainders = read_bits(remainder_bytes, count, b)
     # the quotients sum to at most (total - count) >> b, which bounds how far their terminating ones can lie
-    longest = math.ceil((((total - count) >> b) + count) / 8)
-    window = np.unpackbits(reader.peek(min(longest, reader.remaining())))
-    ends = np.flatnonzero(window)[:count]
-    if len(ends) < count:
-        raise PayloadError("Golomb quotients end early")
-    used = ends[-1] // 8 + 1 if count else 0
-    if count and window[ends[-1] + 1:used * 8].any():
-        raise PayloadError("nonzero padding after the Golomb quotients")
-    reader.skip(used)
-    quotients = np.diff(ends, prepend=-1) - 1
+    quotients = read_unary(reader, count, ((total - count) >> b) + count, "Golomb quotients")
     # positions = cumsum(gap + 1) - 1 with gap = (quotient << b) + remainder, in place: a few int64 per position
     flat = np.left_shift(quotients, b, out=quotients)
     flat += remainders
@@ -565,15 +570,7 @@ def gamma_decode(reader, count, largest):
     """`count` Elias-gamma coded integers, each refused above `largest`. The lengths stream is searched for its ones
     in a window of at most the bytes present and the longest `count` codes of integers up to `largest` could take."""
     most_bits = largest.bit_length()
-    window = np.unpackbits(reader.peek(min(math.ceil(count * most_bits / 8), reader.remaining())))
-    ends = np.flatnonzero(window)[:count]
-    if len(ends) < count:
-        raise PayloadError("Elias-gamma lengths end early")
-    used = ends[-1] // 8 + 1 if count else 0
-    if count and window[ends[-1] + 1:used * 8].any():
-        raise PayloadError("nonzero padding after the Elias-gamma lengths")
-    reader.skip(used)
-    widths = np.diff(ends, prepend=-1) - 1
+    widths = read_unary(reader, count, count * most_bits, "Elias-gamma lengths")
     if count and widths.max() >= most_bits:
         raise PayloadError(f"an Elias-gamma code longer than those of integers up to {largest}")
     tail_bits = int(widths.sum())
