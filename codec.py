@@ -194,8 +194,7 @@ class Hybrid:
         taken = sum(len(where) for where in top)
         if count > sum(numels) - taken:
             raise PayloadError(f"{count} random positions among the {sum(numels) - taken} not in the top-k")
-        if (taken + count) * value_bits > 8 * reader.remaining():
-            raise PayloadError(f"{reader.remaining()} bytes left cannot hold the values of {taken + count} positions")
+        reader.require_bits((taken + count) * value_bits, f"the values of {taken + count} positions")
         return with_random_others(top, numels, mask_seed, count)
 
 
@@ -262,8 +261,7 @@ def decode_positions(reader, numels, value_bits):
     total = sum(numels)
     if count > total:
         raise PayloadError(f"{count} positions in a model of {total} entries")
-    if count * value_bits > 8 * reader.remaining():
-        raise PayloadError(f"{reader.remaining()} bytes left cannot hold the values of {count} positions")
+    reader.require_bits(count * value_bits, f"the values of {count} positions")
     if coding == BITMAP:
         bits = np.unpackbits(reader.array(np.uint8, math.ceil(total / 8)))
         if bits[total:].any():
@@ -343,8 +341,8 @@ def golomb_decode(reader, count, total):
     (b,) = reader.unpack(struct.Struct("<B"))
     if b > total.bit_length():  # never chosen for this model; larger would let a shifted quotient overflow
         raise PayloadError(f"Golomb parameter {b} is too large for a model of {total} entries")
-    if count * (b + 1) > 8 * reader.remaining():  # b remainder bits and at least a quotient's one bit each
-        raise PayloadError(f"{reader.remaining()} bytes left cannot hold {count} Golomb-coded positions")
+    # b remainder bits and at least a quotient's one bit each
+    reader.require_bits(count * (b + 1), f"{count} Golomb-coded positions")
     remainder_bytes = reader.array(np.uint8, math.ceil(count * b / 8))
     check_padding(remainder_bytes, count * b, "Golomb remainders")
     remainders = read_bits(remainder_bytes, count, b)
@@ -520,8 +518,7 @@ class QSGD(Quantizer):
         levels, bucket_size = reader.unpack(QSGD_HEADER)
         if levels < 1 or bucket_size < 1:
             raise PayloadError(f"QSGD levels {levels} or bucket size {bucket_size} below 1")
-        if sum(counts) > 8 * reader.remaining():  # a bit of Elias-gamma code each, at least
-            raise PayloadError(f"{reader.remaining()} bytes left cannot hold {sum(counts)} QSGD levels")
+        reader.require_bits(sum(counts), f"{sum(counts)} QSGD levels")  # a bit of Elias-gamma code each, at least
         starts = bucket_starts(counts, bucket_size)
         norms = read_scales(reader, len(starts))
         codes = gamma_decode(reader, sum(counts), levels + 1)
@@ -700,9 +697,13 @@ class Reader:
     def count(self, item_size=COUNT.size):
         """A u32 count of items that each take at least `item_size` bytes, refused when they cannot all be here."""
         (count,) = self.unpack(COUNT)
-        if count * item_size > self.remaining():
-            raise PayloadError(f"claims {count} items, {self.remaining()} bytes are left")
+        self.require_bits(8 * count * item_size, f"{count} items")
         return count
+
+    def require_bits(self, bits, what):
+        """Refuse a claim the bytes left cannot hold, before anything the size of the claim is made."""
+        if bits > 8 * self.remaining():
+            raise PayloadError(f"{self.remaining()} bytes left cannot hold {what}")
 
     def remaining(self):
         return len(self.payload) - self.offset

@@ -168,20 +168,21 @@ class Syncs:
 
     def _log(self, message):
         self.log.append((self.version, message))
-        self.log_bytes += codec.replay_size([message]) - codec.replay_size([])
+        self.log_bytes += replayed_size(message)
         while self.log_bytes > self.dense_size:  # a replay longer than this never beats the dense model
             _, oldest = self.log.popleft()
-            self.log_bytes -= codec.replay_size([oldest]) - codec.replay_size([])
+            self.log_bytes -= replayed_size(oldest)
 
-    def sync(self, client_id, tensors):
-        """(the bytes `client_id` downloads to hold `tensors`, the global model's flat tensors now, and which kind of
-        sync they are: "replay", "changed" or "dense"); the client is then synchronized."""
+    def sync(self, client_id, model):
+        """(the bytes `client_id` downloads to hold the global model now, and which kind of sync they are: "replay",
+        "changed" or "dense"); the client is then synchronized. `model()` gives the model's flat tensors, asked for only
+        when the sync carries values."""
         held = self.synced.get(client_id)
         self.synced[client_id] = self.version
         if not self.logs:
-            return self.dense(tensors), "dense"
+            return self.dense(model), "dense"
         if held == UNKNOWN or (held is None and self.first_contact == "dense"):
-            return codec.encode_sync(codec.DENSE, self.dense(tensors)), "dense"
+            return codec.encode_sync(codec.DENSE, self.dense(model)), "dense"
         held = held or 0  # first contact from the seed: the client builds the initial model itself, for free
         if held == self.version:
             return b"", "replay"  # nothing to download
@@ -194,25 +195,24 @@ class Syncs:
             best = dense_sync
         positions = [(last > held).nonzero().squeeze(1) for last in self.last_changed]
         changed_floor = 1 + codec.HEADER.size + 4 * sum(len(p) for p in positions)  # its values alone
-        changed = None
         if changed_floor < best[0]:
-            changed = codec.encode_sync(codec.CHANGED, codec.encode_entries(tensors, positions))
+            changed = codec.encode_sync(codec.CHANGED, codec.encode_entries(model(), positions))
             if len(changed) < best[0]:
                 return changed, "changed"
         if best[1] == "replay":
             return codec.encode_sync(codec.REPLAY, missed), "replay"
-        return codec.encode_sync(codec.DENSE, self.dense(tensors)), "dense"
+        return codec.encode_sync(codec.DENSE, self.dense(model)), "dense"
 
     def forget(self, client_id):
         """`client_id`'s model is not known any more (its node failed or answered with another model): its next sync
         is the dense model."""
         self.synced[client_id] = UNKNOWN
 
-    def dense(self, tensors):
+    def dense(self, model):
         """The model as a dense f32 payload, coded once per version however many clients receive it."""
         version, payload = self.dense_cache
         if version != self.version:
-            payload = codec.encode(DENSE_F32, tensors, 0).payload
+            payload = codec.encode(DENSE_F32, model(), 0).payload
             self.dense_cache = (self.version, payload)
         return payload
 
@@ -223,9 +223,14 @@ class Syncs:
     def restore(self, state):
         self.version, self.synced = int(state["version"]), {int(c): int(v) for c, v in state["synced"].items()}
         self.log = collections.deque((int(v), [bytes(p) for p in m]) for v, m in state["log"])
-        self.log_bytes = sum(codec.replay_size([m]) - codec.replay_size([]) for _, m in self.log)
+        self.log_bytes = sum(replayed_size(message) for _, message in self.log)
         if self.logs:
             self.last_changed = [t.to(torch.int32) for t in state["last_changed"]]
+
+
+def replayed_size(message):
+    """What one round's message adds to a replay's length."""
+    return codec.replay_size([message]) - codec.replay_size([])
 
 
 def apply_sync(sync, replica):

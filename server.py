@@ -86,7 +86,7 @@ class Server:
 
     def sync(self, client_id):
         """The bytes `client_id` downloads to hold the global model now, and which kind of sync they are."""
-        return self.syncs.sync(client_id, self.flat_globals())
+        return self.syncs.sync(client_id, self.flat_globals)
 
     @torch.no_grad()
     def aggregate(self, round_index=0):

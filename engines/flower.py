@@ -79,11 +79,12 @@ def train(message: Message, context: Context) -> Message:
     held = task["model"] if "model" in task else kept["model"]["values"] if "model" in kept else None
     replica = workspace.replica(conf, held)
     downloads.apply_sync(task["sync"], replica)
+    synced = replica.flat_globals()
     if conf["download"] != "dense":  # the next sync starts from this model
-        kept["model"] = ConfigRecord({"values": codec.encode(downloads.DENSE_F32, replica.flat_globals(), 0).payload})
+        kept["model"] = ConfigRecord({"values": codec.encode(downloads.DENSE_F32, synced, 0).payload})
     upload = client.local_train(workspace.model, replica.global_state(), workspace.dataset, int(task["round"]))
     reply = {"client": client_id, "payload": upload.payload, "train_loss": upload.train_loss,
-             "checksum": downloads.checksum(replica.flat_globals())}
+             "checksum": downloads.checksum(synced)}
     if client.residual is not None:
         residual = codec.encode(downloads.DENSE_F32, client.residual, 0).payload
         kept["residual"] = ConfigRecord({"values": residual})
@@ -237,7 +238,7 @@ class GridTransport:
             residual = [r.cpu().float() for r in residual]
             self.residuals[int(client_id)] = codec.encode(downloads.DENSE_F32, residual, 0).payload
             self.to_restore.setdefault(int(client_id), {})["residual"] = self.residuals[int(client_id)]
-        for client_id, payload in state.get("models", {}).items():
+        for client_id, payload in state["models"].items():
             self.models[int(client_id)] = bytes(payload)
             self.to_restore.setdefault(int(client_id), {})["model"] = self.models[int(client_id)]
 

@@ -23,7 +23,8 @@ class InProcess:
         return uploads
 
     def client_state(self):
-        return {"residuals": {str(c.id): c.residual for c in self.clients if c.residual is not None}}
+        # no client keeps a model here: each trains from the server's
+        return {"residuals": {str(c.id): c.residual for c in self.clients if c.residual is not None}, "models": {}}
 
     def restore_client_state(self, state):
         for client_id, residual in state["residuals"].items():
