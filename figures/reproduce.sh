@@ -10,17 +10,20 @@
 #   bash figures/reproduce.sh chapter      # the chapter's prop sweep, masked_mean and the chapter's lambda rule
 #   bash figures/reproduce.sh twoway       # downloads too: relay and compressed, two seeds, and 100 clients (runs/twoway)
 #   bash figures/reproduce.sh robust       # defenses, honest and against one 100x booster of 10, k=5 (runs/robust)
+#   bash figures/reproduce.sh methods      # QSGD, PowerSGD and the hybrid, two seeds; 100-round runs (runs/methods)
 #   bash figures/reproduce.sh figures      # draw the figures and print the tables from finished runs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
 
-if [ "${1:-}" = --one ]; then  # --one OUT [--set KEY=VALUE ...]: one 30-round run
-  out=$2; shift 2
-  if [ -f "$out/metrics.csv" ] && [ "$(($(wc -l < "$out/metrics.csv") - 1))" -ge 30 ]; then exit 0; fi
+if [ "${1:-}" = --one ]; then  # --one OUT [--rounds N] [--set KEY=VALUE ...]: one run, of 30 rounds unless told
+  out=$2 rounds=30; shift 2
+  if [ "${1:-}" = --rounds ]; then rounds=$2; shift 2; fi
+  if [ -f "$out/metrics.csv" ] && [ "$(($(wc -l < "$out/metrics.csv") - 1))" -ge "$rounds" ]; then exit 0; fi
   resume=(); [ -f "$out/checkpoint.pt" ] && resume=(--resume)
   mkdir -p "$out"
-  exec python main.py -c utils/conf.json --set global_epochs=30 "$@" --out "$out" "${resume[@]}" >> "$out/output.log" 2>&1
+  exec python main.py -c utils/conf.json --set global_epochs="$rounds" "$@" --out "$out" "${resume[@]}" \
+    >> "$out/output.log" 2>&1
 fi
 
 what=${1:-all}
@@ -115,6 +118,20 @@ if [ "$what" = all ] || [ "$what" = robust ]; then  # k=5 of 10; client 0 boosts
   done
   run_queue
   for method in dense stc0.04; do python -m utils.plot runs/robust/$method/* --table; done
+fi
+if [ "$what" = all ] || [ "$what" = methods ]; then  # more method families, IID and Dirichlet(0.5), seeds 0 and 1
+  for seed in 0 1; do
+    for part in iid dirichlet; do
+      d=runs/methods/seed$seed/$part s=(--set seed=$seed --set partition=$part)
+      job $d/qsgd4       "${s[@]}" --set sparsifier=none --set quantize=qsgd --set levels=4
+      job $d/qsgd16      "${s[@]}" --set sparsifier=none --set quantize=qsgd --set levels=16
+    done
+  done
+  d=runs/methods/stretch  # candidates for 300x (<= 0.33% of dense bytes), IID, seed 0
+  job $d/hybrid0.02-ternary "${stc[@]}" --set sparsifier=hybrid --set prop=0.02 --set aggregation=mean
+  job $d/hybrid0.008-int8   "${stc[@]}" --set sparsifier=hybrid --set prop=0.008 --set quantize=int8 \
+    --set aggregation=mean
+  run_queue
 fi
 if [ "$what" = all ] || [ "$what" = figures ]; then  # every figure in figures/ is drawn here, and only here
   finished() {  # finished RUN...: whether every run has its 30 rounds
