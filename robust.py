@@ -28,7 +28,7 @@ import torch
 
 from utils.seeding import generator
 
-ATTACKS = ("scale", "sign_flip", "noise", "count")
+ATTACKS = ("scale", "sign_flip", "noise", "fill", "count")
 DEFENSES = ("none", "norm_bound", "median", "trimmed_mean", "geometric_median")
 MAX_COUNT = 2**32 - 1  # the most examples an upload can claim (u32)
 WEISZFELD_ITERATIONS = 5  # RFA reports that a few iterations suffice; each costs one pass over the uploads
@@ -44,8 +44,10 @@ class Decoded(NamedTuple):
 # ---- attacks: what a malicious client sends ---------------------------------------------------------------------
 
 def attacks(conf, client_id, round_index):
-    """Whether `client_id` is malicious in round `round_index`: clients 0 .. attackers-1, from round attack_from."""
-    return client_id < conf["attackers"] and round_index >= conf["attack_from"]
+    """Whether `client_id` is malicious in round `round_index`: clients 0 .. attackers-1, from round attack_from to
+    attack_until (0: to the end)."""
+    last = conf["attack_until"] or math.inf
+    return client_id < conf["attackers"] and conf["attack_from"] <= round_index <= last
 
 
 def attack(conf, diffs, num_samples, client_id, round_index):
@@ -53,6 +55,8 @@ def attack(conf, diffs, num_samples, client_id, round_index):
     kind, scale = conf["attack"], conf["attack_scale"]
     if kind == "count":
         return diffs, MAX_COUNT
+    if kind == "fill":  # finite, so every check of the values passes: what one upload of 1e30 does
+        return [torch.full_like(diff, scale) for diff in diffs], num_samples
     if kind == "noise":  # drawn on the CPU from a named stream, so that a rerun, on any device, draws the same
         draw = generator(conf["seed"], "attack", round_index, client_id)
         return [diff + scale * diff.std(correction=0) * torch.randn(diff.numel(), generator=draw).to(diff.device)

@@ -9,7 +9,7 @@
 #   bash figures/reproduce.sh seeds        # the winners again on seed 1 (runs/seed1)
 #   bash figures/reproduce.sh chapter      # the chapter's prop sweep, masked_mean and the chapter's lambda rule
 #   bash figures/reproduce.sh twoway       # downloads too: relay and compressed, two seeds, and 100 clients (runs/twoway)
-#   bash figures/reproduce.sh robust       # defenses, honest and against one 100x booster of 10, k=5 (runs/robust)
+#   bash figures/reproduce.sh robust       # attacks against each defense, k=5 and k=2, dense and STC 4% (runs/robust)
 #   bash figures/reproduce.sh methods      # QSGD, PowerSGD and the hybrid, two seeds; 100-round runs (runs/methods)
 #   bash figures/reproduce.sh figures      # draw the figures and print the tables from finished runs
 set -euo pipefail
@@ -107,17 +107,42 @@ if [ "$what" = all ] || [ "$what" = twoway ]; then  # both directions coded: STC
   job $d/down0.02 --set no_models=100 --set k=10 "${stc[@]}" --set prop=0.04 "${down[@]}" --set download_prop=0.02
   run_queue
 fi
-if [ "$what" = all ] || [ "$what" = robust ]; then  # k=5 of 10; client 0 boosts its update 100x when sampled
-  for defense in none geometric_median norm_bound median trimmed_mean; do  # the targets' runs first
+if [ "$what" = all ] || [ "$what" = robust ]; then  # attacks and defenses (runs/robust), in the order of the targets
+  upload() {  # upload METHOD: the settings of dense or STC 4% uploads
+    if [ "$1" = dense ]; then echo --set sparsifier=none; else echo "${stc[@]}" --set prop=0.04; fi
+  }
+  # the default-settings target: one hostile upload in round 1, no defense, k=2 (client 0 is sampled in round 1);
+  # the honest runs are the frontier's dense and STC 4%
+  job runs/frontier/iid/dense --set partition=iid --set sparsifier=none
+  job runs/explore/iid/stc0.04 --set partition=iid "${stc[@]}" --set prop=0.04
+  once=(--set attackers=1 --set attack_until=1)
+  job runs/robust/round1/dense-fill1e30 --set sparsifier=none "${once[@]}" --set attack=fill --set attack_scale=1e30
+  job runs/robust/round1/stc0.04-fill1e38 $(upload stc0.04) "${once[@]}" --set attack=fill --set attack_scale=1e38
+  job runs/robust/round1/dense-count --set sparsifier=none "${once[@]}" --set attack=count
+  job runs/robust/round1/default --set partition=iid  # the default conf itself: random 0.6 masks
+  job runs/robust/round1/default-fill1e30 "${once[@]}" --set attack=fill --set attack_scale=1e30
+  defenses="none norm_bound median trimmed_mean geometric_median"
+  for k in 5 2; do  # k=5 of 10: the best-defense target's setting; k=2: the default
     for method in dense stc0.04; do
-      if [ $method = dense ]; then up=(--set sparsifier=none); else up=("${stc[@]}" --set prop=0.04); fi
-      job runs/robust/$method/honest-$defense   --set k=5 "${up[@]}" --set defense=$defense
-      job runs/robust/$method/boost100-$defense --set k=5 "${up[@]}" --set defense=$defense --set attackers=1 \
-        --set attack=scale --set attack_scale=100
+      for defense in $defenses; do
+        d=runs/robust/k$k/$method s=(--set k=$k $(upload $method) --set defense=$defense)
+        job $d/honest-$defense "${s[@]}"
+        job $d/boost100-$defense "${s[@]}" --set attackers=1 --set attack=scale --set attack_scale=100
+      done
+    done
+  done
+  for k in 5 2; do
+    for method in dense stc0.04; do
+      for defense in $defenses; do
+        d=runs/robust/k$k/$method s=(--set k=$k $(upload $method) --set defense=$defense)
+        job $d/2boost100-$defense "${s[@]}" --set attackers=2 --set attack=scale --set attack_scale=100
+        job $d/signflip-$defense "${s[@]}" --set attackers=1 --set attack=sign_flip --set attack_scale=1
+        job $d/noise100-$defense "${s[@]}" --set attackers=1 --set attack=noise --set attack_scale=100
+      done
     done
   done
   run_queue
-  for method in dense stc0.04; do python -m utils.plot runs/robust/$method/* --table; done
+  for k in 5 2; do for method in dense stc0.04; do python -m utils.plot runs/robust/k$k/$method/* --table; done; done
 fi
 if [ "$what" = all ] || [ "$what" = methods ]; then  # more method families, IID and Dirichlet(0.5), seeds 0 and 1
   for seed in 0 1; do

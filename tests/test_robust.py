@@ -264,6 +264,7 @@ def sent(make_conf, tiny_model, client_id, round_index, **settings):
 @pytest.mark.parametrize("attack, expected", [
     ("scale", (7, [[10, -20, 0, 0, 0, 30], [5, -10]])),
     ("sign_flip", (7, [[-10, 20, 0, 0, 0, -30], [-5, 10]])),
+    ("fill", (7, [[10] * 6, [10] * 2])),
     ("count", (MAX_COUNT, [[1, -2, 0, 0, 0, 3], [0.5, -1]])),
 ])
 def test_attacks_by_hand(make_conf, tiny_model, attack, expected):
@@ -272,6 +273,8 @@ def test_attacks_by_hand(make_conf, tiny_model, attack, expected):
     honest = (7, [[1, -2, 0, 0, 0, 3], [0.5, -1]])
     assert sent(make_conf, tiny_model, 0, 1, **settings) == honest  # before attack_from
     assert sent(make_conf, tiny_model, 1, 2, **settings) == honest  # not one of the attackers
+    assert sent(make_conf, tiny_model, 0, 3, **settings, attack_until=3) == expected  # its last round
+    assert sent(make_conf, tiny_model, 0, 4, **settings, attack_until=3) == honest  # after it
 
 
 def test_noise_attack_adds_seeded_noise_scaled_by_each_tensors_std(make_conf, tiny_model):
@@ -331,6 +334,7 @@ def test_registered_counts_leave_honest_runs_as_they_were(make_conf, tmp_path, m
     (dict(defense="krum"), "error: config key 'defense' must be one of none, norm_bound, median, trimmed_mean, "
                            "geometric_median"),
     (dict(attack_from=0), "error: config key 'attack_from' must be >= 1"),
+    (dict(attack_from=3, attack_until=2), "error: config key 'attack_until' (2) is before 'attack_from' (3)"),
 ])
 def test_impossible_settings_are_one_error_line(write_conf, run_main, tmp_path, settings, message):
     status, _, err = run_main("-c", write_conf(**settings), "--out", tmp_path / "run")

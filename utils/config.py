@@ -66,9 +66,11 @@ KEYS = {
     "attackers": (0, "simulated attack: clients 0 .. attackers-1 are malicious (0: none)"),
     "attack": ("scale", "what a malicious client does before coding its diff: scale (times attack_scale) | sign_flip "
                         "(times -attack_scale) | noise (plus Gaussian noise, attack_scale times each tensor's own std) "
-                        "| count (claims 2^32-1 examples)"),
-    "attack_scale": (100.0, "the attack's strength: the factor of scale and sign_flip, the noise's std in diff stds"),
+                        "| fill (every entry is attack_scale) | count (claims 2^32-1 examples)"),
+    "attack_scale": (100.0, "the attack's strength: the factor of scale and sign_flip, the noise's std in diff stds, "
+                            "fill's value"),
     "attack_from": (1, "the first round in which the malicious clients attack"),
+    "attack_until": (0, "the last round in which they attack (0: every round from attack_from on)"),
 }
 DEFAULTS = {key: default for key, (default, _) in KEYS.items()}
 
@@ -116,6 +118,7 @@ RANGES = {
     "attackers": (0, math.inf, True),
     "attack_scale": (0, math.inf, True),
     "attack_from": (1, math.inf, True),
+    "attack_until": (0, math.inf, True),
 }
 
 
@@ -163,6 +166,9 @@ def validate(overrides):
     if conf["attackers"] > conf["no_models"]:
         raise ConfigError(f"config key 'attackers' ({conf['attackers']}) must not exceed 'no_models' "
                           f"({conf['no_models']})")
+    if conf["attack_until"] and conf["attack_until"] < conf["attack_from"]:
+        raise ConfigError(f"config key 'attack_until' ({conf['attack_until']}) is before 'attack_from' "
+                          f"({conf['attack_from']}): no round would be attacked")
     if conf["trim_fraction"] >= 0.5:
         raise ConfigError(f"config key 'trim_fraction' must be < 0.5 (trimming half from each end leaves nothing), got "
                           f"{shown(conf['trim_fraction'])}")

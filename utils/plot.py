@@ -29,7 +29,7 @@ ERROR_FEEDBACK_KEYS = {"error_feedback", "residual_decay"}
 COMPRESSED_DOWNLOAD_KEYS = {"download_sparsifier", "download_prop", "download_quantize", "download_topk_scope",
                             "download_error_feedback"}
 DEFENSE_KEYS = {"norm_bound": {"clip_norm", "clip_multiple"}, "trimmed_mean": {"trim_fraction"}}
-ATTACK_KEYS = {"attack", "attack_scale", "attack_from"}
+ATTACK_KEYS = {"attack", "attack_scale", "attack_from", "attack_until"}
 
 
 def unused_keys(conf):
