@@ -209,4 +209,5 @@ if [ "$what" = all ] || [ "$what" = figures ]; then  # every figure in figures/ 
   done
   finished runs/twoway/cross-device/* && python -m utils.plot runs/twoway/cross-device/* --table
   python figures/syncs.py runs/twoway/seed0/*/* runs/twoway/cross-device/*
+  python figures/robust.py runs/robust -o figures/robust.png  # blank where a run is missing: run the robust section
 fi

@@ -266,3 +266,27 @@ def test_labels_leave_out_defaults_when_something_else_differs(tmp_path):
                       "--set", "error_feedback=true", "--out", dirs[1]]) == 0
     assert plot.labels_for(dirs) == ["sparsifier=none", "prop=0.1, sparsifier=topk, quantize=ternary, "
                                                         "error_feedback=True"]
+
+
+def test_robust_grid_table_and_figure(tmp_path, capsys):
+    """figures/robust.py: final and last-5 accuracy of finished runs, computed here by hand; unfinished runs blank."""
+    import figures.robust as robust_figure
+
+    def write(name, accuracies):
+        run_dir = tmp_path / "runs" / name
+        run_dir.mkdir(parents=True)
+        lines = ["round,accuracy"] + [f"{i + 1},{a}" for i, a in enumerate(accuracies)]
+        (run_dir / "metrics.csv").write_text("\n".join(lines) + "\n")
+    write("k5/dense/honest-none", [0.5] * 4 + [0.6, 0.7, 0.8, 0.9, 0.95, 1.0])
+    write("k5/dense/boost100-none", [0.1] * 10)
+    write("k2/stc0.04/noise100-median", [0.3] * 9)  # 9 of 10 rounds: unfinished
+    robust_figure.main([str(tmp_path / "runs"), "--rounds", "10", "-o", str(tmp_path / "grid.png")])
+    out, err = capsys.readouterr()
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:4]): line.split("|")[4:9] for line in out.splitlines()
+            if line.startswith("| ") and "---" not in line}
+    assert rows["5", "dense", "honest"][0].strip() == "1.0000 / 0.8700"  # (0.7 + 0.8 + 0.9 + 0.95 + 1.0) / 5
+    assert rows["5", "dense", "1 booster (100x)"][0].strip() == "0.1000 / 0.1000"
+    assert rows["5", "dense", "honest"][1].strip() == "not run"
+    assert rows["2", "STC 4%", "1 noise (100 std)"][2].strip() == "not run"
+    assert "k2/stc0.04/noise100-median (missing or unfinished)" in err
+    assert (tmp_path / "grid.png").stat().st_size > 10_000
