@@ -156,6 +156,13 @@ if [ "$what" = all ] || [ "$what" = methods ]; then  # more method families, IID
   job $d/hybrid0.02-ternary "${stc[@]}" --set sparsifier=hybrid --set prop=0.02 --set aggregation=mean
   job $d/hybrid0.008-int8   "${stc[@]}" --set sparsifier=hybrid --set prop=0.008 --set quantize=int8 \
     --set aggregation=mean
+  for seed in 0 1; do  # the 300x stretch at a longer schedule, side by side with dense at the same one
+    d=runs/methods/long/seed$seed
+    job $d/dense --rounds 100 --set seed=$seed --set sparsifier=none
+    job $d/stc0.01-mean --rounds 100 --set seed=$seed "${stc[@]}" --set prop=0.01 --set aggregation=mean
+    job $d/hybrid0.02-ternary --rounds 100 --set seed=$seed "${stc[@]}" --set sparsifier=hybrid --set prop=0.02 \
+      --set aggregation=mean
+  done
   run_queue
 fi
 if [ "$what" = all ] || [ "$what" = figures ]; then  # every figure in figures/ is drawn here, and only here
