@@ -4,9 +4,10 @@ upload, `decode` (the server's side) the only code that reads one, and an upload
 A method is a sparsifier times a quantizer, each one class below registered by its config name in SPARSIFIERS or
 QUANTIZERS; config choices, plot labels and the README's table of methods derive from these registries. A sparsifier
 turns the diffs into coefficients, groups of values, and the receiver's decoded groups back into the diff it
-reconstructs: these select entries (a group per tensor: its kept entries). The quantizer writes the groups' values.
-Sparse Ternary Compression (Sattler et al. 2019) is TopK over the whole model times Ternary, with error feedback. To
-add a method, write one class and register it.
+reconstructs: most select entries (a group per tensor: its kept entries), PowerSGD factors matrices (two groups per
+factored tensor: its factors). The quantizer writes the groups' values. Sparse Ternary Compression (Sattler et al.
+2019) is TopK over the whole model times Ternary, with error feedback. To add a method, write one class and register
+it.
 
 Layout, little-endian; tensors are the model's floating-point state-dict entries, flattened, in order:
     header      version u8 | sparsifier id u8 | quantizer id u8 | num_samples u32 | num_tensors u32
@@ -16,8 +17,11 @@ Layout, little-endian; tensors are the model's floating-point state-dict entries
                         a list of u8/u16/u32 indices, or Golomb-Rice gaps, whichever is smallest (POSITION_CODINGS)
                 hybrid: the top-k part's positions as topk's | seed u64 | count u32; the receiver regenerates the
                         random part, `count` positions drawn uniformly from the seed among those not in the top-k
+                powersgd: rank r u16 | per tensor: rows u32, 0 for a tensor that travels whole. A tensor of n entries
+                        with rows > 0 is a rows x (n / rows) matrix M that travels as its factors P (rows x r) and Q'
+                        (n / rows x r), row-major; the receiver reconstructs P Q'^T (low_rank_product)
     values      the groups' values, group after group, as the quantizer writes them (a group: a tensor's kept values,
-                so that a sparsifier that sends several groups per tensor gives each its own scales):
+                or one factor of a factored tensor, P then Q', so that each factor has its own scales):
                 none: f32 each | f16: f16 each | int8: a f32 scale per group that keeps values, then i8 each |
                 sign: a f32 magnitude per group that keeps values, then one sign bit each |
                 ternary: groups u8 (0: a magnitude per group, 1: one for all), the f32 magnitudes, one sign bit each |
@@ -43,12 +47,15 @@ import numpy as np
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
+from utils import seeding
+
 VERSION = 2
 HEADER = struct.Struct("<BBBII")
 RANDOM_HEADER = struct.Struct("<Qd")
 HYBRID_RANDOM = struct.Struct("<QI")
 QSGD_HEADER = struct.Struct("<HI")
 POSITIONS_HEADER = struct.Struct("<BI")
+RANK = struct.Struct("<H")
 BITMAP, INDEX_U8, INDEX_U16, INDEX_U32, GOLOMB = range(5)
 INDEX_DTYPES = {INDEX_U8: np.dtype("<u1"), INDEX_U16: np.dtype("<u2"), INDEX_U32: np.dtype("<u4")}
 SCALE_DTYPE = np.dtype("<f4")
@@ -232,6 +239,106 @@ class Hybrid(Sparsifier):
             raise PayloadError(f"{count} random positions among the {sum(numels) - taken} not in the top-k")
         reader.require_bits((taken + count) * value_bits, f"the values of {taken + count} positions")
         return with_random_others(top, numels, mask_seed, count)
+
+
+class PowerSGD(Sparsifier):
+    name, wire_id, keys = "powersgd", 4, ("rank",)
+    help = ("PowerSGD (Vogels et al. 2019): each weight matrix's diff M (a conv kernel with a row per output channel) "
+            "as rank-`rank` factors P = M Q orthonormalized and Q' = M^T P, one power step from this sender's previous "
+            "Q'; the receiver reconstructs P Q'^T. Biases, BatchNorm statistics and matrices too small to gain travel "
+            "whole; `prop` unused")
+
+    def __init__(self, conf):
+        self.rank = conf["rank"]
+
+    def factored(self, shape):
+        """(rows, cols) of the matrix a tensor of `shape` travels as, its first dimension against the others; None
+        when it travels whole: a vector, or a matrix whose factors would hold no fewer values than it."""
+        rows, cols = (shape[0], math.prod(shape[1:])) if len(shape) >= 2 else (0, 0)
+        return (rows, cols) if self.rank * (rows + cols) < rows * cols else None
+
+    def memory_numels(self, shapes):
+        """Per tensor, the entries of its warm start, the previous Q' (none for a tensor that travels whole)."""
+        return [0 if factored is None else factored[1] * self.rank for factored in map(self.factored, shapes)]
+
+    def encode(self, diffs, mask_seed, shapes, memory):
+        plan, coefficients, starts = [], [], []
+        for index, (diff, shape) in enumerate(zip(diffs, shapes)):
+            factored = self.factored(shape)
+            if factored is None:
+                plan.append(None)
+                coefficients.append(diff)
+                starts.append(diff.new_zeros(0))
+                continue
+            rows, cols = factored
+            if memory is None:  # a sender's first encode: a start of its own, the same on every machine
+                draw = seeding.generator(mask_seed, "powersgd start", index)
+                start = torch.randn(cols, self.rank, generator=draw).to(diff.device)
+            else:
+                start = memory[index].view(cols, self.rank)
+            matrix = diff.view(rows, cols)
+            # Householder QR rather than Gram-Schmidt: P stays orthonormal to float precision even when its columns
+            # are nearly parallel (as warm starts make them when one direction dominates the update), so that the
+            # reconstruction P Q'^T = P P^T M projects M and what error feedback keeps is never larger than M; and a
+            # zero column of M Q gives an orthonormal column, not a division by zero
+            p = torch.linalg.qr(matrix @ start).Q
+            q = matrix.T @ p
+            plan.append((rows, cols, self.rank))
+            coefficients += [p.flatten(), q.flatten()]
+            # a zero column of Q' (no update along it, or a non-finite one) would start every later step at zero or
+            # NaN: that column keeps its previous start
+            starts.append(torch.where(q.abs().amax(0) > 0, q, start).flatten())
+        rows_part = np.array([0 if factored is None else factored[0] for factored in plan], dtype="<u4").tobytes()
+        return plan, coefficients, RANK.pack(self.rank) + rows_part, starts
+
+    @staticmethod
+    def decode(reader, numels, value_bits):
+        (rank,) = reader.unpack(RANK)
+        if rank < 1:
+            raise PayloadError("PowerSGD rank 0")
+        plan = []
+        for numel, rows in zip(numels, reader.array("<u4", len(numels)).tolist()):
+            if not rows:
+                plan.append(None)
+                continue
+            if numel % rows:
+                raise PayloadError(f"{rows} rows do not divide a tensor of {numel} entries")
+            cols = numel // rows
+            if rank > min(rows, cols):
+                raise PayloadError(f"rank {rank} is above a {rows}x{cols} matrix's")
+            plan.append((rows, cols, rank))
+        count = sum(PowerSGD.counts(plan, numels))
+        reader.require_bits(count * value_bits, f"{count} coefficients")
+        return plan
+
+    @staticmethod
+    def counts(plan, numels):
+        """Per tensor, its entries (travelling whole) or its two factors' (P's, then Q's)."""
+        return [count for numel, factored in zip(numels, plan)
+                for count in ([numel] if factored is None else [factored[0] * factored[2], factored[1] * factored[2]])]
+
+    @staticmethod
+    def expand(plan, values):
+        groups = iter(values)
+        out = []
+        for factored in plan:
+            if factored is None:
+                out.append(next(groups))
+                continue
+            rows, cols, rank = factored
+            p, q = next(groups), next(groups)
+            out.append(low_rank_product(p.view(rows, rank), q.view(cols, rank)).to(p.device))
+        return [None] * len(plan), out
+
+
+def low_rank_product(p, q):
+    """P Q'^T, flattened, in f32, bit for bit the same on every machine: on the CPU in f64, where each product of two
+    f32 is exact, as the sum of the rank-one terms in a fixed order (a matrix product sums in its library's order)."""
+    p, q = p.cpu().double(), q.cpu().double()
+    product = torch.zeros(len(p), len(q), dtype=torch.float64)
+    for k in range(p.shape[1]):
+        product.addr_(p[:, k], q[:, k])  # += the k-th term: exact products, one rounding per entry
+    return product.float().flatten()
 
 
 def memory_numels(conf, shapes):
@@ -663,7 +770,7 @@ def split(flat, counts):
     return list(flat.split(counts)) if counts else []
 
 
-SPARSIFIERS = {cls.name: cls for cls in (RandomMask, TopK, Dense, Hybrid)}
+SPARSIFIERS = {cls.name: cls for cls in (RandomMask, TopK, Dense, Hybrid, PowerSGD)}
 QUANTIZERS = {cls.name: cls for cls in (Float32, Float16, Int8, Sign, Ternary, QSGD)}
 SPARSIFIER_IDS = {cls.wire_id: cls for cls in SPARSIFIERS.values()}
 QUANTIZER_IDS = {cls.wire_id: cls for cls in QUANTIZERS.values()}
