@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import codec
+import downloads
 import main
 from client import Client
-from conftest import read_csv
+from conftest import read_csv, without_seconds
 
 HEADER = struct.Struct("<BBBII")  # version, sparsifier id, quantizer id, num_samples, num_tensors
 RANK = struct.Struct("<H")
@@ -298,6 +299,22 @@ def test_fuzzed_payloads_raise_payload_error_or_decode_to_the_models_shape():
     assert decoded >= 50  # the mutations that leave a well-formed payload decode
 
 
+def test_a_compressed_download_rolls_its_warm_start_back_with_the_round(make_conf):
+    """The server's own warm start moves with each committed broadcast, and a rolled-back round takes it back to the
+    one before, as it does the server's residual."""
+    download = downloads.Compressed(make_conf(download="compressed", download_sparsifier="powersgd", rank=1), [(4, 6)])
+    g = torch.Generator().manual_seed(9)
+    download.broadcast([torch.randn(24, generator=g)], [], 1)
+    assert download.memory is None  # nothing moved yet
+    download.commit()
+    kept = download.state()
+    download.broadcast([torch.randn(24, generator=g)], [], 2)
+    download.commit()
+    assert not torch.equal(download.memory[0], kept["memory"][0])
+    download.roll_back()
+    assert download.state()["memory"] is kept["memory"] and download.state()["residual"] is kept["residual"]
+
+
 # ---- runs ------------------------------------------------------------------------------------------------------
 
 def test_runs_from_the_command_line(write_conf, tmp_path):
@@ -311,3 +328,15 @@ def test_runs_from_the_command_line(write_conf, tmp_path):
     # the rank (2) and 8 row counts (32); two clients a round
     assert all(int(r["upload_bytes"]) == 2 * (11 + 2 + 32 + 4 * 1917) for r in rows)
     assert all(float(r["upload_fraction"]) == 1.0 for r in rows)  # every entry reconstructed
+
+
+def test_a_resumed_run_repeats_an_uninterrupted_one(write_conf, tmp_path):
+    """The clients' warm starts and residuals and the server's own (a PowerSGD download) are in the checkpoint: a run
+    stopped after 2 rounds and resumed gives the uninterrupted run's metrics."""
+    conf = write_conf(global_epochs=4, sparsifier="powersgd", error_feedback=True, download="compressed",
+                      download_sparsifier="powersgd", download_quantize="int8")
+    assert main.main(["-c", conf, "--out", str(tmp_path / "whole")]) == 0
+    assert main.main(["-c", conf, "--set", "global_epochs=2", "--out", str(tmp_path / "split")]) == 0
+    assert main.main(["-c", conf, "--out", str(tmp_path / "split"), "--resume"]) == 0
+    whole, split = read_csv(tmp_path / "whole" / "metrics.csv"), read_csv(tmp_path / "split" / "metrics.csv")
+    assert len(whole) == 4 and without_seconds(split) == without_seconds(whole)
