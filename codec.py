@@ -276,7 +276,7 @@ class PowerSGD(Sparsifier):
                 start = torch.randn(cols, self.rank, generator=draw).to(diff.device)
             else:
                 start = memory[index].view(cols, self.rank)
-            matrix = diff.view(rows, cols)
+            matrix = diff.reshape(rows, cols)
             # Householder QR rather than Gram-Schmidt: P stays orthonormal to float precision even when its columns
             # are nearly parallel (as warm starts make them when one direction dominates the update), so that the
             # reconstruction P Q'^T = P P^T M projects M and what error feedback keeps is never larger than M; and a
