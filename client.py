@@ -2,6 +2,8 @@
 
 What the upload carries and how it is coded is the compression method's business (codec.py); with error feedback the
 client keeps what the server will not reconstruct (unsent entries and quantization error) and adds it to its next diff.
+A client also keeps its sparsifier's memory between uploads (PowerSGD's warm start). The transports save both in the
+checkpoint (KEPT).
 """
 import math
 from dataclasses import dataclass
@@ -12,6 +14,9 @@ import torch.nn.functional as F
 import codec
 import robust
 from utils.seeding import derive_seed, generator
+
+# what a client keeps from one round to the next: its attribute -> its key in the checkpoint's client state
+KEPT = {"residual": "residuals", "memory": "memories"}
 
 
 @dataclass
@@ -28,6 +33,7 @@ class Client:
         self.indices = indices  # CPU int64 positions of this client's examples in the training split
         self.conf = conf
         self.residual = None  # error feedback: flat tensors of what the server has not received yet
+        self.memory = None  # what the sparsifier carries from one upload to the next (PowerSGD's warm start)
 
     def mask_seed(self, round_index):
         """The seed of this client's random mask: drawn once (the chapter's fixed mask) or anew each round."""
@@ -70,16 +76,19 @@ class Client:
             diffs = [diff + residual for diff, residual in zip(diffs, self.residual)]
         seeds = self.mask_seed(round_index), self.rounding_seed(round_index)
         num_samples = len(self.indices)
-        encoded = codec.encode(self.conf, diffs, num_samples, *seeds)
+        shapes = [global_state[name].shape for name in names]
+        memory = self.memory
+        encoded = codec.encode(self.conf, diffs, num_samples, *seeds, shapes, memory)
+        self.memory = encoded.memory
         if self.conf["error_feedback"]:
             decay = self.conf["residual_decay"]
             self.residual = [unreceived(diff, kept, sent).mul_(decay)
                              for diff, kept, sent in zip(diffs, encoded.positions, encoded.values)]
         if robust.attacks(self.conf, self.id, round_index):
-            # it keeps an honest client's residual, so that its attack has the same strength every round, and sends
-            # its attacked diff through the same codec
+            # it keeps an honest client's residual and memory, so that its attack has the same strength every round,
+            # and sends its attacked diff through the same codec, from the memory the honest encode started from
             attacked, num_samples = robust.attack(self.conf, diffs, num_samples, self.id, round_index)
-            encoded = codec.encode(self.conf, attacked, num_samples, *seeds)
+            encoded = codec.encode(self.conf, attacked, num_samples, *seeds, shapes, memory)
         return Upload(self.id, encoded.payload, train_loss)
 
 

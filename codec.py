@@ -1,10 +1,13 @@
 """Compression methods and the upload's wire format: `encode` (the client's side) is the only code that writes an
 upload, `decode` (the server's side) the only code that reads one, and an upload's size is the length of its bytes.
 
-A method is a sparsifier (which entries of the diff travel) times a quantizer (how each kept value is written), each one
-class below registered by its config name in SPARSIFIERS or QUANTIZERS; config choices, plot labels and the README's
-table of methods derive from these registries. Sparse Ternary Compression (Sattler et al. 2019) is TopK over the whole
-model times Ternary, with error feedback. To add a method, write one class and register it.
+A method is a sparsifier times a quantizer, each one class below registered by its config name in SPARSIFIERS or
+QUANTIZERS; config choices, plot labels and the README's table of methods derive from these registries. A sparsifier
+turns the diffs into coefficients, groups of values, and the receiver's decoded groups back into the diff it
+reconstructs: most select entries (a group per tensor: its kept entries), PowerSGD factors matrices (two groups per
+factored tensor: its factors). The quantizer writes the groups' values. Sparse Ternary Compression (Sattler et al.
+2019) is TopK over the whole model times Ternary, with error feedback. To add a method, write one class and register
+it.
 
 Layout, little-endian; tensors are the model's floating-point state-dict entries, flattened, in order:
     header      version u8 | sparsifier id u8 | quantizer id u8 | num_samples u32 | num_tensors u32
@@ -14,11 +17,15 @@ Layout, little-endian; tensors are the model's floating-point state-dict entries
                         a list of u8/u16/u32 indices, or Golomb-Rice gaps, whichever is smallest (POSITION_CODINGS)
                 hybrid: the top-k part's positions as topk's | seed u64 | count u32; the receiver regenerates the
                         random part, `count` positions drawn uniformly from the seed among those not in the top-k
-    values      the kept values, tensor after tensor, as the quantizer writes them:
-                none: f32 each | f16: f16 each | int8: a f32 scale per tensor that keeps entries, then i8 each |
-                sign: a f32 magnitude per tensor that keeps entries, then one sign bit each |
-                ternary: groups u8 (0: a magnitude per tensor, 1: one for all), the f32 magnitudes, one sign bit each |
-                qsgd: levels s u16 | bucket size u32 | a f32 norm per bucket (each tensor's values cut into buckets) |
+                powersgd: rank r u16 | per tensor: rows u32, 0 for a tensor that travels whole. A tensor of n entries
+                        with rows > 0 is a rows x (n / rows) matrix M that travels as its factors P (rows x r) and Q'
+                        (n / rows x r), row-major; the receiver reconstructs P Q'^T (low_rank_product)
+    values      the groups' values, group after group, as the quantizer writes them (a group: a tensor's kept values,
+                or one factor of a factored tensor, P then Q', so that each factor has its own scales):
+                none: f32 each | f16: f16 each | int8: a f32 scale per group that keeps values, then i8 each |
+                sign: a f32 magnitude per group that keeps values, then one sign bit each |
+                ternary: groups u8 (0: a magnitude per group, 1: one for all), the f32 magnitudes, one sign bit each |
+                qsgd: levels s u16 | bucket size u32 | a f32 norm per bucket (each group's values cut into buckets) |
                       every value's level l in 0..s as the Elias-gamma code of l + 1, in two streams | a sign bit per
                       nonzero level
 Golomb-Rice gaps: the parameter b u8, then the b-bit remainders of all gaps, then their unary quotients (q zeros and a
@@ -40,12 +47,15 @@ import numpy as np
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
+from utils import seeding
+
 VERSION = 2
 HEADER = struct.Struct("<BBBII")
 RANDOM_HEADER = struct.Struct("<Qd")
 HYBRID_RANDOM = struct.Struct("<QI")
 QSGD_HEADER = struct.Struct("<HI")
 POSITIONS_HEADER = struct.Struct("<BI")
+RANK = struct.Struct("<H")
 BITMAP, INDEX_U8, INDEX_U16, INDEX_U32, GOLOMB = range(5)
 INDEX_DTYPES = {INDEX_U8: np.dtype("<u1"), INDEX_U16: np.dtype("<u2"), INDEX_U32: np.dtype("<u4")}
 SCALE_DTYPE = np.dtype("<f4")
@@ -59,31 +69,34 @@ class PayloadError(ValueError):
 @dataclass
 class Encoded:
     payload: bytes  # what travels
-    positions: list  # per tensor: the kept flat positions (sorted int64), or None when every entry travels
-    values: list  # per tensor: the kept values as the receiver will decode them (quantization included)
+    positions: list  # per tensor: the flat positions it reconstructs (sorted int64), or None for every entry
+    values: list  # per tensor: the values the receiver will decode there (quantization included)
+    memory: list | None = None  # what the sender's sparsifier carries to its next encode (None: it keeps nothing)
 
 
-def encode(conf, diffs, num_samples, mask_seed=0, rounding_seed=0):
+def encode(conf, diffs, num_samples, mask_seed=0, rounding_seed=0, shapes=None, memory=None):
     """The upload of `diffs` (flat float tensors) under the method `conf` names; `mask_seed` seeds a random mask (the
-    same every round under `mask: fixed`), `rounding_seed` a quantizer's random rounding (new every round)."""
+    same every round under `mask: fixed`), `rounding_seed` a quantizer's random rounding (new every round). `shapes`
+    are the tensors' own (default: the diffs', flat), `memory` what this sender's previous encode left (its
+    Encoded.memory)."""
     sparsifier = SPARSIFIERS[conf["sparsifier"]](conf)
-    positions, sparsifier_part = sparsifier.encode(diffs, mask_seed)
-    return assemble(sparsifier.wire_id, sparsifier_part, positions, QUANTIZERS[conf["quantize"]](conf),
-                    sparsifier.one_group, diffs, num_samples, rounding_seed)
+    shapes = shapes or [diff.shape for diff in diffs]
+    plan, coefficients, sparsifier_part, memory = sparsifier.encode(diffs, mask_seed, shapes, memory)
+    return assemble(sparsifier, plan, coefficients, sparsifier_part, QUANTIZERS[conf["quantize"]](conf), num_samples,
+                    rounding_seed, memory)
 
 
 def encode_entries(tensors, positions):
     """Exactly the entries of `tensors` (flat) at `positions` (per tensor, sorted), as f32 values at positions coded
     as top-k's are: what a client's sync carries of the entries that changed since it last synchronized."""
     sparsifier_part = encode_positions(positions, [t.numel() for t in tensors])
-    return assemble(TopK.wire_id, sparsifier_part, positions, Float32({}), False, tensors, 0).payload
+    return assemble(TopK, positions, entries(tensors, positions), sparsifier_part, Float32({}), 0).payload
 
 
-def assemble(sparsifier_id, sparsifier_part, positions, quantizer, one_group, diffs, num_samples, rounding_seed=0):
-    kept = [diff if where is None else diff[where.to(diff.device)] for diff, where in zip(diffs, positions)]
-    value_part, values = quantizer.encode(kept, one_group, rounding_seed)
-    header = HEADER.pack(VERSION, sparsifier_id, quantizer.wire_id, num_samples, len(diffs))
-    return Encoded(header + sparsifier_part + value_part, positions, values)
+def assemble(sparsifier, plan, coefficients, sparsifier_part, quantizer, num_samples, rounding_seed=0, memory=None):
+    value_part, values = quantizer.encode(coefficients, sparsifier.one_group, rounding_seed)
+    header = HEADER.pack(VERSION, sparsifier.wire_id, quantizer.wire_id, num_samples, len(plan))
+    return Encoded(header + sparsifier_part + value_part, *sparsifier.expand(plan, values), memory)
 
 
 def decode(payload, numels):
@@ -94,13 +107,12 @@ def decode(payload, numels):
         raise PayloadError(f"unknown payload version {version}, sparsifier {sparsifier_id} or quantizer {quantizer_id}")
     if num_tensors != len(numels):
         raise PayloadError(f"payload holds {num_tensors} tensors, the model has {len(numels)}")
-    quantizer = QUANTIZER_IDS[quantizer_id]
-    positions = SPARSIFIER_IDS[sparsifier_id].decode(reader, numels, quantizer.value_bits)
-    counts = [numel if where is None else len(where) for numel, where in zip(numels, positions)]
-    values = quantizer.decode(reader, counts)
+    sparsifier, quantizer = SPARSIFIER_IDS[sparsifier_id], QUANTIZER_IDS[quantizer_id]
+    plan = sparsifier.decode(reader, numels, quantizer.value_bits)
+    values = quantizer.decode(reader, sparsifier.counts(plan, numels))
     if not reader.done():
         raise PayloadError(f"payload has {reader.remaining()} bytes after its last value")
-    return num_samples, positions, values
+    return (num_samples, *sparsifier.expand(plan, values))
 
 
 def with_num_samples(payload, num_samples):
@@ -116,15 +128,47 @@ def dense_size(numels):
 
 # ---- sparsifiers: which entries travel ----------------------------------------------------------------------------
 
-class Dense:
-    name, wire_id, keys = "none", 0, ()
-    help = "every entry (a dense upload; `prop` unused)"
-    one_group = False
+class Sparsifier:
+    """Turns a sender's diffs into coefficients, the groups of values the quantizer writes, and the decoded groups back
+    into what the receiver reconstructs. These defaults are a selection of entries (`select`): the plan is per tensor
+    the kept flat positions (None: every entry), a tensor's kept entries are its one group, and they are what the
+    receiver reconstructs, at those positions."""
+    keys = ()  # the config keys a sparsifier reads
+    one_group = False  # whether ternary may share one magnitude over all groups
 
     def __init__(self, conf):
         pass
 
-    def encode(self, diffs, mask_seed):
+    def memory_numels(self, shapes):
+        return None  # a selection keeps nothing from one encode to the next
+
+    def encode(self, diffs, mask_seed, shapes, memory):
+        """(the plan, the coefficients' groups, the sparsifier's part of the payload, the memory for the next encode)"""
+        positions, sparsifier_part = self.select(diffs, mask_seed)
+        return positions, entries(diffs, positions), sparsifier_part, None
+
+    @staticmethod
+    def counts(plan, numels):
+        """How many coefficients each group of a decoded plan holds."""
+        return [numel if where is None else len(where) for numel, where in zip(numels, plan)]
+
+    @staticmethod
+    def expand(plan, values):
+        """(per tensor the flat positions the receiver reconstructs, None for every entry; their values) from the
+        groups' values."""
+        return plan, values
+
+
+def entries(tensors, positions):
+    """Per tensor, its entries at `positions` (all of it where None)."""
+    return [t if where is None else t[where.to(t.device)] for t, where in zip(tensors, positions)]
+
+
+class Dense(Sparsifier):
+    name, wire_id = "none", 0
+    help = "every entry (a dense upload; `prop` unused)"
+
+    def select(self, diffs, mask_seed):
         return [None] * len(diffs), b""
 
     @staticmethod
@@ -132,15 +176,14 @@ class Dense:
         return [None] * len(numels)
 
 
-class RandomMask:
+class RandomMask(Sparsifier):
     name, wire_id, keys = "random", 1, ("prop", "mask")
     help = "a Bernoulli(`prop`) mask per tensor, the chapter's; only its seed travels, the server regenerates it"
-    one_group = False
 
     def __init__(self, conf):
         self.prop = conf["prop"]
 
-    def encode(self, diffs, mask_seed):
+    def select(self, diffs, mask_seed):
         positions = random_positions(mask_seed, self.prop, [diff.numel() for diff in diffs])
         return positions, RANDOM_HEADER.pack(mask_seed, self.prop)
 
@@ -152,7 +195,7 @@ class RandomMask:
         return random_positions(mask_seed, prop, numels)
 
 
-class TopK:
+class TopK(Sparsifier):
     name, wire_id, keys = "topk", 2, ("prop", "topk_scope")
     help = "the `ceil(prop * n)` largest |entries|, of each tensor or of the whole model (`topk_scope`)"
 
@@ -160,7 +203,7 @@ class TopK:
         self.prop, self.scope = conf["prop"], conf["topk_scope"]
         self.one_group = self.scope == "model"  # one selection over the model: ternary shares one magnitude
 
-    def encode(self, diffs, mask_seed):
+    def select(self, diffs, mask_seed):
         positions = topk_positions(diffs, self.prop, self.scope)
         return positions, encode_positions(positions, [diff.numel() for diff in diffs])
 
@@ -169,7 +212,7 @@ class TopK:
         return decode_positions(reader, numels, value_bits)
 
 
-class Hybrid:
+class Hybrid(Sparsifier):
     name, wire_id, keys = "hybrid", 3, ("prop", "topk_share", "topk_scope", "mask")
     help = ("the `ceil(prop * n)` entries of the whole model split: the largest |entries| for a `topk_share` of them "
             "(per tensor or of the whole model, `topk_scope`), the rest drawn at random from a seed among the others; "
@@ -179,7 +222,7 @@ class Hybrid:
     def __init__(self, conf):
         self.prop, self.share, self.scope = conf["prop"], conf["topk_share"], conf["topk_scope"]
 
-    def encode(self, diffs, mask_seed):
+    def select(self, diffs, mask_seed):
         numels = [diff.numel() for diff in diffs]
         top = [where.cpu() for where in topk_positions(diffs, self.share * self.prop, self.scope)]
         # the budget is topk's at this prop: per-tensor ceilings of the top-k part can leave the random part nothing
@@ -196,6 +239,112 @@ class Hybrid:
             raise PayloadError(f"{count} random positions among the {sum(numels) - taken} not in the top-k")
         reader.require_bits((taken + count) * value_bits, f"the values of {taken + count} positions")
         return with_random_others(top, numels, mask_seed, count)
+
+
+class PowerSGD(Sparsifier):
+    name, wire_id, keys = "powersgd", 4, ("rank",)
+    help = ("PowerSGD (Vogels et al. 2019): each weight matrix's diff M (a conv kernel with a row per output channel) "
+            "as rank-`rank` factors P = M Q orthonormalized and Q' = M^T P, one power step from this sender's previous "
+            "Q'; the receiver reconstructs P Q'^T. Biases, BatchNorm statistics and matrices too small to gain travel "
+            "whole; `prop` unused")
+
+    def __init__(self, conf):
+        self.rank = conf["rank"]
+
+    def factored(self, shape):
+        """(rows, cols) of the matrix a tensor of `shape` travels as, its first dimension against the others; None
+        when it travels whole: a vector, or a matrix whose factors would hold no fewer values than it."""
+        rows, cols = (shape[0], math.prod(shape[1:])) if len(shape) >= 2 else (0, 0)
+        return (rows, cols) if self.rank * (rows + cols) < rows * cols else None
+
+    def memory_numels(self, shapes):
+        """Per tensor, the entries of its warm start, the previous Q' (none for a tensor that travels whole)."""
+        return [0 if factored is None else factored[1] * self.rank for factored in map(self.factored, shapes)]
+
+    def encode(self, diffs, mask_seed, shapes, memory):
+        plan, coefficients, starts = [], [], []
+        for index, (diff, shape) in enumerate(zip(diffs, shapes)):
+            factored = self.factored(shape)
+            if factored is None:
+                plan.append(None)
+                coefficients.append(diff)
+                starts.append(diff.new_zeros(0))
+                continue
+            rows, cols = factored
+            if memory is None:  # a sender's first encode: a start of its own, the same on every machine
+                draw = seeding.generator(mask_seed, "powersgd start", index)
+                start = torch.randn(cols, self.rank, generator=draw).to(diff.device)
+            else:
+                start = memory[index].view(cols, self.rank)
+            matrix = diff.reshape(rows, cols)
+            # Householder QR rather than Gram-Schmidt: P stays orthonormal to float precision even when its columns
+            # are nearly parallel (as warm starts make them when one direction dominates the update), so that the
+            # reconstruction P Q'^T = P P^T M projects M and what error feedback keeps is never larger than M; and a
+            # zero column of M Q gives an orthonormal column, not a division by zero
+            p = torch.linalg.qr(matrix @ start).Q
+            q = matrix.T @ p
+            plan.append((rows, cols, self.rank))
+            coefficients += [p.flatten(), q.flatten()]
+            # a zero column of Q' (no update along it, or a non-finite one) would start every later step at zero or
+            # NaN: that column keeps its previous start
+            starts.append(torch.where(q.abs().amax(0) > 0, q, start).flatten())
+        rows_part = np.array([0 if factored is None else factored[0] for factored in plan], dtype="<u4").tobytes()
+        return plan, coefficients, RANK.pack(self.rank) + rows_part, starts
+
+    @staticmethod
+    def decode(reader, numels, value_bits):
+        (rank,) = reader.unpack(RANK)
+        if rank < 1:
+            raise PayloadError("PowerSGD rank 0")
+        plan = []
+        for numel, rows in zip(numels, reader.array("<u4", len(numels)).tolist()):
+            if not rows:
+                plan.append(None)
+                continue
+            if numel % rows:
+                raise PayloadError(f"{rows} rows do not divide a tensor of {numel} entries")
+            cols = numel // rows
+            if rank > min(rows, cols):
+                raise PayloadError(f"rank {rank} is above a {rows}x{cols} matrix's")
+            plan.append((rows, cols, rank))
+        count = sum(PowerSGD.counts(plan, numels))
+        reader.require_bits(count * value_bits, f"{count} coefficients")
+        return plan
+
+    @staticmethod
+    def counts(plan, numels):
+        """Per tensor, its entries (travelling whole) or its two factors' (P's, then Q's)."""
+        return [count for numel, factored in zip(numels, plan)
+                for count in ([numel] if factored is None else [factored[0] * factored[2], factored[1] * factored[2]])]
+
+    @staticmethod
+    def expand(plan, values):
+        groups = iter(values)
+        out = []
+        for factored in plan:
+            if factored is None:
+                out.append(next(groups))
+                continue
+            rows, cols, rank = factored
+            p, q = next(groups), next(groups)
+            out.append(low_rank_product(p.view(rows, rank), q.view(cols, rank)).to(p.device))
+        return [None] * len(plan), out
+
+
+def low_rank_product(p, q):
+    """P Q'^T, flattened, in f32, bit for bit the same on every machine: on the CPU in f64, where each product of two
+    f32 is exact, as the sum of the rank-one terms in a fixed order (a matrix product sums in its library's order)."""
+    product = torch.zeros(len(p), len(q), dtype=torch.float64)
+    # each factor's columns made contiguous: addr_ of strided columns runs many times slower
+    for p_column, q_column in zip(p.cpu().double().T.contiguous(), q.cpu().double().T.contiguous()):
+        product.addr_(p_column, q_column)  # += the next term: exact products, one rounding per entry
+    return product.float().flatten()
+
+
+def memory_numels(conf, shapes):
+    """Per tensor, the entries of the memory a sender keeps between encodes under `conf`'s sparsifier (for tensors of
+    `shapes`); None when it keeps none."""
+    return SPARSIFIERS[conf["sparsifier"]](conf).memory_numels(shapes)
 
 
 def random_positions(seed, prop, numels):
@@ -621,7 +770,7 @@ def split(flat, counts):
     return list(flat.split(counts)) if counts else []
 
 
-SPARSIFIERS = {cls.name: cls for cls in (RandomMask, TopK, Dense, Hybrid)}
+SPARSIFIERS = {cls.name: cls for cls in (RandomMask, TopK, Dense, Hybrid, PowerSGD)}
 QUANTIZERS = {cls.name: cls for cls in (Float32, Float16, Int8, Sign, Ternary, QSGD)}
 SPARSIFIER_IDS = {cls.wire_id: cls for cls in SPARSIFIERS.values()}
 QUANTIZER_IDS = {cls.wire_id: cls for cls in QUANTIZERS.values()}

@@ -17,6 +17,7 @@ A round the server rolls back (Server.roll_back) is logged as one that kept the 
 """
 import collections
 import hashlib
+import math
 
 import torch
 
@@ -31,7 +32,7 @@ class Dense:
     name = "dense"
     help = "each sampled client receives the global model, f32 (every entry)"
 
-    def __init__(self, conf, numels):
+    def __init__(self, conf, shapes):
         pass
 
     def broadcast(self, update, accepted, round_index):
@@ -71,35 +72,37 @@ class Relay(Dense):
 class Compressed(Dense):
     name = "compressed"
     help = ("the server's step plus its residual, coded with download_sparsifier / download_prop / download_quantize "
-            "/ download_topk_scope (and the upload's levels, bucket_size, topk_share); the model moves by exactly what "
-            "was broadcast")
+            "/ download_topk_scope (and the upload's levels, bucket_size, topk_share, rank); the model moves by "
+            "exactly what was broadcast")
 
-    def __init__(self, conf, numels):
-        self.numels = numels
-        # the method's own parameters (QSGD's levels and buckets, the hybrid's share) are the upload's
+    def __init__(self, conf, shapes):
+        self.shapes, self.numels = shapes, [math.prod(shape) for shape in shapes]
+        # the method's own parameters (QSGD's levels and buckets, the hybrid's share, PowerSGD's rank) are the upload's
         self.method = {**conf, "sparsifier": conf["download_sparsifier"], "prop": conf["download_prop"],
                        "quantize": conf["download_quantize"], "topk_scope": conf["download_topk_scope"],
                        "mask": "round"}
         self.error_feedback = conf["download_error_feedback"]
         self.seed = conf["seed"]
         self.residual = None  # what the server's steps have not yet broadcast (flat f32 tensors)
-        self.pending = None
-        self.previous = None  # the residual before the last commit
+        self.memory = None  # what the sparsifier carries from one broadcast to the next (PowerSGD's warm start)
+        self.pending = None  # (residual, memory) after the last broadcast, kept once the model moved by it
+        self.previous = None  # (residual, memory) before the last commit
 
     def broadcast(self, update, accepted, round_index):
         step = update if self.residual is None else [u + r for u, r in zip(update, self.residual)]
         seeds = derive_seed(self.seed, "download mask", round_index), derive_seed(self.seed, "download rounding",
                                                                                  round_index)
-        payload = codec.encode(self.method, step, 0, *seeds).payload
-        moved = self.delta(payload, self.numels, step[0].device)
-        self.pending = [s - m for s, m in zip(step, moved)] if self.error_feedback else None
-        return moved, [payload]
+        encoded = codec.encode(self.method, step, 0, *seeds, self.shapes, self.memory)
+        moved = self.delta(encoded.payload, self.numels, step[0].device)
+        self.pending = ([s - m for s, m in zip(step, moved)] if self.error_feedback else None), encoded.memory
+        return moved, [encoded.payload]
 
     def commit(self):
-        self.previous, self.residual = self.residual, self.pending
+        self.previous = self.residual, self.memory
+        self.residual, self.memory = self.pending
 
     def roll_back(self):
-        self.residual = self.previous
+        self.residual, self.memory = self.previous
 
     @staticmethod
     def delta(payload, numels, device):
@@ -119,10 +122,10 @@ class Compressed(Dense):
             replica.move(cls.delta(payload, replica.numels, replica.globals[0].device))
 
     def state(self):
-        return self.residual
+        return {"residual": self.residual, "memory": self.memory}
 
     def restore(self, state):
-        self.residual = state
+        self.residual, self.memory = state["residual"], state["memory"]
 
 
 METHODS = {cls.name: cls for cls in (Dense, Relay, Compressed)}

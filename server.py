@@ -25,7 +25,7 @@ class Server:
         self.numels = [t.numel() for t in self.globals]
         self.velocity = None  # server momentum buffer, created on first use
         self.undo = None  # what roll_back restores: the global tensors and the momentum before the last move
-        self.download = downloads.METHODS[conf["download"]](conf, self.numels)  # what a round broadcasts
+        self.download = downloads.METHODS[conf["download"]](conf, [t.shape for t in self.globals])  # what it broadcasts
         self.syncs = downloads.Syncs(conf, self.numels, device)  # what each client holds and downloads
         self._start_round()
 
@@ -114,9 +114,9 @@ class Server:
 
     @torch.no_grad()
     def roll_back(self):
-        """Undo the last aggregate's move: the model, the server momentum, the compressed download's residual and the
-        round's log entry become what a round that kept the model as it was leaves (its message is empty, so a client
-        replaying the round stays in sync)."""
+        """Undo the last aggregate's move: the model, the server momentum, the compressed download's residual and
+        memory and the round's log entry become what a round that kept the model as it was leaves (its message is
+        empty, so a client replaying the round stays in sync)."""
         before, self.velocity = self.undo
         for global_tensor, previous in zip(self.globals, before):
             global_tensor.copy_(previous)

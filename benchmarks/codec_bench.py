@@ -1,5 +1,5 @@
-"""Speed of the codec on a ResNet-18-sized diff (11.2M entries, the model's own tensor sizes): encode (select, code
-positions and values) and decode, per method, best of a few repeats (a benchmark, not a test).
+"""Speed of the codec on a ResNet-18-sized diff (11.2M entries, the model's own tensor shapes): encode (select or
+factor, code positions and values) and decode, per method, best of a few repeats (a benchmark, not a test).
 
     python benchmarks/codec_bench.py [--prop 0.01] [--repeats 5]
 
@@ -28,6 +28,8 @@ METHODS = {  # label: the config keys that choose the method
     "top-k whole model, QSGD": {"sparsifier": "topk", "topk_scope": "model", "quantize": "qsgd"},
     "hybrid (half top-k), ternary": {"sparsifier": "hybrid", "topk_scope": "model", "quantize": "ternary"},
     "hybrid (half top-k), QSGD": {"sparsifier": "hybrid", "topk_scope": "model", "quantize": "qsgd"},
+    "PowerSGD rank 1, f32": {"sparsifier": "powersgd", "rank": 1, "topk_scope": "tensor", "quantize": "none"},
+    "PowerSGD rank 4, f32": {"sparsifier": "powersgd", "rank": 4, "topk_scope": "tensor", "quantize": "none"},
 }
 
 
@@ -46,14 +48,16 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     model = models.build("resnet18", (3, 32, 32), 10)
-    numels = [t.numel() for t in model.state_dict().values() if torch.is_floating_point(t)]
+    shapes = [t.shape for t in model.state_dict().values() if torch.is_floating_point(t)]
+    numels = [shape.numel() for shape in shapes]
     diffs = [torch.randn(n, generator=torch.Generator().manual_seed(i)) for i, n in enumerate(numels)]
     print(f"ResNet-18 diff: {sum(numels):,} entries in {len(numels)} tensors, prop {args.prop}, "
           f"{torch.get_num_threads()} threads; dense payload {codec.dense_size(numels) / 1e6:.2f} MB")
     slowest = (0.0, 0.0)
     for label, keys in METHODS.items():
-        conf = {**keys, "prop": args.prop, "levels": 4, "bucket_size": 512, "topk_share": 0.5}
-        encode_seconds, encoded = best_of(args.repeats, lambda: codec.encode(conf, diffs, 500, 1, 2))
+        conf = {"prop": args.prop, "levels": 4, "bucket_size": 512, "topk_share": 0.5, "rank": 2, **keys}
+        # PowerSGD's first encode (no memory) draws its start; from a warm start it does the same work
+        encode_seconds, encoded = best_of(args.repeats, lambda: codec.encode(conf, diffs, 500, 1, 2, shapes))
         decode_seconds, _ = best_of(args.repeats, lambda: codec.decode(encoded.payload, numels))
         size = len(encoded.payload)
         print(f"{label:>34}: encode {encode_seconds * 1e3:7.1f} ms  decode {decode_seconds * 1e3:7.1f} ms  "

@@ -3,7 +3,8 @@
     train(chosen, syncs, global_state, round_index, progress) -> the clients' Uploads, sorted by client id
         (syncs: client id -> the bytes it downloads to hold global_state; downloads.apply_sync applies them)
     client_state() -> what the clients keep between rounds, for the checkpoint: {"residuals": {id: error-feedback
-        residual}, "models": {id: the model a node holds, a dense payload}}
+        residual}, "memories": {id: the sparsifier's memory, PowerSGD's warm start}, "models": {id: the model a node
+        holds, a dense payload}}
     restore_client_state(state)  (client ids already checked against the run's clients by federation.restore)
 
 inprocess: one process trains the clients one after another (the default).

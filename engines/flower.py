@@ -12,15 +12,17 @@ answers two kinds of message: "query" (which partition, that is which client, th
 its own copy of the model up to the server's with the sync (downloads.apply_sync), sends a checksum of it, which the
 server compares with its own model's, and trains client.Client.local_train on that partition from it.
 
-A node keeps its model (under a relay or compressed download) and its client's error-feedback residual in
-context.state between rounds. Neither is counted as traffic: the residual also travels back beside the upload, and
-the server keeps a copy of the model each node holds (one per round's version, shared), so that the run folder's
-checkpoint holds them and --resume continues exactly; after a resume the server hands them back with the client's next
-message, as a node that had kept them on disk would find them.
+A node keeps its model (under a relay or compressed download) and what its client keeps (client.KEPT: its
+error-feedback residual, its sparsifier's memory) in context.state between rounds. None of it is counted as traffic:
+what the client keeps also travels back beside the upload (checked on arrival), and the server keeps a copy of the
+model each node holds (one per round's version, shared), so that the run folder's checkpoint holds them and --resume
+continues exactly; after a resume the server hands them back with the client's next message, as a node that had kept
+them on disk would find them.
 """
 import contextlib
 import copy
 import json
+import math
 import os
 import re
 import signal
@@ -42,7 +44,7 @@ import downloads
 import engines
 import federation
 import models
-from client import Client, Upload
+from client import KEPT, Client, Upload
 from server import Server
 from utils import partition, run_files
 from utils.run_files import RunError
@@ -72,10 +74,12 @@ def train(message: Message, context: Context) -> Message:
     client_id = int(context.node_config["partition-id"])
     client = Client(client_id, workspace.shares[client_id], conf)
     kept = context.state.config_records
-    if "residual" in task:  # after a resume the server hands back what this node kept before
-        client.residual = workspace.tensors(task["residual"])
-    elif "residual" in kept:
-        client.residual = workspace.tensors(kept["residual"]["values"])
+    numels = kept_numels(conf, workspace.shapes)
+    for name in KEPT:
+        if name in task:  # after a resume the server hands back what this node kept before
+            setattr(client, name, workspace.tensors(task[name], numels[name]))
+        elif name in kept:
+            setattr(client, name, workspace.tensors(kept[name]["values"], numels[name]))
     held = task["model"] if "model" in task else kept["model"]["values"] if "model" in kept else None
     replica = workspace.replica(conf, held)
     downloads.apply_sync(task["sync"], replica)
@@ -85,10 +89,10 @@ def train(message: Message, context: Context) -> Message:
     upload = client.local_train(workspace.model, replica.global_state(), workspace.dataset, int(task["round"]))
     reply = {"client": client_id, "payload": upload.payload, "train_loss": upload.train_loss,
              "checksum": downloads.checksum(synced)}
-    if client.residual is not None:
-        residual = codec.encode(downloads.DENSE_F32, client.residual, 0).payload
-        kept["residual"] = ConfigRecord({"values": residual})
-        reply["residual"] = residual
+    for name in KEPT:
+        if getattr(client, name) is not None:
+            reply[name] = codec.encode(downloads.DENSE_F32, getattr(client, name), 0).payload
+            kept[name] = ConfigRecord({"values": reply[name]})
     return Message(RecordDict({"upload": ConfigRecord(reply)}), reply_to=message)
 
 
@@ -106,6 +110,7 @@ class Workspace:
         self.model = models.build(conf["model_name"], self.dataset.image_shape, self.dataset.num_classes,
                                   conf["pretrained"]).to(self.device)
         self.template = {name: value.clone() for name, value in self.model.state_dict().items()}
+        self.shapes = [v.shape for v in self.template.values() if torch.is_floating_point(v)]
         self.numels = [v.numel() for v in self.template.values() if torch.is_floating_point(v)]
         self.replica_model = copy.deepcopy(self.model)  # the node's own copy of the global model
 
@@ -115,9 +120,9 @@ class Workspace:
             cls.current = cls(conf)
         return cls.current
 
-    def tensors(self, payload):
-        """Flat float tensors on this device from a dense codec payload."""
-        return [values.to(self.device) for values in codec.decode(payload, self.numels)[2]]
+    def tensors(self, payload, numels):
+        """Flat float tensors on this device from a dense codec payload of tensors of `numels` entries."""
+        return [values.to(self.device) for values in codec.decode(payload, numels)[2]]
 
     def replica(self, conf, held):
         """A Server around this node's model: `held` (a dense payload) if it keeps one, else the initial model, which
@@ -125,8 +130,15 @@ class Workspace:
         self.replica_model.load_state_dict(self.template)
         replica = Server(self.replica_model, conf, self.device)
         if held is not None:
-            replica.overwrite([None] * len(self.numels), self.tensors(held))
+            replica.overwrite([None] * len(self.numels), self.tensors(held, self.numels))
         return replica
+
+
+def kept_numels(conf, shapes):
+    """Per thing a client keeps (client.KEPT), the entries of its tensors for a model of `shapes` under `conf`; None
+    when its clients keep none."""
+    return {"residual": [math.prod(shape) for shape in shapes] if conf["error_feedback"] else None,
+            "memory": codec.memory_numels(conf, shapes)}
 
 
 WORKSPACE_KEYS = ("type", "data_dir", "device", "no_models", "partition", "alpha", "shards_per_client", "seed",
@@ -138,11 +150,12 @@ WORKSPACE_KEYS = ("type", "data_dir", "device", "no_models", "partition", "alpha
 class GridTransport:
     """Trains the sampled clients on their Flower nodes: one message each, replies gathered by client id."""
 
-    def __init__(self, grid, conf, numels, settings, stop):
-        self.grid, self.conf, self.numels = grid, conf, numels
+    def __init__(self, grid, conf, shapes, settings, stop):
+        self.grid, self.conf = grid, conf
         self.timeout, self.threads, self.stop = settings["timeout"], settings["threads"], stop
         self.node_of = self._find_nodes()
-        self.residuals = {}  # client id -> its residual's dense payload, for the checkpoint
+        self.kept_numels = kept_numels(conf, shapes)
+        self.kept = {name: {} for name in KEPT}  # per thing a client keeps: client id -> its dense payload
         self.models = {}  # client id -> the model its node holds, a dense payload (one object per round, shared)
         self.to_restore = {}  # client id -> what to hand back after a resume with its next message
 
@@ -196,8 +209,9 @@ class GridTransport:
         if record["checksum"] != expected_checksum:
             return Upload(client_id, b"", float("nan"), problem="the node's model after its sync is not the server's "
                           f"(checksum {record['checksum'][:16]}..., expected {expected_checksum[:16]}...)")
-        if "residual" in record:
-            self.residuals[client_id] = record["residual"]
+        for name in KEPT:
+            if name in record:
+                self.kept[name][client_id] = record[name]
         # the payload's bytes are the server's to decode: it rejects a garbled one, and the round counts its bytes
         return Upload(client_id, record["payload"], record["train_loss"])
 
@@ -212,32 +226,41 @@ class GridTransport:
         # NaN is what a diverging client reports in process too: the server then rejects its upload
         if not isinstance(record["train_loss"], float):
             raise ValueError(f"its train_loss {record['train_loss']!r} is not a number")
-        feedback = self.conf["error_feedback"]
-        if ("residual" in record) != feedback:
-            raise ValueError(f"its residual is {'missing' if feedback else 'unexpected'}: error feedback is "
-                             f"{'on' if feedback else 'off'}")
-        if feedback:
-            residual = record["residual"]
-            if not isinstance(residual, bytes):
-                raise ValueError("its residual is not bytes")
-            try:
-                _, positions, values = codec.decode(residual, self.numels)
-            except codec.PayloadError as e:
-                raise ValueError(f"its residual is not a payload for this model ({e})") from None
-            if any(kept is not None for kept in positions):
-                raise ValueError("its residual is not dense")
-            if not all(torch.isfinite(v).all() for v in values):
-                raise ValueError("its residual holds NaN or Inf")
+        for name, numels in self.kept_numels.items():
+            self._check_kept(record, name, numels)
+
+    def _check_kept(self, record, name, numels):
+        """Raise ValueError when the reply's `name` (client.KEPT) is not the dense, finite tensors of `numels` entries
+        that its client keeps, or is there when it keeps none (numels None)."""
+        expected = numels is not None
+        if (name in record) != expected:
+            why = (f"error feedback is {'on' if expected else 'off'}" if name == "residual" else
+                   f"the {self.conf['sparsifier']} sparsifier keeps {'one' if expected else 'none'}")
+            raise ValueError(f"its {name} is {'missing' if expected else 'unexpected'}: {why}")
+        if not expected:
+            return
+        if not isinstance(record[name], bytes):
+            raise ValueError(f"its {name} is not bytes")
+        try:
+            _, positions, values = codec.decode(record[name], numels)
+        except codec.PayloadError as e:
+            raise ValueError(f"its {name} is not a payload for this model ({e})") from None
+        if any(kept is not None for kept in positions):
+            raise ValueError(f"its {name} is not dense")
+        if not all(torch.isfinite(v).all() for v in values):
+            raise ValueError(f"its {name} holds NaN or Inf")
 
     def client_state(self):
-        return {"residuals": {str(c): codec.decode(payload, self.numels)[2] for c, payload in self.residuals.items()},
-                "models": {str(c): payload for c, payload in self.models.items()}}
+        kept = {KEPT[name]: {str(c): codec.decode(payload, self.kept_numels[name])[2]
+                             for c, payload in by_client.items()} for name, by_client in self.kept.items()}
+        return {**kept, "models": {str(c): payload for c, payload in self.models.items()}}
 
     def restore_client_state(self, state):
-        for client_id, residual in state["residuals"].items():
-            residual = [r.cpu().float() for r in residual]
-            self.residuals[int(client_id)] = codec.encode(downloads.DENSE_F32, residual, 0).payload
-            self.to_restore.setdefault(int(client_id), {})["residual"] = self.residuals[int(client_id)]
+        for name, key in KEPT.items():
+            for client_id, tensors in state[key].items():
+                payload = codec.encode(downloads.DENSE_F32, [t.cpu().float() for t in tensors], 0).payload
+                self.kept[name][int(client_id)] = payload
+                self.to_restore.setdefault(int(client_id), {})[name] = payload
         for client_id, payload in state["models"].items():
             self.models[int(client_id)] = bytes(payload)
             self.to_restore.setdefault(int(client_id), {})["model"] = self.models[int(client_id)]
@@ -271,8 +294,8 @@ class GridTransport:
 def serve(grid, settings, stop):
     """The ServerApp's work: federation.run with this grid as the transport; returns the metrics rows."""
     def transport(conf, dataset, shares, workspace):
-        numels = [t.numel() for t in workspace.state_dict().values() if torch.is_floating_point(t)]
-        return GridTransport(grid, conf, numels, settings, stop)
+        shapes = [t.shape for t in workspace.state_dict().values() if torch.is_floating_point(t)]
+        return GridTransport(grid, conf, shapes, settings, stop)
     return federation.run(settings["conf"], settings["out"], settings["resume"], transport)
 
 

@@ -5,7 +5,7 @@ with the number of clients beyond their index lists (and, with error feedback, t
 trained). What a client downloads is counted by the server (downloads.py); that applying it gives the client exactly
 the server's state is what the Flower engines check on every node, and tests/test_downloads.py here.
 """
-from client import Client
+from client import KEPT, Client
 
 
 class InProcess:
@@ -24,8 +24,11 @@ class InProcess:
 
     def client_state(self):
         # no client keeps a model here: each trains from the server's
-        return {"residuals": {str(c.id): c.residual for c in self.clients if c.residual is not None}, "models": {}}
+        kept = {key: {str(c.id): getattr(c, name) for c in self.clients if getattr(c, name) is not None}
+                for name, key in KEPT.items()}
+        return {**kept, "models": {}}
 
     def restore_client_state(self, state):
-        for client_id, residual in state["residuals"].items():
-            self.clients[int(client_id)].residual = residual
+        for name, key in KEPT.items():
+            for client_id, tensors in state[key].items():
+                setattr(self.clients[int(client_id)], name, tensors)

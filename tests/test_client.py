@@ -151,7 +151,8 @@ def test_client_topk_upload_sends_the_largest_entries(make_conf, tiny_model):
 @pytest.mark.parametrize("sparsifier, quantize, prop, decay", [
     ("topk", "none", 0.1, 1.0), ("random", "none", 0.3, 1.0), ("none", "none", 1.0, 1.0), ("topk", "none", 0.1, 0.5),
     ("random", "none", 0.3, 0.0), ("topk", "int8", 0.1, 1.0), ("topk", "ternary", 0.05, 1.0),
-    ("none", "sign", 1.0, 1.0), ("random", "f16", 0.3, 1.0), ("none", "int8", 1.0, 0.5)])
+    ("none", "sign", 1.0, 1.0), ("random", "f16", 0.3, 1.0), ("none", "int8", 1.0, 0.5), ("powersgd", "none", 1.0, 1.0),
+    ("powersgd", "int8", 1.0, 0.5)])
 def test_error_feedback_conserves_mass(make_conf, sparsifier, quantize, prop, decay):
     """received + residual / decay == diff + old residual: whatever the server does not reconstruct (unsent entries,
     quantization error) is kept, scaled by residual_decay."""

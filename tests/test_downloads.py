@@ -95,6 +95,7 @@ def run_with(make_conf, tmp_path, name, transport=InProcess, **overrides):
     dict(download="compressed", aggregation="mean", server_momentum=0.5),
     dict(download="compressed", download_sparsifier="random", download_quantize="int8", aggregation="masked_mean"),
     dict(download="compressed", download_first_contact="dense", download_quantize="none"),
+    dict(download="compressed", download_sparsifier="powersgd", download_quantize="int8", aggregation="mean"),
 ])
 def test_every_client_holds_the_servers_model_after_its_sync(make_conf, tmp_path, settings):
     conf = dict(STC, no_models=5, k=2, global_epochs=8, **settings)

@@ -269,10 +269,12 @@ def garbage(message):
 
 def one_round(flower, tiny_model, make_conf, behaviours, timeout=5.0, **overrides):
     """(the round's metrics row, the transport) of one round in which node p answers with behaviours[p]."""
-    conf = make_conf(no_models=len(behaviours), k=len(behaviours), sparsifier="none", aggregation="mean", **overrides)
+    conf = make_conf(**{"no_models": len(behaviours), "k": len(behaviours), "sparsifier": "none", "aggregation": "mean",
+                        **overrides})
     server = Server(tiny_model, conf, torch.device("cpu"))
     settings = {"timeout": timeout, "threads": 1}
-    transport = flower.GridTransport(FakeGrid(behaviours), conf, server.numels, settings, flower.threading.Event())
+    transport = flower.GridTransport(FakeGrid(behaviours), conf, [t.shape for t in server.globals], settings,
+                                     flower.threading.Event())
     test_split = SimpleNamespace(test_images=torch.ones(4, 3), test_labels=torch.tensor([0, 1, 0, 1]))
     return federation.play_round(1, conf, server, transport, test_split), server, transport
 
@@ -324,6 +326,54 @@ def test_a_reply_with_any_bad_field_is_left_out_and_the_round_saves(flower, tiny
     assert list(residuals) == ["0"] and all(torch.equal(r, torch.full_like(r, 0.25)) for r in residuals["0"])
 
 
+def test_a_reply_with_a_bad_warm_start_is_left_out_and_a_good_one_saved_and_handed_back(flower, tiny_model,
+                                                                                           make_conf, capsys):
+    """Under powersgd at rank 1, a client of nn.Linear(3, 2) keeps Q' of its 2 x 3 weight (3 entries) and nothing of
+    its bias: its node's reply must carry exactly that, dense, finite."""
+    memory = dense(0.5, numels=(3, 0))
+    sparse = codec.encode(make_conf(sparsifier="topk", prop=0.5), [torch.ones(3), torch.ones(0)], 0).payload
+    bad_fields = {1: {}, 2: dict(memory=dense(0.5, numels=(2, 0))), 3: dict(memory=dense(float("nan"), numels=(3, 0))),
+                  4: dict(memory=sparse), 5: dict(memory="0.5")}
+    behaviours = {0: upload_reply(0, 1.0, memory=memory),
+                  **{p: upload_reply(p, 1.0, **fields) for p, fields in bad_fields.items()}}
+    row, _, transport = one_round(flower, tiny_model, make_conf, behaviours, sparsifier="powersgd", rank=1)
+    err = capsys.readouterr().err
+    assert row["rejected"] == len(bad_fields)
+    for client, reason in ((1, "memory is missing: the powersgd sparsifier keeps one"), (2, "payload ends early"),
+                           (3, "memory holds NaN or Inf"), (4, "memory is not dense"), (5, "memory is not bytes")):
+        assert f"client {client}'s upload: the node's reply is malformed" in err and reason in err, (client, reason)
+    memories = transport.client_state()["memories"]
+    assert list(memories) == ["0"] and [m.tolist() for m in memories["0"]] == [[0.5] * 3, []]
+    transport.restore_client_state(transport.client_state())  # as after a resume: handed back with the next message
+    assert transport.to_restore[0]["memory"] == memory
+    # a memory under a sparsifier that keeps none is as malformed
+    row, _, _ = one_round(flower, tiny_model, make_conf, {0: upload_reply(0, 1.0, memory=memory)})
+    assert row["rejected"] == 1 and "its memory is unexpected: the none sparsifier keeps none" in capsys.readouterr().err
+
+
+def test_nodes_keep_residuals_and_warm_starts_across_rounds_and_a_resume(flower, make_conf, tmp_path):
+    """Nodes that run the real ClientApp, each with its own context.state, over the fake grid: stopped after two
+    rounds and restarted empty (as a new simulation's nodes are), they get back what they kept from the server's
+    checkpoint, and the run ends as the in-process loop does. PowerSGD's warm start and error feedback are state that
+    changes every upload, under a compressed PowerSGD download."""
+    from flwr.app import Context, RecordDict
+    from engines.inprocess import InProcess
+    conf = make_conf(global_epochs=4, sparsifier="powersgd", rank=1, error_feedback=True, download="compressed",
+                     download_sparsifier="powersgd", download_quantize="none")
+    expected = federation.run(conf, str(tmp_path / "inprocess"), False, InProcess)
+
+    def grid_of_new_nodes(conf, dataset, shares, workspace):
+        contexts = [Context(run_id=1, node_id=1000 + p, node_config={"partition-id": p}, state=RecordDict(),
+                            run_config={}) for p in range(conf["no_models"])]
+        grid = FakeGrid({p: (lambda message, p=p: flower.train(message, contexts[p])) for p in range(len(contexts))})
+        shapes = [t.shape for t in workspace.state_dict().values() if torch.is_floating_point(t)]
+        return flower.GridTransport(grid, conf, shapes, {"timeout": 60.0, "threads": 1}, flower.threading.Event())
+    out = str(tmp_path / "grid")
+    federation.run({**conf, "global_epochs": 2}, out, False, grid_of_new_nodes)
+    rows = federation.run(conf, out, True, grid_of_new_nodes)
+    assert without_seconds(rows) == without_seconds(expected)
+
+
 def test_a_round_without_an_accepted_upload_keeps_the_global_model(flower, tiny_model, make_conf, capsys):
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     row, _, _ = one_round(flower, tiny_model, make_conf, {0: failing, 1: garbage})
@@ -335,9 +385,10 @@ def test_a_round_without_an_accepted_upload_keeps_the_global_model(flower, tiny_
 def test_missing_nodes_are_one_clear_error(flower, make_conf):
     conf, settings = make_conf(no_models=3, k=2), {"timeout": 0.5, "threads": 1}
     with pytest.raises(federation.RunError, match="only 2 of 3 nodes connected after 0.5 s"):
-        flower.GridTransport(FakeGrid({0: garbage, 1: garbage}), conf, [6, 2], settings, flower.threading.Event())
+        flower.GridTransport(FakeGrid({0: garbage, 1: garbage}), conf, [(2, 3), (2,)], settings,
+                             flower.threading.Event())
     with pytest.raises(federation.RunError, match="no node holds partition-id 1"):  # three nodes, one misconfigured
-        flower.GridTransport(FakeGrid({0: garbage, 2: garbage, 5: garbage}), conf, [6, 2], settings,
+        flower.GridTransport(FakeGrid({0: garbage, 2: garbage, 5: garbage}), conf, [(2, 3), (2,)], settings,
                              flower.threading.Event())
 
 

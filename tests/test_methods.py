@@ -22,7 +22,7 @@ TOTAL = 1000
 def method(sparsifier="none", quantize="qsgd", prop=0.1, levels=4, bucket_size=512, topk_share=0.5,
            topk_scope="tensor"):
     return {"sparsifier": sparsifier, "quantize": quantize, "prop": prop, "levels": levels, "bucket_size": bucket_size,
-            "topk_share": topk_share, "topk_scope": topk_scope}
+            "topk_share": topk_share, "topk_scope": topk_scope, "rank": 2}
 
 
 def plain_gamma(integers):
