@@ -151,11 +151,17 @@ if [ "$what" = all ] || [ "$what" = methods ]; then  # more method families, IID
       job $d/qsgd4       "${s[@]}" --set sparsifier=none --set quantize=qsgd --set levels=4
       job $d/qsgd16      "${s[@]}" --set sparsifier=none --set quantize=qsgd --set levels=16
       job $d/hybrid0.02  "${s[@]}" "${stc[@]}" --set sparsifier=hybrid --set prop=0.02 --set aggregation=mean
+      job $d/powersgd1   "${s[@]}" --set sparsifier=powersgd --set rank=1 --set error_feedback=true
+      job $d/powersgd4   "${s[@]}" --set sparsifier=powersgd --set rank=4 --set error_feedback=true
     done
   done
-  d=runs/methods/stretch  # the other candidate for 300x (<= 0.33% of dense bytes), IID, seed 0
+  d=runs/methods/stretch  # other candidates for 300x (<= 0.33% of dense bytes), IID
   job $d/hybrid0.008-int8   "${stc[@]}" --set sparsifier=hybrid --set prop=0.008 --set quantize=int8 \
     --set aggregation=mean
+  for seed in 0 1; do
+    job $d/seed$seed/powersgd1-int8 --set seed=$seed --set sparsifier=powersgd --set rank=1 --set quantize=int8 \
+      --set error_feedback=true
+  done
   for seed in 0 1; do  # the 300x stretch at a longer schedule, side by side with dense at the same one
     d=runs/methods/long/seed$seed
     job $d/dense --rounds 100 --set seed=$seed --set sparsifier=none
