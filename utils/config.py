@@ -40,9 +40,8 @@ KEYS = {
     "levels": (4, "qsgd: the number of levels s (1 .. 65535): |value| / bucket norm is rounded to a multiple of 1/s"),
     "bucket_size": (512, "qsgd: values per bucket (one f32 norm each, 1/16 bit per value at 512; the variance bound "
                          "grows as sqrt(bucket_size) / levels)"),
-    "rank": (2, "powersgd: the rank r of each factored matrix (1 .. 65535); 2 is the rank of Vogels et al. 2019's "
-                "ResNet-18 / CIFAR-10 runs, which matched uncompressed SGD's accuracy (rank 1 halves the bytes, at "
-                "some accuracy)"),
+    "rank": (2, "powersgd: the rank r of each factored matrix (1 .. 65535); bytes grow with it: rank 1, 2 and 4 send "
+                "about 1%, 1.9% and 3.7% of the default CNN's dense upload"),
     "server_momentum": (0.0, "momentum of the server's update (FedAvgM); 0 applies each round's average as is"),
     "download": ("dense", "how the global model reaches the sampled clients: " + "; ".join(
         f"{name}: {cls.help}" for name, cls in downloads.METHODS.items())),
