@@ -172,10 +172,10 @@ if [ "$what" = all ] || [ "$what" = methods ]; then  # more method families, IID
   run_queue
 fi
 if [ "$what" = all ] || [ "$what" = figures ]; then  # every figure in figures/ is drawn here, and only here
-  finished() {  # finished RUN...: whether every run has its 30 rounds
+  finished() {  # finished RUN...: whether every run has its rounds (30, or $rounds)
     local run
     for run in "$@"; do
-      [ -f "$run/metrics.csv" ] && [ "$(($(wc -l < "$run/metrics.csv") - 1))" -ge 30 ] || return 1
+      [ -f "$run/metrics.csv" ] && [ "$(($(wc -l < "$run/metrics.csv") - 1))" -ge "${rounds:-30}" ] || return 1
     done
   }
   draw() {  # draw FIGURE SECTION [plot options ...] -- RUN...: the figure, when its section's runs are all finished
@@ -223,4 +223,23 @@ if [ "$what" = all ] || [ "$what" = figures ]; then  # every figure in figures/ 
   finished runs/twoway/cross-device/* && python -m utils.plot runs/twoway/cross-device/* --table
   python figures/syncs.py runs/twoway/seed0/*/* runs/twoway/cross-device/*
   python figures/robust.py runs/robust -o figures/robust.png  # blank where a run is missing: run the robust section
+  for part in iid dirichlet; do  # the method families against dense and STC, seed 0
+    m=runs/methods/seed0/$part
+    draw figures/families-$part.png methods \
+      --labels "dense,STC 4%,STC 1% (unsent = 0),QSGD s=4,QSGD s=16,PowerSGD rank 1 + EF,PowerSGD rank 4 + EF,hybrid 2% (half top-k; unsent = 0)" \
+      --title "Fashion-MNIST, CNN, 10 clients, k=2, $part partition: QSGD, PowerSGD and the hybrid per uploaded byte" \
+      -- runs/frontier/$part/dense runs/explore/$part/stc0.04 runs/explore/$part/stc0.01-mean $m/qsgd4 $m/qsgd16 \
+      $m/powersgd1 $m/powersgd4 $m/hybrid0.02
+    for seed in 0 1; do
+      finished runs/methods/seed$seed/$part/* && python -m utils.plot runs/methods/seed$seed/$part/* --table
+    done
+  done
+  stretch=(runs/methods/stretch/hybrid0.008-int8 runs/methods/stretch/seed*/*)
+  finished "${stretch[@]}" && python -m utils.plot "${stretch[@]}" --table
+  l=runs/methods/long
+  rounds=100 draw figures/stretch-100-rounds.png methods \
+    --labels "dense (seed 0),STC 1% unsent = 0 (seed 0),hybrid 2% (seed 0),dense (seed 1),STC 1% unsent = 0 (seed 1),hybrid 2% (seed 1)" \
+    --title "Fashion-MNIST, CNN, 10 clients, k=2, IID, 100 rounds: the 300x stretch at a longer schedule" \
+    -- $l/seed0/dense $l/seed0/stc0.01-mean $l/seed0/hybrid0.02 $l/seed1/dense $l/seed1/stc0.01-mean $l/seed1/hybrid0.02
+  rounds=100 finished $l/*/* && python -m utils.plot $l/*/* --table
 fi
