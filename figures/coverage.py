@@ -29,7 +29,7 @@ def main(run_dirs):
         initial = flat(models.build(conf["model_name"], data.image_shape, data.num_classes).state_dict())
         state = run_files.load_checkpoint(run_dir, "cpu")
         moved = flat(state["model"]) - initial
-        residuals = sorted(float(torch.cat(r).norm()) for r in state["residuals"].values())
+        residuals = sorted(float(torch.cat(r).norm()) for r in state["clients"]["residuals"].values())
         print(f"{run_dir}: entries moved {float((moved != 0).float().mean()):.1%}, distance moved "
               f"{float(moved.norm()):.2f}, residual norms " + (" ".join(f"{n:.2f}" for n in residuals) or "-"))
 

@@ -290,3 +290,23 @@ def test_robust_grid_table_and_figure(tmp_path, capsys):
     assert rows["2", "STC 4%", "1 noise (100 std)"][2].strip() == "not run"
     assert "k2/stc0.04/noise100-median (missing or unfinished)" in err
     assert (tmp_path / "grid.png").stat().st_size > 10_000
+
+
+def test_coverage_reads_a_finished_runs_checkpoint(make_conf, tmp_path, capsys):
+    """figures/coverage.py: the residual norms it prints are those in the checkpoint, and a run whose top-k sent a few
+    entries per round moved only part of the model."""
+    import federation
+    import figures.coverage as coverage
+    import torch
+    from engines.inprocess import InProcess
+    from utils import run_files
+    conf = make_conf(sparsifier="topk", topk_scope="model", prop=0.01, error_feedback=True, global_epochs=2)
+    federation.run(conf, str(tmp_path / "run"), False, InProcess)
+    capsys.readouterr()
+    coverage.main([str(tmp_path / "run")])
+    line = capsys.readouterr().out.strip()
+    residuals = run_files.load_checkpoint(str(tmp_path / "run"), "cpu")["clients"]["residuals"]
+    norms = sorted(float(torch.cat(r).norm()) for r in residuals.values())
+    assert line.endswith("residual norms " + " ".join(f"{n:.2f}" for n in norms)) and len(norms) >= 2
+    moved = float(line.split("entries moved ")[1].split("%")[0])
+    assert 0 < moved <= 2 * 2 * 1.0 + 0.1  # 2 rounds of at most 2 clients' 1% (plus rounding of the print)
