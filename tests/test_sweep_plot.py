@@ -310,3 +310,16 @@ def test_coverage_reads_a_finished_runs_checkpoint(make_conf, tmp_path, capsys):
     assert line.endswith("residual norms " + " ".join(f"{n:.2f}" for n in norms)) and len(norms) >= 2
     moved = float(line.split("entries moved ")[1].split("%")[0])
     assert 0 < moved <= 2 * 2 * 1.0 + 0.1  # 2 rounds of at most 2 clients' 1% (plus rounding of the print)
+
+
+def test_lowrank_shares_by_hand():
+    """figures/lowrank.py: a rank-r share from singular values 3, 2, 1 (squares 9, 4, 1), and one power step keeps all
+    of an exactly rank-1 matrix whatever the start."""
+    import numpy as np
+    import figures.lowrank as lowrank
+    assert lowrank.kept_share(np.array([3.0, 2.0, 1.0]), 1) == pytest.approx(9 / 14)
+    assert lowrank.kept_share(np.array([3.0, 2.0, 1.0]), 2) == pytest.approx(13 / 14)
+    rank_one = np.outer([1.0, -2.0, 0.5], [3.0, 0.0, 1.0, 2.0])
+    assert lowrank.power_step_share(rank_one, 1, np.random.default_rng(5)) == pytest.approx(1.0)
+    diagonal = np.diag([2.0, 1.0])  # a start along (1, 0) would keep 4/5; a random one keeps between 0 and 1
+    assert 0 < lowrank.power_step_share(diagonal, 1, np.random.default_rng(5)) < 1
