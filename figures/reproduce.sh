@@ -122,24 +122,24 @@ if [ "$what" = all ] || [ "$what" = robust ]; then  # attacks and defenses (runs
   job runs/robust/round1/default --set partition=iid  # the default conf itself: random 0.6 masks
   job runs/robust/round1/default-fill1e30 "${once[@]}" --set attack=fill --set attack_scale=1e30
   defenses="none norm_bound median trimmed_mean geometric_median"
+  grid() {  # grid K NAME [--set ...]: one attack (or none) against every defense, dense and STC 4% uploads
+    local k=$1 name=$2 method defense
+    shift 2
+    for method in dense stc0.04; do
+      for defense in $defenses; do
+        job runs/robust/k$k/$method/$name-$defense --set k=$k $(upload $method) --set defense=$defense "$@"
+      done
+    done
+  }
+  boost=(--set attack=scale --set attack_scale=100)
   for k in 5 2; do  # k=5 of 10: the best-defense target's setting; k=2: the default
-    for method in dense stc0.04; do
-      for defense in $defenses; do
-        d=runs/robust/k$k/$method s=(--set k=$k $(upload $method) --set defense=$defense)
-        job $d/honest-$defense "${s[@]}"
-        job $d/boost100-$defense "${s[@]}" --set attackers=1 --set attack=scale --set attack_scale=100
-      done
-    done
+    grid $k honest
+    grid $k boost100 --set attackers=1 "${boost[@]}"
   done
-  for k in 5 2; do
-    for method in dense stc0.04; do
-      for defense in $defenses; do
-        d=runs/robust/k$k/$method s=(--set k=$k $(upload $method) --set defense=$defense)
-        job $d/2boost100-$defense "${s[@]}" --set attackers=2 --set attack=scale --set attack_scale=100
-        job $d/signflip-$defense "${s[@]}" --set attackers=1 --set attack=sign_flip --set attack_scale=1
-        job $d/noise100-$defense "${s[@]}" --set attackers=1 --set attack=noise --set attack_scale=100
-      done
-    done
+  for k in 5 2; do grid $k 2boost100 --set attackers=2 "${boost[@]}"; done
+  for k in 2 5; do
+    grid $k signflip --set attackers=1 --set attack=sign_flip --set attack_scale=1
+    grid $k noise100 --set attackers=1 --set attack=noise --set attack_scale=100
   done
   run_queue
   for k in 5 2; do for method in dense stc0.04; do python -m utils.plot runs/robust/k$k/$method/* --table; done; done
