@@ -242,7 +242,7 @@ class GridTransport:
         if not isinstance(record[name], bytes):
             raise ValueError(f"its {name} is not bytes")
         try:
-            _, positions, values = codec.decode(record[name], numels)
+            _, positions, values = codec.decode(record[name], numels, self.conf["rank"])
         except codec.PayloadError as e:
             raise ValueError(f"its {name} is not a payload for this model ({e})") from None
         if any(kept is not None for kept in positions):

@@ -14,6 +14,7 @@ import codec
 import downloads
 import main
 from client import Client
+from server import Server
 from conftest import read_csv, without_seconds
 
 HEADER = struct.Struct("<BBBII")  # version, sparsifier id, quantizer id, num_samples, num_tensors
@@ -265,6 +266,29 @@ def test_a_claim_beyond_the_bytes_is_refused_in_bounded_memory(data):
     finally:
         tracemalloc.stop()
     assert peak <= 4 * (len(data) + 8 * 1024)
+
+
+def test_a_rank_above_the_receivers_is_refused_before_any_reconstruction():
+    """Reconstructing rank-r factors costs r multiply-adds per entry: a payload of sign-coded rank-1024 factors of a
+    1024 x 2048 matrix (384 kB, every byte present) would cost 2**31, 512 times an honest rank-2 upload's. With the
+    receiver's rank it is refused from its header; the same factors at that rank decode."""
+    signs = bytes(math.ceil(1024 * 3072 / 8))
+    hostile = payload(1024, [1024], struct.pack("<2f", 1.0, 1.0) + signs, codec.Sign)
+    assert len(codec.decode(hostile, [LARGE])[2][0]) == LARGE  # well formed: only the rank bound refuses it
+    with pytest.raises(codec.PayloadError, match="PowerSGD rank 1024 is above this run's 2"):
+        codec.decode(hostile, [LARGE], most_rank=2)
+    honest = payload(2, [1024], struct.pack("<2f", 1.0, 1.0) + bytes(2 * 3072 // 8), codec.Sign)
+    assert codec.decode(honest, [LARGE], most_rank=2)[2][0].tolist() == [2.0] * LARGE  # (+1)(+1) + (+1)(+1)
+
+
+def test_the_server_refuses_ranks_above_its_own(make_conf, tiny_model):
+    """The server's bound is its config's rank, whatever its sparsifier: nn.Linear(3, 2)'s 2 x 3 weight at rank 2 is
+    refused under rank 1 and accepted under rank 2."""
+    rank_two = (HEADER.pack(codec.VERSION, codec.PowerSGD.wire_id, 0, 1, 2) + RANK.pack(2) + struct.pack("<2I", 2, 0)
+                + f32(2 * 2 + 2 * 3) + f32(2))
+    for rank, problem in ((1, "malformed payload (PowerSGD rank 2 is above this run's 1)"), (2, None)):
+        server = Server(tiny_model, make_conf(sparsifier="topk", rank=rank), torch.device("cpu"))
+        assert server.receive(rank_two, 0) == problem
 
 
 def test_fuzzed_payloads_raise_payload_error_or_decode_to_the_models_shape():
