@@ -674,7 +674,10 @@ class QSGD(Quantizer):
         levels, bucket_size = reader.unpack(QSGD_HEADER)
         if levels < 1 or bucket_size < 1:
             raise PayloadError(f"QSGD levels {levels} or bucket size {bucket_size} below 1")
-        reader.require_bits(sum(counts), f"{sum(counts)} QSGD levels")  # a bit of Elias-gamma code each, at least
+        # a f32 norm per bucket and a bit of Elias-gamma code per level, at least: checked before the buckets' starts
+        # are made, 8 bytes per bucket (buckets of 1 would otherwise make 16 bytes per claimed value first)
+        buckets = sum(-(-count // bucket_size) for count in counts)
+        reader.require_bits(32 * buckets + sum(counts), f"{buckets} QSGD norms and {sum(counts)} levels")
         starts = bucket_starts(counts, bucket_size)
         norms = read_scales(reader, len(starts))
         codes = gamma_decode(reader, sum(counts), levels + 1)

@@ -256,7 +256,9 @@ def test_the_hand_built_layout_is_the_decoders():
     payload(1024, [1024], bytes(1000), codec.Sign),  # a bit each: still 384 kB claimed
     payload(1024, [1024], struct.pack("<HI", 4, 1) + bytes(1000), codec.QSGD),  # a norm per coefficient
     payload(1, [2**21], f32(100)),  # a 2**21 x 1 matrix: rows the size of the model
-], ids=["f32", "sign", "qsgd buckets of 1", "one column"])
+    # rank 8: 24576 coefficients, a bit each present, but not their 24576 norms (96 kB)
+    payload(8, [1024], struct.pack("<HI", 4, 1) + bytes(3072 + 8), codec.QSGD),
+], ids=["f32", "sign", "qsgd buckets of 1", "one column", "qsgd levels present, norms not"])
 def test_a_claim_beyond_the_bytes_is_refused_in_bounded_memory(data):
     tracemalloc.start()
     try:
