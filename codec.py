@@ -280,7 +280,9 @@ class PowerSGD(Sparsifier):
                 draw = seeding.generator(mask_seed, "powersgd start", index)
                 start = torch.randn(cols, self.rank, generator=draw).to(diff.device)
             else:
-                start = memory[index].view(cols, self.rank)
+                # a copy, which the allocator aligns: MKL's products round differently with their operands'
+                # alignment, and a warm start decoded from a node's state is a view into one buffer
+                start = memory[index].view(cols, self.rank).clone()
             matrix = diff.reshape(rows, cols)
             # Householder QR rather than Gram-Schmidt: P stays orthonormal to float precision even when its columns
             # are nearly parallel (as warm starts make them when one direction dominates the update), so that the

@@ -159,6 +159,21 @@ def test_only_the_zero_columns_of_q_keep_their_previous_start():
         assert memory[:, k].tolist() == (start[:, k].tolist() if k in zero_columns else q[:, k].tolist())
 
 
+def test_the_payload_does_not_depend_on_where_the_warm_start_lies_in_memory():
+    """A warm start decoded from a Flower node's state is a view into one buffer, at any offset; the in-process
+    client's is an allocation of its own. MKL's matrix products round differently with their operands' alignment, so
+    the same diff and start gave other factors on a node (Flower runs then drifted from in-process ones by an ulp a
+    round)."""
+    g = torch.Generator().manual_seed(4)
+    diff, start = torch.randn(10 * 128, generator=g), torch.randn(128, generator=g)  # the CNN's last layer, rank 1
+    payloads = set()
+    for offset in range(16):  # floats: 64 bytes
+        buffer = torch.zeros(offset + len(start))
+        buffer[offset:] = start
+        payloads.add(codec.encode(method(), [diff], 1, shapes=[(10, 128)], memory=[buffer[offset:]]).payload)
+    assert len(payloads) == 1
+
+
 @pytest.mark.parametrize("quantize", ["none", "int8"])
 def test_error_feedback_keeps_the_diff_minus_the_reconstruction(make_conf, quantize):
     conf = make_conf(sparsifier="powersgd", rank=1, quantize=quantize, error_feedback=True)
@@ -366,3 +381,4 @@ def test_a_resumed_run_repeats_an_uninterrupted_one(write_conf, tmp_path):
     assert main.main(["-c", conf, "--out", str(tmp_path / "split"), "--resume"]) == 0
     whole, split = read_csv(tmp_path / "whole" / "metrics.csv"), read_csv(tmp_path / "split" / "metrics.csv")
     assert len(whole) == 4 and without_seconds(split) == without_seconds(whole)
+
