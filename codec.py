@@ -292,9 +292,13 @@ class PowerSGD(Sparsifier):
             q = matrix.T @ p
             plan.append((rows, cols, self.rank))
             coefficients += [p.flatten(), q.flatten()]
-            # a zero column of Q' (no update along it, or a non-finite one) would start every later step at zero or
-            # NaN: that column keeps its previous start
-            starts.append(torch.where(q.abs().amax(0) > 0, q, start).flatten())
+            # the next start is Q' with unit columns (in f64, where their norms cannot overflow): the power step does
+            # not depend on their scale, and a diverged round's Q' (6e37, say) would overflow the next M Q. A column
+            # of Q' that is zero (no update along it) or not finite keeps its previous start: it would start every
+            # later step at zero or NaN
+            q64 = q.double()
+            norms = q64.norm(dim=0)
+            starts.append(torch.where(torch.isfinite(norms) & (norms > 0), q64 / norms, start).float().flatten())
         rows_part = np.array([0 if factored is None else factored[0] for factored in plan], dtype="<u4").tobytes()
         return plan, coefficients, RANK.pack(self.rank) + rows_part, starts
 

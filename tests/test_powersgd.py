@@ -50,7 +50,9 @@ def test_one_power_step_by_hand():
     _, positions, values = codec.decode(payload, [6])
     assert positions == [None] and values[0].tolist() == pytest.approx(expected, rel=1e-6)
     assert torch.equal(encoded.values[0], values[0])  # the sender's reconstruction is the receiver's, bit for bit
-    assert encoded.memory[0].tolist() == q[:, 0].tolist()  # the next start: Q', as sent
+    # the next start: Q' as sent, with a unit column, [13, 17, 21] / sqrt(13^2 + 17^2 + 21^2)
+    assert encoded.memory[0].tolist() == pytest.approx((sign * np.array([13, 17, 21]) / math.sqrt(899)).tolist(),
+                                                       rel=1e-6)
 
 
 def test_the_reconstruction_is_the_f64_sum_of_the_f32_factors_outer_products():
@@ -155,8 +157,24 @@ def test_only_the_zero_columns_of_q_keep_their_previous_start():
     memory = encoded.memory[0].view(5, 2).double().numpy()
     zero_columns = [k for k in range(2) if not q[:, k].any()]
     assert len(zero_columns) == 1
-    for k in range(2):
-        assert memory[:, k].tolist() == (start[:, k].tolist() if k in zero_columns else q[:, k].tolist())
+    for k in range(2):  # the other column: Q''s, scaled to a unit norm
+        expected = start[:, k].tolist() if k in zero_columns else (q[:, k] / np.linalg.norm(q[:, k])).tolist()
+        assert memory[:, k].tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_diverged_round_does_not_poison_the_warm_start():
+    """A round whose diff is huge but finite (a client that diverged, then trains from the server's healthy model
+    again) leaves a warm start from which the next, ordinary diff still codes to finite values. Two ways it used to
+    end every later upload as NaN: M of 3e37 left Q' = 6e37 (4 rows of 3e37 against P's 1/2), and the next M Q, six
+    ones times 6e37, overflowed; a first column of 1e38 over 16 rows (M Q = 1e37 from a start of 0.1 there) made
+    Q' = 16 * 1e38 / 4 Inf, which passed the zero-column check."""
+    column = torch.zeros(16, 6).index_fill_(1, torch.tensor([0]), 1e38)
+    for shape, huge, start in (((4, 6), torch.full((24,), 3e37), None),
+                               ((16, 6), column.flatten(), [torch.tensor([0.1, 1, 1, 1, 1, 1])])):
+        after = codec.encode(method(), [huge], 1, shapes=[shape], memory=start)
+        assert torch.isfinite(after.memory[0]).all()
+        following = codec.encode(method(), [torch.ones(math.prod(shape))], 1, shapes=[shape], memory=after.memory)
+        assert torch.allclose(following.values[0], torch.ones(math.prod(shape)))  # rank 1: exact after one step
 
 
 def test_the_payload_does_not_depend_on_where_the_warm_start_lies_in_memory():
