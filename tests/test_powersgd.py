@@ -1,8 +1,10 @@
 """PowerSGD (sparsifier powersgd): factors, reconstructions and payload sizes worked out by hand or with plain numpy
 (never with the code under test), the warm start, error feedback, hostile and fuzzed payloads, and runs that resume,
 replicate and start from the command line."""
+import json
 import math
 import random
+import shutil
 import struct
 import tracemalloc
 
@@ -15,7 +17,7 @@ import downloads
 import main
 from client import Client
 from server import Server
-from conftest import read_csv, without_seconds
+from conftest import TINY, read_csv, without_seconds
 
 HEADER = struct.Struct("<BBBII")  # version, sparsifier id, quantizer id, num_samples, num_tensors
 RANK = struct.Struct("<H")
@@ -400,3 +402,57 @@ def test_a_resumed_run_repeats_an_uninterrupted_one(write_conf, tmp_path):
     whole, split = read_csv(tmp_path / "whole" / "metrics.csv"), read_csv(tmp_path / "split" / "metrics.csv")
     assert len(whole) == 4 and without_seconds(split) == without_seconds(whole)
 
+
+@pytest.fixture(scope="module")
+def finished_powersgd_run(tmp_path_factory):
+    """A finished 2-round PowerSGD run with error feedback: its checkpoint holds each trained client's residual and
+    warm start (the CNN's: Q' of its four weight matrices at rank 1, 9 + 288 + 1024 + 128 entries, none for biases)."""
+    base = tmp_path_factory.mktemp("powersgd")
+    conf = base / "conf.json"
+    conf.write_text(json.dumps({**TINY, "data_dir": str(base / "data"), "global_epochs": 2, "sparsifier": "powersgd",
+                                "rank": 1, "error_feedback": True}))
+    assert main.main(["-c", str(conf), "--out", str(base / "run")]) == 0
+    return base / "run"
+
+
+def first(tensors):
+    return [tensors[0][:-1]] + list(tensors[1:])
+
+
+@pytest.mark.parametrize("key, damage, reason", [
+    ("memories", first, "'s memory is not flat f32 tensors of 9, 0, 288, 0, 1024, 0, 128, 0 entries"),
+    ("memories", lambda m: m[:-1], "'s memory is not 8 tensors"),
+    ("memories", lambda m: [torch.full_like(t, float("nan")) for t in m], "'s memory holds NaN or Inf"),
+    ("memories", lambda m: torch.zeros(3), "'s memory is not 8 tensors"),
+    ("memories", lambda m: [t.double() for t in m], "'s memory is not flat f32 tensors"),
+    ("residuals", lambda r: [t.view(-1, 1) if t.numel() else t for t in r], "'s residual is not flat f32 tensors"),
+], ids=["a tensor one short", "a tensor missing", "NaN", "not a list", "f64", "residual of shape (n, 1)"])
+def test_a_damaged_warm_start_or_residual_in_the_checkpoint_refuses_the_resume(finished_powersgd_run, tmp_path,
+                                                                               capsys, key, damage, reason):
+    """Each would fail or broadcast only when that client next trained (a residual of shape (n, 1) plus a diff of n
+    entries is n x n), or, NaN, spoil its every later upload: the resume is refused at once, nothing written."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_powersgd_run, out)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    client_id = next(iter(state["clients"][key]))
+    state["clients"][key][client_id] = damage(state["clients"][key][client_id])
+    torch.save(state, out / "checkpoint.pt")
+    before = (out / "metrics.csv").read_text()
+    capsys.readouterr()
+    assert main.main(["--out", str(out), "--resume", "--set", "global_epochs=3"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.pt is not from this run" in err and f"client {client_id}{reason}" in err, err
+    assert (out / "metrics.csv").read_text() == before
+
+
+def test_a_warm_start_in_the_checkpoint_of_a_run_whose_clients_keep_none_refuses_the_resume(
+        finished_powersgd_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(finished_powersgd_run, out)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "sparsifier": "topk"}))
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    state["config"]["sparsifier"] = "topk"
+    torch.save(state, out / "checkpoint.pt")
+    assert main.main(["--out", str(out), "--resume", "--set", "global_epochs=3"]) == 2
+    assert "memory, which this run's clients do not keep" in capsys.readouterr().err
