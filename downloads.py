@@ -93,7 +93,13 @@ class Compressed(Dense):
         seeds = derive_seed(self.seed, "download mask", round_index), derive_seed(self.seed, "download rounding",
                                                                                  round_index)
         encoded = codec.encode(self.method, step, 0, *seeds, self.shapes, self.memory)
-        moved = self.delta(encoded.payload, self.numels, step[0].device)
+        try:
+            moved = self.delta(encoded.payload, self.numels, step[0].device)
+        except codec.PayloadError:
+            # a huge step (one finite upload of 1e37 makes one) can code to a non-finite scale, which the decoder
+            # refuses: its f32 mean magnitude overflows, or PowerSGD's M Q does and its factors are NaN. The step is
+            # then as non-finite as one that moves the model to Inf, and the round keeps the model the same way
+            moved = [torch.full_like(s, math.nan) for s in step]
         self.pending = ([s - m for s, m in zip(step, moved)] if self.error_feedback else None), encoded.memory
         return moved, [encoded.payload]
 
