@@ -22,6 +22,7 @@ import math
 import torch
 
 import codec
+from client import check_kept
 from utils.seeding import derive_seed
 
 DENSE_F32 = {"sparsifier": "none", "quantize": "none"}  # the codec method that writes a model exactly
@@ -131,7 +132,17 @@ class Compressed(Dense):
         return {"residual": self.residual, "memory": self.memory}
 
     def restore(self, state):
-        self.residual, self.memory = state["residual"], state["memory"]
+        """Put back what state() saved, checked as a client's is (client.check_kept): a checkpoint's residual or warm
+        start of another size failed only at the next broadcast, with a traceback."""
+        residual, memory = state["residual"], state["memory"]
+        memory_numels = codec.memory_numels(self.method, self.shapes)
+        for what, tensors, numels in (("residual", residual, self.numels if self.error_feedback else None),
+                                      ("warm start", memory, memory_numels)):
+            if tensors is not None and numels is None:
+                raise ValueError(f"it holds a download {what}, which this run's download does not keep")
+            if tensors is not None:
+                check_kept(f"its download {what}", tensors, numels)
+        self.residual, self.memory = residual, memory
 
 
 METHODS = {cls.name: cls for cls in (Dense, Relay, Compressed)}

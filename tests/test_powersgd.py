@@ -405,12 +405,14 @@ def test_a_resumed_run_repeats_an_uninterrupted_one(write_conf, tmp_path):
 
 @pytest.fixture(scope="module")
 def finished_powersgd_run(tmp_path_factory):
-    """A finished 2-round PowerSGD run with error feedback: its checkpoint holds each trained client's residual and
-    warm start (the CNN's: Q' of its four weight matrices at rank 1, 9 + 288 + 1024 + 128 entries, none for biases)."""
+    """A finished 2-round PowerSGD run with error feedback and a compressed PowerSGD download: its checkpoint holds
+    each trained client's residual and warm start (the CNN's: Q' of its four weight matrices at rank 1, 9 + 288 + 1024
+    + 128 entries, none for biases), and the download's own."""
     base = tmp_path_factory.mktemp("powersgd")
     conf = base / "conf.json"
     conf.write_text(json.dumps({**TINY, "data_dir": str(base / "data"), "global_epochs": 2, "sparsifier": "powersgd",
-                                "rank": 1, "error_feedback": True}))
+                                "rank": 1, "error_feedback": True, "download": "compressed",
+                                "download_sparsifier": "powersgd"}))
     assert main.main(["-c", str(conf), "--out", str(base / "run")]) == 0
     return base / "run"
 
@@ -456,3 +458,20 @@ def test_a_warm_start_in_the_checkpoint_of_a_run_whose_clients_keep_none_refuses
     torch.save(state, out / "checkpoint.pt")
     assert main.main(["--out", str(out), "--resume", "--set", "global_epochs=3"]) == 2
     assert "memory, which this run's clients do not keep" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key, damage, reason", [
+    ("memory", first, "its download warm start is not flat f32 tensors of 9, 0, 288, 0, 1024, 0, 128, 0 entries"),
+    ("memory", lambda m: [torch.full_like(t, float("inf")) for t in m], "its download warm start holds NaN or Inf"),
+    ("residual", lambda r: r[:-1], "its download residual is not 8 tensors"),
+], ids=["warm start a tensor one short", "warm start Inf", "residual a tensor missing"])
+def test_a_damaged_download_state_in_the_checkpoint_refuses_the_resume(finished_powersgd_run, tmp_path, capsys, key,
+                                                                       damage, reason):
+    out = tmp_path / "run"
+    shutil.copytree(finished_powersgd_run, out)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    state["download"][key] = damage(state["download"][key])
+    torch.save(state, out / "checkpoint.pt")
+    assert main.main(["--out", str(out), "--resume", "--set", "global_epochs=3"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.pt is not from this run" in err and reason in err, err
