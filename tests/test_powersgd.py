@@ -1,6 +1,7 @@
 """PowerSGD (sparsifier powersgd): factors, reconstructions and payload sizes worked out by hand or with plain numpy
 (never with the code under test), the warm start, error feedback, hostile and fuzzed payloads, and runs that resume,
 replicate and start from the command line."""
+import copy
 import json
 import math
 import random
@@ -237,6 +238,45 @@ def test_an_attacker_advances_its_warm_start_once(make_conf):
         assert all(torch.equal(a, h) for a, h in zip(attacker.residual, honest.residual))
         boosted, sent = (codec.decode(p, [24, 4])[2][0] for p in payloads)
         assert torch.allclose(boosted, 100 * sent, rtol=1e-4, atol=1e-5)  # the same factors, Q' 100 times larger
+
+
+def test_a_channels_last_conv_and_batchnorm_arrive_where_they_belong(make_conf):
+    """Models are channels-last: a conv kernel's entries lie (out, kh, kw, in) in memory, but its diff travels as the
+    logical (out, in * kh * kw) matrix on both sides. Each weight's diff here is rank 1 in that logical layout
+    (u v^T, built by hand), so one rank-1 power step reconstructs it; the server's model must move by it entry for
+    entry. BatchNorm's weight, bias and running statistics are vectors and travel whole, exactly; its batch count is
+    not a float and does not travel."""
+    conf = make_conf(sparsifier="powersgd", rank=1, aggregation="mean")
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * 4 * 4, 5)).to(memory_format=torch.channels_last)
+    server = Server(model, conf, torch.device("cpu"))
+    before = {name: value.clone() for name, value in server.global_state().items()}
+    g = torch.Generator().manual_seed(11)
+    expected = {}
+    for name, value in before.items():
+        if not torch.is_floating_point(value):
+            continue
+        if value.dim() >= 2:
+            u, v = torch.randn(value.shape[0], generator=g), torch.randn(value[0].numel(), generator=g)
+            expected[name] = torch.outer(u, v).view(value.shape) * 1e-2
+        else:
+            expected[name] = torch.randn(value.shape, generator=g) * 1e-2
+    local = copy.deepcopy(server.model)
+    with torch.no_grad():
+        for name, value in local.state_dict().items():
+            if name in expected:
+                value.add_(expected[name])
+    assert local.state_dict()["0.weight"].is_contiguous(memory_format=torch.channels_last)
+    upload = Client(0, torch.arange(7), conf)._upload(local, before, 1, 0.0)
+    assert server.receive(upload.payload, 0) is None and server.aggregate(1) is None
+    after = server.global_state()
+    for name, diff in expected.items():
+        moved = after[name] - before[name]
+        if diff.dim() >= 2:
+            assert torch.allclose(moved, diff, rtol=0, atol=1e-5 * float(diff.abs().max())), name
+        else:  # whole, as f32 values: the server adds exactly the client's diff
+            assert torch.equal(after[name], before[name] + (local.state_dict()[name] - before[name])), name
+    assert torch.equal(after["1.num_batches_tracked"], before["1.num_batches_tracked"])
 
 
 # ---- hostile payloads, built by hand from the layout -------------------------------------------------------------
