@@ -135,13 +135,13 @@ class Compressed(Dense):
         """Put back what state() saved, checked as a client's is (client.check_kept): a checkpoint's residual or warm
         start of another size failed only at the next broadcast, with a traceback."""
         residual, memory = state["residual"], state["memory"]
-        memory_numels = codec.memory_numels(self.method, self.shapes)
         for what, tensors, numels in (("residual", residual, self.numels if self.error_feedback else None),
-                                      ("warm start", memory, memory_numels)):
-            if tensors is not None and numels is None:
+                                      ("warm start", memory, codec.memory_numels(self.method, self.shapes))):
+            if tensors is None:
+                continue
+            if numels is None:
                 raise ValueError(f"it holds a download {what}, which this run's download does not keep")
-            if tensors is not None:
-                check_kept(f"its download {what}", tensors, numels)
+            check_kept(f"its download {what}", tensors, numels)
         self.residual, self.memory = residual, memory
 
 
