@@ -19,6 +19,26 @@ from utils.seeding import derive_seed, generator
 KEPT = {"residual": "residuals", "memory": "memories"}
 
 
+def kept_numels(conf, shapes):
+    """Per thing a client keeps (KEPT), the entries of its tensors for a model of `shapes` under `conf`; None when its
+    clients keep none."""
+    return {"residual": [math.prod(shape) for shape in shapes] if conf["error_feedback"] else None,
+            "memory": codec.memory_numels(conf, shapes)}
+
+
+def check_kept(what, tensors, numels):
+    """Raise ValueError unless `tensors` is what a client keeps of tensors of `numels` entries: that many flat, finite
+    f32 tensors of those sizes. Checked where it comes from outside (a node's reply, a checkpoint), since one of
+    another size fails or broadcasts only when the client next trains, and a NaN one spoils every later upload."""
+    if not isinstance(tensors, (list, tuple)) or len(tensors) != len(numels):
+        raise ValueError(f"{what} is not {len(numels)} tensors")
+    for tensor, numel in zip(tensors, numels):
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.float32 or tensor.shape != (numel,):
+            raise ValueError(f"{what} is not flat f32 tensors of {', '.join(map(str, numels))} entries")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{what} holds NaN or Inf")
+
+
 @dataclass
 class Upload:
     client_id: int

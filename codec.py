@@ -99,8 +99,11 @@ def assemble(sparsifier, plan, coefficients, sparsifier_part, quantizer, num_sam
     return Encoded(header + sparsifier_part + value_part, *sparsifier.expand(plan, values), memory)
 
 
-def decode(payload, numels):
-    """(num_samples, positions, values) from an upload's bytes, for a model whose tensors have `numels` entries."""
+def decode(payload, numels, most_rank=None):
+    """(num_samples, positions, values) from an upload's bytes, for a model whose tensors have `numels` entries.
+    `most_rank` (the receiver's own `rank`) refuses PowerSGD factors of a higher rank: rank-r factors cost r
+    multiply-adds per entry to reconstruct, so that an upload then costs no more than an honest one (unbounded, 2.3 MB
+    of sign-coded rank-1536 factors held the server 1.8 s of CPU on ResNet-18, and would hold it minutes on VGG-16)."""
     reader = Reader(payload)
     version, sparsifier_id, quantizer_id, num_samples, num_tensors = reader.unpack(HEADER)
     if version != VERSION or sparsifier_id not in SPARSIFIER_IDS or quantizer_id not in QUANTIZER_IDS:
@@ -108,7 +111,7 @@ def decode(payload, numels):
     if num_tensors != len(numels):
         raise PayloadError(f"payload holds {num_tensors} tensors, the model has {len(numels)}")
     sparsifier, quantizer = SPARSIFIER_IDS[sparsifier_id], QUANTIZER_IDS[quantizer_id]
-    plan = sparsifier.decode(reader, numels, quantizer.value_bits)
+    plan = sparsifier.decode(reader, numels, quantizer.value_bits, most_rank)
     values = quantizer.decode(reader, sparsifier.counts(plan, numels))
     if not reader.done():
         raise PayloadError(f"payload has {reader.remaining()} bytes after its last value")
@@ -132,7 +135,9 @@ class Sparsifier:
     """Turns a sender's diffs into coefficients, the groups of values the quantizer writes, and the decoded groups back
     into what the receiver reconstructs. These defaults are a selection of entries (`select`): the plan is per tensor
     the kept flat positions (None: every entry), a tensor's kept entries are its one group, and they are what the
-    receiver reconstructs, at those positions."""
+    receiver reconstructs, at those positions. Each sparsifier's decode(reader, numels, value_bits, most_rank) reads its
+    part of a payload into the plan, refusing a plan that the bytes left (`value_bits` or more per coefficient) or
+    `most_rank` (PowerSGD's) cannot hold."""
     keys = ()  # the config keys a sparsifier reads
     one_group = False  # whether ternary may share one magnitude over all groups
 
@@ -172,7 +177,7 @@ class Dense(Sparsifier):
         return [None] * len(diffs), b""
 
     @staticmethod
-    def decode(reader, numels, value_bits):
+    def decode(reader, numels, value_bits, most_rank):
         return [None] * len(numels)
 
 
@@ -188,7 +193,7 @@ class RandomMask(Sparsifier):
         return positions, RANDOM_HEADER.pack(mask_seed, self.prop)
 
     @staticmethod
-    def decode(reader, numels, value_bits):
+    def decode(reader, numels, value_bits, most_rank):
         mask_seed, prop = reader.unpack(RANDOM_HEADER)
         if not 0 <= prop <= 1:  # NaN fails too
             raise PayloadError(f"mask density {prop} is not in [0, 1]")
@@ -208,7 +213,7 @@ class TopK(Sparsifier):
         return positions, encode_positions(positions, [diff.numel() for diff in diffs])
 
     @staticmethod
-    def decode(reader, numels, value_bits):
+    def decode(reader, numels, value_bits, most_rank):
         return decode_positions(reader, numels, value_bits)
 
 
@@ -231,7 +236,7 @@ class Hybrid(Sparsifier):
         return positions, encode_positions(top, numels) + HYBRID_RANDOM.pack(mask_seed, count)
 
     @staticmethod
-    def decode(reader, numels, value_bits):
+    def decode(reader, numels, value_bits, most_rank):
         top = decode_positions(reader, numels, value_bits)
         mask_seed, count = reader.unpack(HYBRID_RANDOM)
         taken = sum(len(where) for where in top)
@@ -275,7 +280,9 @@ class PowerSGD(Sparsifier):
                 draw = seeding.generator(mask_seed, "powersgd start", index)
                 start = torch.randn(cols, self.rank, generator=draw).to(diff.device)
             else:
-                start = memory[index].view(cols, self.rank)
+                # a copy, which the allocator aligns: MKL's products round differently with their operands'
+                # alignment, and a warm start decoded from a node's state is a view into one buffer
+                start = memory[index].view(cols, self.rank).clone()
             matrix = diff.reshape(rows, cols)
             # Householder QR rather than Gram-Schmidt: P stays orthonormal to float precision even when its columns
             # are nearly parallel (as warm starts make them when one direction dominates the update), so that the
@@ -285,17 +292,23 @@ class PowerSGD(Sparsifier):
             q = matrix.T @ p
             plan.append((rows, cols, self.rank))
             coefficients += [p.flatten(), q.flatten()]
-            # a zero column of Q' (no update along it, or a non-finite one) would start every later step at zero or
-            # NaN: that column keeps its previous start
-            starts.append(torch.where(q.abs().amax(0) > 0, q, start).flatten())
+            # the next start is Q' with unit columns (in f64, where their norms cannot overflow): the power step does
+            # not depend on their scale, and a diverged round's Q' (6e37, say) would overflow the next M Q. A column
+            # of Q' that is zero (no update along it) or not finite keeps its previous start: it would start every
+            # later step at zero or NaN
+            q64 = q.double()
+            norms = q64.norm(dim=0)
+            starts.append(torch.where(torch.isfinite(norms) & (norms > 0), q64 / norms, start).float().flatten())
         rows_part = np.array([0 if factored is None else factored[0] for factored in plan], dtype="<u4").tobytes()
         return plan, coefficients, RANK.pack(self.rank) + rows_part, starts
 
     @staticmethod
-    def decode(reader, numels, value_bits):
+    def decode(reader, numels, value_bits, most_rank):
         (rank,) = reader.unpack(RANK)
         if rank < 1:
             raise PayloadError("PowerSGD rank 0")
+        if most_rank is not None and rank > most_rank:
+            raise PayloadError(f"PowerSGD rank {rank} is above this run's {most_rank}")
         plan = []
         for numel, rows in zip(numels, reader.array("<u4", len(numels)).tolist()):
             if not rows:
@@ -667,7 +680,10 @@ class QSGD(Quantizer):
         levels, bucket_size = reader.unpack(QSGD_HEADER)
         if levels < 1 or bucket_size < 1:
             raise PayloadError(f"QSGD levels {levels} or bucket size {bucket_size} below 1")
-        reader.require_bits(sum(counts), f"{sum(counts)} QSGD levels")  # a bit of Elias-gamma code each, at least
+        # a f32 norm per bucket and a bit of Elias-gamma code per level, at least: checked before the buckets' starts
+        # are made, 8 bytes per bucket (buckets of 1 would otherwise make 16 bytes per claimed value first)
+        buckets = sum(-(-count // bucket_size) for count in counts)
+        reader.require_bits(32 * buckets + sum(counts), f"{buckets} QSGD norms and {sum(counts)} levels")
         starts = bucket_starts(counts, bucket_size)
         norms = read_scales(reader, len(starts))
         codes = gamma_decode(reader, sum(counts), levels + 1)

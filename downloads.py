@@ -22,6 +22,7 @@ import math
 import torch
 
 import codec
+from client import check_kept
 from utils.seeding import derive_seed
 
 DENSE_F32 = {"sparsifier": "none", "quantize": "none"}  # the codec method that writes a model exactly
@@ -93,7 +94,13 @@ class Compressed(Dense):
         seeds = derive_seed(self.seed, "download mask", round_index), derive_seed(self.seed, "download rounding",
                                                                                  round_index)
         encoded = codec.encode(self.method, step, 0, *seeds, self.shapes, self.memory)
-        moved = self.delta(encoded.payload, self.numels, step[0].device)
+        try:
+            moved = self.delta(encoded.payload, self.numels, step[0].device)
+        except codec.PayloadError:
+            # a huge step (one finite upload of 1e37 makes one) can code to a non-finite scale, which the decoder
+            # refuses: its f32 mean magnitude overflows, or PowerSGD's M Q does and its factors are NaN. The step is
+            # then as non-finite as one that moves the model to Inf, and the round keeps the model the same way
+            moved = [torch.full_like(s, math.nan) for s in step]
         self.pending = ([s - m for s, m in zip(step, moved)] if self.error_feedback else None), encoded.memory
         return moved, [encoded.payload]
 
@@ -125,7 +132,17 @@ class Compressed(Dense):
         return {"residual": self.residual, "memory": self.memory}
 
     def restore(self, state):
-        self.residual, self.memory = state["residual"], state["memory"]
+        """Put back what state() saved, checked as a client's is (client.check_kept): a checkpoint's residual or warm
+        start of another size failed only at the next broadcast, with a traceback."""
+        residual, memory = state["residual"], state["memory"]
+        for what, tensors, numels in (("residual", residual, self.numels if self.error_feedback else None),
+                                      ("warm start", memory, codec.memory_numels(self.method, self.shapes))):
+            if tensors is None:
+                continue
+            if numels is None:
+                raise ValueError(f"it holds a download {what}, which this run's download does not keep")
+            check_kept(f"its download {what}", tensors, numels)
+        self.residual, self.memory = residual, memory
 
 
 METHODS = {cls.name: cls for cls in (Dense, Relay, Compressed)}

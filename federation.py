@@ -17,6 +17,7 @@ import torch
 import codec
 import datasets
 import models
+from client import KEPT, check_kept, kept_numels
 from server import Server
 from utils import partition, run_files
 from utils.run_files import RunError
@@ -151,6 +152,12 @@ def restore(out, conf, server, transport, device):
         strangers += [c for c in server.syncs.synced if not 0 <= c < conf["no_models"]]
         if strangers:
             raise ValueError(f"it holds the state of client {strangers[0]}, this run has {conf['no_models']} clients")
+        numels = kept_numels(conf, [t.shape for t in server.globals])
+        for name, key in KEPT.items():
+            for client_id, tensors in clients[key].items():
+                if numels[name] is None:
+                    raise ValueError(f"it holds client {client_id}'s {name}, which this run's clients do not keep")
+                check_kept(f"client {client_id}'s {name}", tensors, numels[name])
         transport.restore_client_state(clients)
         rows = list(state["rows"])
     except (AttributeError, KeyError, TypeError, RuntimeError, ValueError) as e:

@@ -51,7 +51,7 @@ class Server:
         or why it was rejected. Its claimed example count weighs it, cut to the client's registered count: a client
         may lower its weight, never raise it above its share's."""
         try:
-            claimed, positions, values = codec.decode(upload_bytes, self.numels)
+            claimed, positions, values = codec.decode(upload_bytes, self.numels, self.conf["rank"])
         except codec.PayloadError as e:
             return f"malformed payload ({e})"
         if claimed == 0:

@@ -22,7 +22,6 @@ them on disk would find them.
 import contextlib
 import copy
 import json
-import math
 import os
 import re
 import signal
@@ -44,7 +43,7 @@ import downloads
 import engines
 import federation
 import models
-from client import KEPT, Client, Upload
+from client import KEPT, Client, Upload, check_kept, kept_numels
 from server import Server
 from utils import partition, run_files
 from utils.run_files import RunError
@@ -132,13 +131,6 @@ class Workspace:
         if held is not None:
             replica.overwrite([None] * len(self.numels), self.tensors(held, self.numels))
         return replica
-
-
-def kept_numels(conf, shapes):
-    """Per thing a client keeps (client.KEPT), the entries of its tensors for a model of `shapes` under `conf`; None
-    when its clients keep none."""
-    return {"residual": [math.prod(shape) for shape in shapes] if conf["error_feedback"] else None,
-            "memory": codec.memory_numels(conf, shapes)}
 
 
 WORKSPACE_KEYS = ("type", "data_dir", "device", "no_models", "partition", "alpha", "shards_per_client", "seed",
@@ -242,13 +234,12 @@ class GridTransport:
         if not isinstance(record[name], bytes):
             raise ValueError(f"its {name} is not bytes")
         try:
-            _, positions, values = codec.decode(record[name], numels)
+            _, positions, values = codec.decode(record[name], numels, self.conf["rank"])
         except codec.PayloadError as e:
             raise ValueError(f"its {name} is not a payload for this model ({e})") from None
         if any(kept is not None for kept in positions):
             raise ValueError(f"its {name} is not dense")
-        if not all(torch.isfinite(v).all() for v in values):
-            raise ValueError(f"its {name} holds NaN or Inf")
+        check_kept(f"its {name}", values, numels)
 
     def client_state(self):
         kept = {KEPT[name]: {str(c): codec.decode(payload, self.kept_numels[name])[2]

@@ -284,3 +284,28 @@ def test_a_relay_forwards_the_example_count_the_server_used(make_conf, tmp_path)
     rows, _ = run_with(make_conf, tmp_path, "replicas", Replicas, **conf, attackers=1, attack="count")  # asserts inside
     honest, _ = run_with(make_conf, tmp_path, "honest", **conf)
     assert without_seconds(rows) == without_seconds(honest)
+
+
+@pytest.mark.parametrize("method", [dict(download_sparsifier="powersgd", download_quantize="int8"),
+                                    dict(download_sparsifier="topk", download_quantize="ternary")],
+                         ids=["powersgd int8", "topk ternary"])
+def test_a_step_whose_message_cannot_code_it_keeps_the_model(make_conf, capsys, method):
+    """One upload of 1e37 in every entry is finite, so it is accepted; the server's step is 1e37 / 2. PowerSGD's M Q
+    then overflows (each row of the second conv sums 288 such products), and the int8 scale of its NaN factors is NaN;
+    ternary's one magnitude, the f32 mean of the 4% kept (6053 of them), overflows to Inf. Either message is one the
+    decoder refuses: the round keeps the model, as a non-finite step does, and the run goes on (it raised
+    PayloadError out of aggregate)."""
+    conf = make_conf(download="compressed", aggregation="mean", **method)
+    server = Server(models.build("cnn", (1, 16, 16), 10), conf, CPU)
+    before = [t.clone() for t in server.flat_globals()]
+    hostile = codec.encode({"sparsifier": "none", "quantize": "none"}, [torch.full((n,), 1e37) for n in server.numels],
+                           10).payload
+    honest = codec.encode({"sparsifier": "none", "quantize": "none"}, [torch.zeros(n) for n in server.numels],
+                          10).payload
+    assert server.receive(hostile) is None and server.receive(honest) is None
+    assert server.aggregate(1) == "the aggregate would make the global model non-finite, so the model was kept"
+    assert all(torch.equal(a, b) for a, b in zip(server.flat_globals(), before))
+    assert server.download.residual is None and server.download.memory is None  # nothing committed
+    honest_step = codec.encode({"sparsifier": "none", "quantize": "none"},
+                               [torch.full((n,), 1e-3) for n in server.numels], 10).payload
+    assert server.receive(honest_step) is None and server.aggregate(2) is None  # the next round moves

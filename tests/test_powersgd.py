@@ -1,8 +1,11 @@
 """PowerSGD (sparsifier powersgd): factors, reconstructions and payload sizes worked out by hand or with plain numpy
 (never with the code under test), the warm start, error feedback, hostile and fuzzed payloads, and runs that resume,
 replicate and start from the command line."""
+import copy
+import json
 import math
 import random
+import shutil
 import struct
 import tracemalloc
 
@@ -14,7 +17,8 @@ import codec
 import downloads
 import main
 from client import Client
-from conftest import read_csv, without_seconds
+from server import Server
+from conftest import TINY, read_csv, without_seconds
 
 HEADER = struct.Struct("<BBBII")  # version, sparsifier id, quantizer id, num_samples, num_tensors
 RANK = struct.Struct("<H")
@@ -49,7 +53,9 @@ def test_one_power_step_by_hand():
     _, positions, values = codec.decode(payload, [6])
     assert positions == [None] and values[0].tolist() == pytest.approx(expected, rel=1e-6)
     assert torch.equal(encoded.values[0], values[0])  # the sender's reconstruction is the receiver's, bit for bit
-    assert encoded.memory[0].tolist() == q[:, 0].tolist()  # the next start: Q', as sent
+    # the next start: Q' as sent, with a unit column, [13, 17, 21] / sqrt(13^2 + 17^2 + 21^2)
+    assert encoded.memory[0].tolist() == pytest.approx((sign * np.array([13, 17, 21]) / math.sqrt(899)).tolist(),
+                                                       rel=1e-6)
 
 
 def test_the_reconstruction_is_the_f64_sum_of_the_f32_factors_outer_products():
@@ -154,8 +160,39 @@ def test_only_the_zero_columns_of_q_keep_their_previous_start():
     memory = encoded.memory[0].view(5, 2).double().numpy()
     zero_columns = [k for k in range(2) if not q[:, k].any()]
     assert len(zero_columns) == 1
-    for k in range(2):
-        assert memory[:, k].tolist() == (start[:, k].tolist() if k in zero_columns else q[:, k].tolist())
+    for k in range(2):  # the other column: Q''s, scaled to a unit norm
+        expected = start[:, k].tolist() if k in zero_columns else (q[:, k] / np.linalg.norm(q[:, k])).tolist()
+        assert memory[:, k].tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_diverged_round_does_not_poison_the_warm_start():
+    """A round whose diff is huge but finite (a client that diverged, then trains from the server's healthy model
+    again) leaves a warm start from which the next, ordinary diff still codes to finite values. Two ways it used to
+    end every later upload as NaN: M of 3e37 left Q' = 6e37 (4 rows of 3e37 against P's 1/2), and the next M Q, six
+    ones times 6e37, overflowed; a first column of 1e38 over 16 rows (M Q = 1e37 from a start of 0.1 there) made
+    Q' = 16 * 1e38 / 4 Inf, which passed the zero-column check."""
+    column = torch.zeros(16, 6).index_fill_(1, torch.tensor([0]), 1e38)
+    for shape, huge, start in (((4, 6), torch.full((24,), 3e37), None),
+                               ((16, 6), column.flatten(), [torch.tensor([0.1, 1, 1, 1, 1, 1])])):
+        after = codec.encode(method(), [huge], 1, shapes=[shape], memory=start)
+        assert torch.isfinite(after.memory[0]).all()
+        following = codec.encode(method(), [torch.ones(math.prod(shape))], 1, shapes=[shape], memory=after.memory)
+        assert torch.allclose(following.values[0], torch.ones(math.prod(shape)))  # rank 1: exact after one step
+
+
+def test_the_payload_does_not_depend_on_where_the_warm_start_lies_in_memory():
+    """A warm start decoded from a Flower node's state is a view into one buffer, at any offset; the in-process
+    client's is an allocation of its own. MKL's matrix products round differently with their operands' alignment, so
+    the same diff and start gave other factors on a node (Flower runs then drifted from in-process ones by an ulp a
+    round)."""
+    g = torch.Generator().manual_seed(4)
+    diff, start = torch.randn(10 * 128, generator=g), torch.randn(128, generator=g)  # the CNN's last layer, rank 1
+    payloads = set()
+    for offset in range(16):  # floats: 64 bytes
+        buffer = torch.zeros(offset + len(start))
+        buffer[offset:] = start
+        payloads.add(codec.encode(method(), [diff], 1, shapes=[(10, 128)], memory=[buffer[offset:]]).payload)
+    assert len(payloads) == 1
 
 
 @pytest.mark.parametrize("quantize", ["none", "int8"])
@@ -201,6 +238,45 @@ def test_an_attacker_advances_its_warm_start_once(make_conf):
         assert all(torch.equal(a, h) for a, h in zip(attacker.residual, honest.residual))
         boosted, sent = (codec.decode(p, [24, 4])[2][0] for p in payloads)
         assert torch.allclose(boosted, 100 * sent, rtol=1e-4, atol=1e-5)  # the same factors, Q' 100 times larger
+
+
+def test_a_channels_last_conv_and_batchnorm_arrive_where_they_belong(make_conf):
+    """Models are channels-last: a conv kernel's entries lie (out, kh, kw, in) in memory, but its diff travels as the
+    logical (out, in * kh * kw) matrix on both sides. Each weight's diff here is rank 1 in that logical layout
+    (u v^T, built by hand), so one rank-1 power step reconstructs it; the server's model must move by it entry for
+    entry. BatchNorm's weight, bias and running statistics are vectors and travel whole, exactly; its batch count is
+    not a float and does not travel."""
+    conf = make_conf(sparsifier="powersgd", rank=1, aggregation="mean")
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * 4 * 4, 5)).to(memory_format=torch.channels_last)
+    server = Server(model, conf, torch.device("cpu"))
+    before = {name: value.clone() for name, value in server.global_state().items()}
+    g = torch.Generator().manual_seed(11)
+    expected = {}
+    for name, value in before.items():
+        if not torch.is_floating_point(value):
+            continue
+        if value.dim() >= 2:
+            u, v = torch.randn(value.shape[0], generator=g), torch.randn(value[0].numel(), generator=g)
+            expected[name] = torch.outer(u, v).view(value.shape) * 1e-2
+        else:
+            expected[name] = torch.randn(value.shape, generator=g) * 1e-2
+    local = copy.deepcopy(server.model)
+    with torch.no_grad():
+        for name, value in local.state_dict().items():
+            if name in expected:
+                value.add_(expected[name])
+    assert local.state_dict()["0.weight"].is_contiguous(memory_format=torch.channels_last)
+    upload = Client(0, torch.arange(7), conf)._upload(local, before, 1, 0.0)
+    assert server.receive(upload.payload, 0) is None and server.aggregate(1) is None
+    after = server.global_state()
+    for name, diff in expected.items():
+        moved = after[name] - before[name]
+        if diff.dim() >= 2:
+            assert torch.allclose(moved, diff, rtol=0, atol=1e-5 * float(diff.abs().max())), name
+        else:  # whole, as f32 values: the server adds exactly the client's diff
+            assert torch.equal(after[name], before[name] + (local.state_dict()[name] - before[name])), name
+    assert torch.equal(after["1.num_batches_tracked"], before["1.num_batches_tracked"])
 
 
 # ---- hostile payloads, built by hand from the layout -------------------------------------------------------------
@@ -255,7 +331,9 @@ def test_the_hand_built_layout_is_the_decoders():
     payload(1024, [1024], bytes(1000), codec.Sign),  # a bit each: still 384 kB claimed
     payload(1024, [1024], struct.pack("<HI", 4, 1) + bytes(1000), codec.QSGD),  # a norm per coefficient
     payload(1, [2**21], f32(100)),  # a 2**21 x 1 matrix: rows the size of the model
-], ids=["f32", "sign", "qsgd buckets of 1", "one column"])
+    # rank 8: 24576 coefficients, a bit each present, but not their 24576 norms (96 kB)
+    payload(8, [1024], struct.pack("<HI", 4, 1) + bytes(3072 + 8), codec.QSGD),
+], ids=["f32", "sign", "qsgd buckets of 1", "one column", "qsgd levels present, norms not"])
 def test_a_claim_beyond_the_bytes_is_refused_in_bounded_memory(data):
     tracemalloc.start()
     try:
@@ -265,6 +343,29 @@ def test_a_claim_beyond_the_bytes_is_refused_in_bounded_memory(data):
     finally:
         tracemalloc.stop()
     assert peak <= 4 * (len(data) + 8 * 1024)
+
+
+def test_a_rank_above_the_receivers_is_refused_before_any_reconstruction():
+    """Reconstructing rank-r factors costs r multiply-adds per entry: a payload of sign-coded rank-1024 factors of a
+    1024 x 2048 matrix (384 kB, every byte present) would cost 2**31, 512 times an honest rank-2 upload's. With the
+    receiver's rank it is refused from its header; the same factors at that rank decode."""
+    signs = bytes(math.ceil(1024 * 3072 / 8))
+    hostile = payload(1024, [1024], struct.pack("<2f", 1.0, 1.0) + signs, codec.Sign)
+    assert len(codec.decode(hostile, [LARGE])[2][0]) == LARGE  # well formed: only the rank bound refuses it
+    with pytest.raises(codec.PayloadError, match="PowerSGD rank 1024 is above this run's 2"):
+        codec.decode(hostile, [LARGE], most_rank=2)
+    honest = payload(2, [1024], struct.pack("<2f", 1.0, 1.0) + bytes(2 * 3072 // 8), codec.Sign)
+    assert codec.decode(honest, [LARGE], most_rank=2)[2][0].tolist() == [2.0] * LARGE  # (+1)(+1) + (+1)(+1)
+
+
+def test_the_server_refuses_ranks_above_its_own(make_conf, tiny_model):
+    """The server's bound is its config's rank, whatever its sparsifier: nn.Linear(3, 2)'s 2 x 3 weight at rank 2 is
+    refused under rank 1 and accepted under rank 2."""
+    rank_two = (HEADER.pack(codec.VERSION, codec.PowerSGD.wire_id, 0, 1, 2) + RANK.pack(2) + struct.pack("<2I", 2, 0)
+                + f32(2 * 2 + 2 * 3) + f32(2))
+    for rank, problem in ((1, "malformed payload (PowerSGD rank 2 is above this run's 1)"), (2, None)):
+        server = Server(tiny_model, make_conf(sparsifier="topk", rank=rank), torch.device("cpu"))
+        assert server.receive(rank_two, 0) == problem
 
 
 def test_fuzzed_payloads_raise_payload_error_or_decode_to_the_models_shape():
@@ -340,3 +441,77 @@ def test_a_resumed_run_repeats_an_uninterrupted_one(write_conf, tmp_path):
     assert main.main(["-c", conf, "--out", str(tmp_path / "split"), "--resume"]) == 0
     whole, split = read_csv(tmp_path / "whole" / "metrics.csv"), read_csv(tmp_path / "split" / "metrics.csv")
     assert len(whole) == 4 and without_seconds(split) == without_seconds(whole)
+
+
+@pytest.fixture(scope="module")
+def finished_powersgd_run(tmp_path_factory):
+    """A finished 2-round PowerSGD run with error feedback and a compressed PowerSGD download: its checkpoint holds
+    each trained client's residual and warm start (the CNN's: Q' of its four weight matrices at rank 1, 9 + 288 + 1024
+    + 128 entries, none for biases), and the download's own."""
+    base = tmp_path_factory.mktemp("powersgd")
+    conf = base / "conf.json"
+    conf.write_text(json.dumps({**TINY, "data_dir": str(base / "data"), "global_epochs": 2, "sparsifier": "powersgd",
+                                "rank": 1, "error_feedback": True, "download": "compressed",
+                                "download_sparsifier": "powersgd"}))
+    assert main.main(["-c", str(conf), "--out", str(base / "run")]) == 0
+    return base / "run"
+
+
+def first(tensors):
+    return [tensors[0][:-1]] + list(tensors[1:])
+
+
+@pytest.mark.parametrize("key, damage, reason", [
+    ("memories", first, "'s memory is not flat f32 tensors of 9, 0, 288, 0, 1024, 0, 128, 0 entries"),
+    ("memories", lambda m: m[:-1], "'s memory is not 8 tensors"),
+    ("memories", lambda m: [torch.full_like(t, float("nan")) for t in m], "'s memory holds NaN or Inf"),
+    ("memories", lambda m: torch.zeros(3), "'s memory is not 8 tensors"),
+    ("memories", lambda m: [t.double() for t in m], "'s memory is not flat f32 tensors"),
+    ("residuals", lambda r: [t.view(-1, 1) if t.numel() else t for t in r], "'s residual is not flat f32 tensors"),
+], ids=["a tensor one short", "a tensor missing", "NaN", "not a list", "f64", "residual of shape (n, 1)"])
+def test_a_damaged_warm_start_or_residual_in_the_checkpoint_refuses_the_resume(finished_powersgd_run, tmp_path,
+                                                                               capsys, key, damage, reason):
+    """Each would fail or broadcast only when that client next trained (a residual of shape (n, 1) plus a diff of n
+    entries is n x n), or, NaN, spoil its every later upload: the resume is refused at once, nothing written."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_powersgd_run, out)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    client_id = next(iter(state["clients"][key]))
+    state["clients"][key][client_id] = damage(state["clients"][key][client_id])
+    torch.save(state, out / "checkpoint.pt")
+    before = (out / "metrics.csv").read_text()
+    capsys.readouterr()
+    assert main.main(["--out", str(out), "--resume", "--set", "global_epochs=3"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.pt is not from this run" in err and f"client {client_id}{reason}" in err, err
+    assert (out / "metrics.csv").read_text() == before
+
+
+def test_a_warm_start_in_the_checkpoint_of_a_run_whose_clients_keep_none_refuses_the_resume(
+        finished_powersgd_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(finished_powersgd_run, out)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "sparsifier": "topk"}))
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    state["config"]["sparsifier"] = "topk"
+    torch.save(state, out / "checkpoint.pt")
+    assert main.main(["--out", str(out), "--resume", "--set", "global_epochs=3"]) == 2
+    assert "memory, which this run's clients do not keep" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key, damage, reason", [
+    ("memory", first, "its download warm start is not flat f32 tensors of 9, 0, 288, 0, 1024, 0, 128, 0 entries"),
+    ("memory", lambda m: [torch.full_like(t, float("inf")) for t in m], "its download warm start holds NaN or Inf"),
+    ("residual", lambda r: r[:-1], "its download residual is not 8 tensors"),
+], ids=["warm start a tensor one short", "warm start Inf", "residual a tensor missing"])
+def test_a_damaged_download_state_in_the_checkpoint_refuses_the_resume(finished_powersgd_run, tmp_path, capsys, key,
+                                                                       damage, reason):
+    out = tmp_path / "run"
+    shutil.copytree(finished_powersgd_run, out)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    state["download"][key] = damage(state["download"][key])
+    torch.save(state, out / "checkpoint.pt")
+    assert main.main(["--out", str(out), "--resume", "--set", "global_epochs=3"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.pt is not from this run" in err and reason in err, err
