@@ -117,6 +117,7 @@ if [ "$what" = all ] || [ "$what" = robust ]; then  # attacks and defenses (runs
   job runs/explore/iid/stc0.04 --set partition=iid "${stc[@]}" --set prop=0.04
   once=(--set attackers=1 --set attack_until=1)
   job runs/robust/round1/dense-fill1e30 --set sparsifier=none "${once[@]}" --set attack=fill --set attack_scale=1e30
+  job runs/robust/round1/stc0.04-fill1e30 $(upload stc0.04) "${once[@]}" --set attack=fill --set attack_scale=1e30
   job runs/robust/round1/stc0.04-fill1e38 $(upload stc0.04) "${once[@]}" --set attack=fill --set attack_scale=1e38
   job runs/robust/round1/dense-count --set sparsifier=none "${once[@]}" --set attack=count
   job runs/robust/round1/default --set partition=iid  # the default conf itself: random 0.6 masks
