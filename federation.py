@@ -24,6 +24,9 @@ from utils.run_files import RunError
 from utils.seeding import derive_seed, generator
 
 CLEAR_LINE = "\r\033[K"  # carriage return + erase line: replaces the progress line on a terminal
+# a test loss above this many times a uniform guess's (ln classes) means the model's outputs are in the hundreds: only
+# a blown-up step does that (the highest test loss of any honest run in README's results is 2.57, a guess's 2.30)
+BLOWN_UP = 100
 
 
 def sample_clients(conf, round_index):
@@ -69,7 +72,7 @@ def run(conf, out, resume, transport_factory):
 
 def play_round(round_index, conf, server, transport, dataset, show_progress=False):
     """One round: sample, synchronize, train, receive, aggregate, evaluate (and roll back a round after which the test
-    loss is not finite); returns its metrics row."""
+    loss blew up); returns its metrics row."""
     started = time.perf_counter()
     chosen = sample_clients(conf, round_index)
     syncs = {client_id: server.sync(client_id) for client_id in chosen}  # (the bytes it downloads, their kind)
@@ -91,8 +94,9 @@ def play_round(round_index, conf, server, transport, dataset, show_progress=Fals
     if kept:
         print(f"round {round_index}: the global model stays as it was: {kept}", file=sys.stderr)
     accuracy, loss = server.evaluate(dataset.test_images, dataset.test_labels)
-    if kept is None and not math.isfinite(loss):  # finite uploads can do this: one of 1e30 in every entry
-        kept = "the test loss after it was not finite"
+    blow_up = None if kept else blown_up(loss, dataset.num_classes)  # finite uploads can: one of 1e30 per entry
+    if blow_up:
+        kept = blow_up
         server.roll_back()
         print(f"round {round_index}: rolled back: {kept}", file=sys.stderr)
         accuracy, loss = server.evaluate(dataset.test_images, dataset.test_labels)
@@ -109,6 +113,17 @@ def play_round(round_index, conf, server, transport, dataset, show_progress=Fals
         "clients": " ".join(map(str, chosen)), "rejected": rejected,
         "refused": int(kept is not None), "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def blown_up(loss, num_classes):
+    """Why a round's test loss says the model blew up (not finite, or over BLOWN_UP times a uniform guess's), or
+    None."""
+    guess = math.log(num_classes)
+    if not math.isfinite(loss):
+        return "the test loss after it was not finite"
+    if loss > BLOWN_UP * guess:
+        return f"the test loss after it was {loss:.4g}, over {BLOWN_UP} times a uniform guess's ({guess:.2f})"
+    return None
 
 
 def pick_device(asked):

@@ -83,6 +83,31 @@ def test_a_round_made_non_finite_by_one_upload_is_rolled_back(make_conf, synthet
     assert server.syncs.version == 1  # the round happened, and changed nothing
 
 
+def test_a_round_whose_finite_test_loss_blew_up_is_rolled_back(make_conf, tmp_path, capsys):
+    """Under STC with masked_mean, one client's 1e6 in every entry lands on the entries only it sent: the test loss
+    stays finite but is far above a uniform guess's; the round is rolled back and the run goes on."""
+    stc = dict(sparsifier="topk", topk_scope="model", quantize="ternary", prop=0.04, error_feedback=True,
+               global_epochs=4)
+    rows = federation.run(make_conf(**stc, attackers=1, attack="fill", attack_scale=1e6, attack_until=1),
+                          str(tmp_path / "run"), False, InProcess)
+    guess = math.log(10)  # the synthetic data's 10 classes
+    err = capsys.readouterr().err
+    assert "round 1: rolled back: the test loss after it was " in err
+    assert f"over 100 times a uniform guess's ({guess:.2f})" in err and "not finite" not in err
+    assert [row["refused"] for row in rows] == [1, 0, 0, 0]
+    assert all(row["loss"] < 100 * guess for row in rows)
+
+
+@pytest.mark.parametrize("loss, why", [
+    (2.5, None), (100 * math.log(10) - 1e-9, None),  # 230.2585...: a uniform guess's 2.3026 times 100
+    (100 * math.log(10) + 1e-9, "the test loss after it was 230.3, over 100 times a uniform guess's (2.30)"),
+    (7.7e31, "the test loss after it was 7.7e+31, over 100 times a uniform guess's (2.30)"),
+    (math.inf, "the test loss after it was not finite"), (math.nan, "the test loss after it was not finite"),
+])
+def test_blown_up_by_hand(loss, why):
+    assert federation.blown_up(loss, 10) == why
+
+
 def test_roll_back_leaves_what_a_refused_round_leaves(tiny_model, make_conf):
     """Server momentum, the compressed download's residual and the sync log go back too: after round 2 is rolled
     back, the server is as one whose round 2 accepted no upload."""
