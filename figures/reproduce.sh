@@ -137,7 +137,7 @@ if [ "$what" = all ] || [ "$what" = robust ]; then  # attacks and defenses (runs
     grid $k honest
     grid $k boost100 --set attackers=1 "${boost[@]}"
   done
-  for k in 5 2; do grid $k 2boost100 --set attackers=2 "${boost[@]}"; done
+  for k in 2 5; do grid $k 2boost100 --set attackers=2 "${boost[@]}"; done
   for k in 2 5; do
     grid $k signflip --set attackers=1 --set attack=sign_flip --set attack_scale=1
     grid $k noise100 --set attackers=1 --set attack=noise --set attack_scale=100
