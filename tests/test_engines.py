@@ -275,7 +275,7 @@ def one_round(flower, tiny_model, make_conf, behaviours, timeout=5.0, **override
     settings = {"timeout": timeout, "threads": 1}
     transport = flower.GridTransport(FakeGrid(behaviours), conf, [t.shape for t in server.globals], settings,
                                      flower.threading.Event())
-    test_split = SimpleNamespace(test_images=torch.ones(4, 3), test_labels=torch.tensor([0, 1, 0, 1]))
+    test_split = SimpleNamespace(test_images=torch.ones(4, 3), test_labels=torch.tensor([0, 1, 0, 1]), num_classes=2)
     return federation.play_round(1, conf, server, transport, test_split), server, transport
 
 
