@@ -22,7 +22,7 @@ import math
 import torch
 
 import codec
-from client import check_kept
+from client import check_kept, kept_numels
 from utils.seeding import derive_seed
 
 DENSE_F32 = {"sparsifier": "none", "quantize": "none"}  # the codec method that writes a model exactly
@@ -134,15 +134,15 @@ class Compressed(Dense):
     def restore(self, state):
         """Put back what state() saved, checked as a client's is (client.check_kept): a checkpoint's residual or warm
         start of another size failed only at the next broadcast, with a traceback."""
-        residual, memory = state["residual"], state["memory"]
-        for what, tensors, numels in (("residual", residual, self.numels if self.error_feedback else None),
-                                      ("warm start", memory, codec.memory_numels(self.method, self.shapes))):
-            if tensors is None:
+        # the sizes a client keeping this method's residual and memory would have: the same rule as a client's
+        numels = kept_numels({**self.method, "error_feedback": self.error_feedback}, self.shapes)
+        for name, what in (("residual", "residual"), ("memory", "warm start")):
+            if state[name] is None:
                 continue
-            if numels is None:
+            if numels[name] is None:
                 raise ValueError(f"it holds a download {what}, which this run's download does not keep")
-            check_kept(f"its download {what}", tensors, numels)
-        self.residual, self.memory = residual, memory
+            check_kept(f"its download {what}", state[name], numels[name])
+        self.residual, self.memory = state["residual"], state["memory"]
 
 
 METHODS = {cls.name: cls for cls in (Dense, Relay, Compressed)}
