@@ -142,6 +142,10 @@ if [ "$what" = all ] || [ "$what" = robust ]; then  # attacks and defenses (runs
     grid $k signflip --set attackers=1 --set attack=sign_flip --set attack_scale=1
     grid $k noise100 --set attackers=1 --set attack=noise --set attack_scale=100
   done
+  for k in 2 5; do
+    grid $k 2signflip --set attackers=2 --set attack=sign_flip --set attack_scale=1
+    grid $k 2noise100 --set attackers=2 --set attack=noise --set attack_scale=100
+  done
   run_queue
   for k in 5 2; do for method in dense stc0.04; do python -m utils.plot runs/robust/k$k/$method/* --table; done; done
 fi

@@ -25,7 +25,9 @@ ATTACKS = {  # folder prefix -> what the row says
     "boost100": "1 booster (100x)",
     "2boost100": "2 boosters (100x)",
     "signflip": "1 sign flip",
+    "2signflip": "2 sign flips",
     "noise100": "1 noise (100 std)",
+    "2noise100": "2 noise (100 std)",
 }
 DEFENSES = {"none": "none", "norm_bound": "norm bound", "median": "median", "trimmed_mean": "trimmed mean",
             "geometric_median": "geometric median"}
@@ -70,7 +72,7 @@ def print_table(panels):
 
 
 def draw(panels, path, rounds):
-    figure, axes = plt.subplots(2, 2, figsize=(13, 8.5), constrained_layout=True)
+    figure, axes = plt.subplots(2, 2, figsize=(13, 10.5), constrained_layout=True)
     for axis, ((k, _, label), cells) in zip(axes.flat, panels):
         values = np.full((len(ATTACKS), len(DEFENSES)), np.nan)
         for i, attack in enumerate(ATTACKS):
