@@ -388,6 +388,16 @@ def test_a_round_without_an_accepted_upload_keeps_the_global_model(flower, tiny_
     assert "the global model stays as it was" in capsys.readouterr().err
 
 
+def test_a_hostile_nodes_upload_meets_the_defense_as_an_in_process_clients_does(flower, tiny_model, make_conf):
+    """An admitted node uploading 1e30 in every entry: under defense=median the step is the per-entry median of the
+    three nodes' uploads, 1, 2 and 1e30 -> 2, as robust.py computes it for in-process clients."""
+    before = tiny_model.weight.detach().clone()
+    behaviours = {0: upload_reply(0, 1.0), 1: upload_reply(1, 2.0), 2: upload_reply(2, 1e30)}
+    row, _, _ = one_round(flower, tiny_model, make_conf, behaviours, defense="median")
+    assert row["rejected"] == 0 and row["refused"] == 0
+    assert torch.equal(tiny_model.weight.detach(), before + 2.0)
+
+
 def test_missing_nodes_are_one_clear_error(flower, make_conf):
     conf, settings = make_conf(no_models=3, k=2), {"timeout": 0.5, "threads": 1}
     with pytest.raises(federation.RunError, match="only 2 of 3 nodes connected after 0.5 s"):
