@@ -84,8 +84,8 @@ def norm_bound(uploads, clip_norm, clip_multiple):
 
 
 def per_entry(uploads, numels, statistic):
-    """Per tensor, `statistic(ordered, senders)` of every entry over the clients that sent it: `ordered` holds each
-    entry's sent values sorted along dim 0 with NaN (not sent) after them, `senders` how many sent it."""
+    """Per tensor, `statistic(ordered, senders)` of every entry over the clients that sent it: `ordered` holds a row
+    per entry, its sent values sorted with NaN (not sent) after them, `senders` how many sent it."""
     device = uploads[0].values[0].device
     out = []
     for t, numel in enumerate(numels):
@@ -94,7 +94,8 @@ def per_entry(uploads, numels, statistic):
             kept = upload.positions[t]
             row[slice(None) if kept is None else kept] = upload.values[t]
         senders = (~sent.isnan()).sum(0)
-        ordered = sent.sort(dim=0).values  # NaN sorts last
+        # NaN sorts last; sorting the contiguous rows of the transpose is about twice as fast as sorting columns
+        ordered = sent.t().contiguous().sort(dim=1).values
         out.append(torch.where(senders > 0, statistic(ordered, senders), 0.0))
     return out
 
@@ -102,9 +103,9 @@ def per_entry(uploads, numels, statistic):
 def median(ordered, senders):
     """The mean of the two middle values (the middle one for an odd count): the lower median alone would pull every
     entry sent by two clients towards the smaller value."""
-    lower = ordered.gather(0, ((senders - 1).clamp(min=0) // 2).unsqueeze(0))
-    upper = ordered.gather(0, (senders // 2).unsqueeze(0))
-    return ((lower + upper) / 2).squeeze(0)
+    lower = ordered.gather(1, ((senders - 1).clamp(min=0) // 2).unsqueeze(1))
+    upper = ordered.gather(1, (senders // 2).unsqueeze(1))
+    return ((lower + upper) / 2).squeeze(1)
 
 
 def trimmed(fraction):
@@ -112,9 +113,11 @@ def trimmed(fraction):
     leaves at least one)."""
     def mean(ordered, senders):
         cut = (fraction * senders).floor().long()
-        rank = torch.arange(len(ordered), device=ordered.device).unsqueeze(1)
-        kept = (rank >= cut) & (rank < senders - cut)
-        return torch.where(kept, ordered, 0.0).sum(0) / (senders - 2 * cut).clamp(min=1)
+        rank = torch.arange(ordered.shape[1], device=ordered.device)
+        kept = (rank >= cut.unsqueeze(1)) & (rank < (senders - cut).unsqueeze(1))
+        # summed over a client per row, as the README's runs were: torch sums another layout in another order
+        total = torch.where(kept, ordered, 0.0).t().contiguous().sum(0)
+        return total / (senders - 2 * cut).clamp(min=1)
     return mean
 
 
