@@ -110,6 +110,19 @@ def test_every_client_holds_the_servers_model_after_its_sync(make_conf, tmp_path
     assert longest_absence >= 3  # some client caught up after missing rounds
 
 
+@pytest.mark.parametrize("defense", ["norm_bound", "median", "trimmed_mean", "geometric_median"])
+def test_clients_replaying_relayed_uploads_apply_the_servers_defense(make_conf, tmp_path, defense):
+    """Under relay a client moves its model by the round's uploads through the server's own aggregation, so a defense
+    (here against a 100x booster, three uploads a round) must give it the server's model bit for bit."""
+    conf = dict(STC, no_models=4, k=3, global_epochs=5, download="relay", defense=defense, attackers=1,
+                attack="scale", attack_scale=100, trim_fraction=0.4)  # of three senders, trims one at each end
+    rows, _ = run_with(make_conf, tmp_path, "replicas", Replicas, **conf)  # asserts inside, every sync
+    expected, _ = run_with(make_conf, tmp_path, "inprocess", **conf)
+    assert without_seconds(rows) == without_seconds(expected)
+    undefended, _ = run_with(make_conf, tmp_path, "undefended", **{**conf, "defense": "none"})
+    assert without_seconds(rows) != without_seconds(undefended)  # the defense changed the run
+
+
 def small_batchnorm_net(image_shape, num_classes, pretrained=False):
     return torch.nn.Sequential(torch.nn.Conv2d(image_shape[0], 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, num_classes))
