@@ -4,7 +4,7 @@
 A client the federation admitted controls its upload: the values of its diff and the number of examples it claims.
 The attacks act on the diff before the codec, so an attack goes through the same compression as an honest upload.
 Without any configuration the server bounds both: a claimed count is cut to the client's registered count (server.py),
-and a round after which the test loss blew up (not finite, or over 100 times a uniform guess's) is rolled back
+and a round after which the test loss blew up (not finite, or over 10 times a uniform guess's) is rolled back
 (federation.play_round). The defenses below bound
 how far one upload can pull the step; each works on what the server decodes, so on sparse and quantized uploads alike:
 
