@@ -286,7 +286,11 @@ def sigterm_as_interrupt():
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        # raise_terminated before the block is the handler this script set for its imports. After the block the work
+        # is over and saved; what is left is the exit, and torch's teardown takes a second: a SIGTERM then would print
+        # a traceback or, once Python has put back the default handler, end a finished run by the signal. So it is
+        # ignored, and the process exits with the status the work gave it.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if previous is raise_terminated else previous)
 
 
 def one_line(error):
@@ -295,8 +299,8 @@ def one_line(error):
 
 def main(argv=None):
     runs, continue_with = [], None
-    with sigterm_as_interrupt():
-        try:
+    try:  # outside the block, so that a SIGTERM as the block ends is a stop reported like any other
+        with sigterm_as_interrupt():
             args = parse_args(argv)
             runs, continue_with = plan(args)
             if args.dry_run:  # deploy/local.sh asks, to start one node per client and to know where the run goes
@@ -312,21 +316,21 @@ def main(argv=None):
             if args.sweep:
                 draw_sweep(runs, args.out)
             return status
-        except run_files.SaveError as e:
-            saved = any(run_files.holds_run(out) for _, out, _ in runs)
-            print(f"error: {one_line(e)}" + (f"; finished rounds are saved, continue with: {continue_with}"
-                                             if saved else ""), file=sys.stderr)
-            return 2
-        except BAD_INPUT as e:
-            print(f"error: {one_line(e)}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt as stop:
-            how = "interrupted by SIGTERM" if isinstance(stop, Terminated) else "interrupted"
-            if any(run_files.holds_run(out) for _, out, _ in runs):
-                print(f"\n{how}: finished rounds are saved; continue with: {continue_with}", file=sys.stderr)
-            else:
-                print(f"\n{how} before any round finished: nothing was saved", file=sys.stderr)
-            return exit_status(stop)
+    except run_files.SaveError as e:
+        saved = any(run_files.holds_run(out) for _, out, _ in runs)
+        print(f"error: {one_line(e)}" + (f"; finished rounds are saved, continue with: {continue_with}"
+                                         if saved else ""), file=sys.stderr)
+        return 2
+    except BAD_INPUT as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as stop:
+        how = "interrupted by SIGTERM" if isinstance(stop, Terminated) else "interrupted"
+        if any(run_files.holds_run(out) for _, out, _ in runs):
+            print(f"\n{how}: finished rounds are saved; continue with: {continue_with}", file=sys.stderr)
+        else:
+            print(f"\n{how} before any round finished: nothing was saved", file=sys.stderr)
+        return exit_status(stop)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,12 @@
 """End-to-end runs through main.main on the synthetic data: run files, determinism, interrupt and resume."""
 import json
 import math
+import os
 import shlex
 import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,7 +15,7 @@ import torch.nn.functional as F
 import datasets
 import main
 import models
-from conftest import TINY, read_csv, without_seconds
+from conftest import ROOT, TINY, read_csv, without_seconds
 from server import Server
 from utils import config, run_files
 
@@ -256,3 +260,45 @@ def test_resume_from_damaged_files_is_a_clear_error(e2e_run, run_main, tmp_path,
     status, _, err = run_main("--out", out, "--resume")
     lines = err.strip().splitlines()
     assert status == 2 and len(lines) == 1 and "cannot resume" in lines[0] and "Traceback" not in err
+
+
+# ---- a stop after the work --------------------------------------------------------------------------------------
+
+# `python main.py ARGS` as a user starts it, but its exit pauses at POINT, says so on stdout ("exiting") and goes on
+# after a byte on stdin: `atexit` (Python's signal handlers still in place) or `teardown`, a finalizer that runs as the
+# modules are torn down (after Python has put back the default handlers)
+PAUSED_EXIT = """
+import atexit, os, runpy, sys
+
+def pause(write=os.write, read=os.read):  # bound now: by teardown, a module's globals are cleared
+    write(1, b"exiting\\n")
+    read(0, 1)
+
+class PauseWhenFreed:
+    def __del__(self, pause=pause):
+        pause()
+
+point, sys.argv = sys.argv[1], sys.argv[2:]
+if point == "atexit":
+    atexit.register(pause)
+else:
+    freed_at_teardown = PauseWhenFreed()
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("point", ["atexit", "teardown"])
+def test_sigterm_while_a_finished_run_exits_changes_nothing(tmp_path, point):
+    """After `done:` everything is saved: a SIGTERM while the process exits (torch's teardown takes a second) must
+    neither print a traceback nor end the finished run by the signal (status -15, as it did)."""
+    conf = write_json(tmp_path / "conf.json", {**TINY, "global_epochs": 1, "data_dir": str(tmp_path / "data")})
+    process = subprocess.Popen([sys.executable, "-c", PAUSED_EXIT, point, "main.py", "-c", conf,
+                                "--out", str(tmp_path / "run")], cwd=ROOT,
+                               env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = iter(process.stdout.readline, "")
+    assert any(line.startswith("done:") for line in lines) and next(lines) == "exiting\n", process.stderr.read()
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(input="go on", timeout=120)
+    assert process.returncode == 0 and err == ""
+    assert len(read_csv(tmp_path / "run" / "metrics.csv")) == 1
