@@ -185,11 +185,13 @@ def train_rounds(conf, out, resume, args):
 
 def start(conf, out, resume, args):
     """Run one config into `out`; returns its exit status (1 when no round changed the global model)."""
+    earlier = saved_rounds(out) if resume else 0
     rows = train_rounds(conf, out, resume, args)
     refused = sum(row.get("refused", 0) for row in rows)
     if rows and refused == len(rows):
         print(f"error: no round of {out} changed the global model: in every round the uploads were rejected, or "
-              f"their aggregate was non-finite or changed no entry (see the lines above)", file=sys.stderr)
+              f"their aggregate was non-finite or changed no entry ({where_refusals_show(out, earlier, len(rows))})",
+              file=sys.stderr)
         return 1
     if rows:
         sent, dense = run_files.upload_totals(rows)
@@ -201,6 +203,26 @@ def start(conf, out, resume, args):
         print(f"note: {refused} of {len(rows)} rounds kept the global model as it was "
               f"(column 'refused' of {out}/metrics.csv)", file=sys.stderr)
     return 0
+
+
+def saved_rounds(out):
+    """How many rounds the run in `out` has saved: an earlier process played them, and printed their lines."""
+    try:  # onto the meta device, which reads no tensor: the clients' residuals can make a checkpoint gigabytes
+        return len(run_files.load_checkpoint(out, "meta")["rows"])
+    except Exception:  # a damaged checkpoint, which federation.run refuses in one line before it plays a round
+        return 0
+
+
+def where_refusals_show(out, earlier, total):
+    """Where to read about a run's refused rounds: the lines this process printed as it played them; the `earlier`
+    rounds, played before a --resume, are marked in metrics.csv."""
+    column = f"the column 'refused' of {out}/metrics.csv"
+    if not earlier:
+        return "see the lines above"
+    if earlier == total:
+        return f"every round was played before this --resume: see {column}"
+    rounds = "round 1" if earlier == 1 else f"rounds 1 to {earlier}"
+    return f"see the lines above, and for {rounds}, played before this --resume, {column}"
 
 
 def draw_sweep(runs, base_out):

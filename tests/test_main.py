@@ -262,6 +262,26 @@ def test_resume_from_damaged_files_is_a_clear_error(e2e_run, run_main, tmp_path,
     assert status == 2 and len(lines) == 1 and "cannot resume" in lines[0] and "Traceback" not in err
 
 
+def test_a_run_whose_every_round_was_refused_says_where_the_reasons_are(write_conf, tmp_path, run_main):
+    """The lines that say why a round was refused are printed as it is played: after a --resume, the rounds played
+    before it have theirs in an earlier process's output, and metrics.csv marks them."""
+    out = tmp_path / "run"
+    column = f"the column 'refused' of {out}/metrics.csv"
+    status, _, err = run_main("-c", write_conf(lr=1e38, global_epochs=2), "--out", out)  # every upload is NaN
+    assert status == 1 and "round 1: " in err and "round 2: " in err
+    assert err.strip().splitlines()[-1].endswith("(see the lines above)")
+    status, out_text, err = run_main("--out", out, "--resume")  # finished: nothing is played
+    lines = err.strip().splitlines()
+    assert status == 1 and "round 1/2" not in out_text and len(lines) == 1 and lines[0].startswith("error: no round")
+    assert "lines above" not in err
+    assert lines[0].endswith(f"(every round was played before this --resume: see {column})")
+    status, _, err = run_main("--out", out, "--resume", "--set", "global_epochs=3")  # round 3 is played now
+    assert status == 1 and "round 3: " in err and "round 2: " not in err
+    assert err.strip().splitlines()[-1].endswith(f"(see the lines above, and for rounds 1 to 2, played before this "
+                                                 f"--resume, {column})")
+    assert [row["refused"] for row in read_csv(out / "metrics.csv")] == ["1", "1", "1"]
+
+
 # ---- a stop after the work --------------------------------------------------------------------------------------
 
 # `python main.py ARGS` as a user starts it, but its exit pauses at POINT, says so on stdout ("exiting") and goes on
