@@ -19,8 +19,22 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def write(path, data, private=False):
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
+    """A new file: O_EXCL neither follows a symbolic link planted at `path` (the key would go wherever it points) nor
+    opens what is already there."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
+    except FileExistsError:
+        what = "a symbolic link" if os.path.islink(path) else "a folder" if os.path.isdir(path) else "a file"
+        fail(f"{path} is already there, as {what}: credentials are written only into new files, never through a "
+             f"link or over what is there; give an empty folder")
+    except OSError as e:
+        fail(f"cannot write {path}: {e.strerror}")
     with os.fdopen(fd, "wb") as f:
         f.write(data)
 

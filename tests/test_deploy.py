@@ -231,3 +231,23 @@ def test_dry_run_prints_the_run_folder_and_its_clients_without_running(run_main,
                                 "--dry-run")
     assert status == 0 and out.splitlines() == [str(tmp_path / "sweep"), f"3\t{tmp_path / 'sweep' / 'no_models=3'}",
                                                 f"5\t{tmp_path / 'sweep' / 'no_models=5'}"]
+
+
+# ---- the credentials ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("target", ["missing", "a file"])
+@pytest.mark.parametrize("name", ["ca.key", "node-1.pub"])  # the first file written, and the last
+def test_credentials_are_never_written_through_a_symbolic_link(tmp_path, name, target):
+    """A link planted in the folder where a credential goes would send the key wherever it points: one line, status 2,
+    and nothing is written through it (a missing target is not created, a file there is not changed)."""
+    folder, elsewhere = tmp_path / "credentials", tmp_path / "elsewhere"
+    folder.mkdir()
+    if target == "a file":
+        elsewhere.write_text("keep me")
+    (folder / name).symlink_to(elsewhere)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "deploy", "credentials.py"), folder, "2"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(f"error: {folder / name} is already there, as a symbolic link")
+    assert (elsewhere.read_text() == "keep me") if target == "a file" else not os.path.lexists(elsewhere)
+    assert os.readlink(folder / name) == str(elsewhere)
