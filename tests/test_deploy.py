@@ -251,3 +251,11 @@ def test_credentials_are_never_written_through_a_symbolic_link(tmp_path, name, t
     assert result.stderr.startswith(f"error: {folder / name} is already there, as a symbolic link")
     assert (elsewhere.read_text() == "keep me") if target == "a file" else not os.path.lexists(elsewhere)
     assert os.readlink(folder / name) == str(elsewhere)
+
+
+def test_credentials_into_a_missing_folder_are_one_line(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "deploy", "credentials.py"), tmp_path / "missing", "1"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr == (f"error: cannot write {tmp_path / 'missing' / 'ca.key'}: "
+                                                        f"No such file or directory\n")
+    assert not (tmp_path / "missing").exists()
