@@ -67,6 +67,20 @@ given_out=false
 for option in "$@"; do [[ $option == --out || $option == --out=* ]] && given_out=true; done
 $given_out || main_options+=(--out "$out")  # the folder chosen now, so that the command that continues names it
 
+listeners() {  # one line per socket listening on TCP port $1: its address, then the PIDs holding it (? if not shown)
+  if command -v ss > /dev/null; then
+    ss -ltnpH "sport = :$1" | while read -r _ _ _ address _ process; do
+      local pids
+      pids=$(grep -o 'pid=[0-9]*' <<< "$process" | cut -d= -f2 | tr '\n' ' ')
+      echo "${address/#\*:/[::]:} ${pids:-?}"  # ss writes [::] as * when it takes IPv4 too
+    done
+  else  # lsof writes any wildcard as *, and its family apart
+    { lsof -nP -iTCP:"$1" -sTCP:LISTEN -F ptn || true; } | awk '/^p/ { pid = substr($0, 2) } /^t/ { family = $0 }
+      /^n/ { address = substr($0, 2); sub(/^\*:/, family == "tIPv6" ? "[::]:" : "0.0.0.0:", address)
+             print address, pid }'
+  fi
+}
+
 # every port is free (the SuperLink's one port serves its Fleet, Control and Runtime APIs in Flower 1.42)
 busy=$(python - "$port" $(seq "$node_port" $((node_port + nodes - 1))) <<'EOF'
 import socket, sys
@@ -83,7 +97,11 @@ EOF
 if [ -n "$busy" ]; then
   taken=${busy%% *}
   [ "$taken" = "$port" ] && what="the SuperLink (--port)" || what="SuperNode $((taken - node_port)) (--node-port)"
-  fail "cannot use 127.0.0.1:$taken for $what: ${busy#* }; nothing was started"
+  held=$(listeners "$taken")
+  [ -n "$held" ] || fail "cannot use 127.0.0.1:$taken for $what: ${busy#* }; nothing was started"
+  holders=""  # at the addresses they listen on: one on 0.0.0.0:P or [::]:P takes 127.0.0.1:P too
+  while read -r address owners; do holders+="${holders:+, }$address (process ${owners// /, })"; done <<< "$held"
+  fail "cannot use 127.0.0.1:$taken for $what: ${busy#* }, by $holders; nothing was started"
 fi
 
 export FLWR_TELEMETRY_ENABLED=0
@@ -133,27 +151,18 @@ trap finish EXIT
 trap 'status=130; exit 130' INT
 trap 'status=143; exit 143' TERM
 
-listeners() {  # one line per socket listening on TCP port $1: the PIDs holding it, or ? where they are not shown
-  if command -v ss > /dev/null; then
-    ss -ltnpH "sport = :$1" | while IFS= read -r line; do
-      local pids
-      pids=$(grep -o 'pid=[0-9]*' <<< "$line" | cut -d= -f2 | tr '\n' ' ')
-      echo "${pids:-?}"
-    done
-  else
-    lsof -nP -t -iTCP:"$1" -sTCP:LISTEN || true
-  fi
-}
 await_listening() {  # until process $2 listens on port $1; if anyone else does, stop: it is not ours to talk to
-  local port=$1 pid=$2 name=$3 log=$4 held ours owner
+  local port=$1 pid=$2 name=$3 log=$4 held ours address owners owner
   for _ in $(seq 150); do
     held=$(listeners "$port")
     if [ -n "$held" ]; then
       ours=" $pid $(descendants "$pid" | tr '\n' ' ')"
-      for owner in $held; do
-        [[ $ours == *" $owner "* ]] \
-          || fail "127.0.0.1:$port is held by process $owner, not by $name started here (PID $pid); stopped everything"
-      done
+      while read -r address owners; do
+        for owner in $owners; do
+          [[ $ours == *" $owner "* ]] \
+            || fail "$address is held by process $owner, not by $name started here (PID $pid); stopped everything"
+        done
+      done <<< "$held"
       return 0
     fi
     kill -0 "$pid" 2>/dev/null || fail "$name exited at start: $(tail -n 4 "$log" | tr -s ' \n' ' ' | cut -c 1-300)"

@@ -26,11 +26,18 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0",
 
 @contextlib.contextmanager
 def listening(port, host="127.0.0.1"):
-    """A foreign server: a plain socket listening on host:port."""
-    with socket.socket() as server:
+    """A foreign server: a plain socket listening on host:port; on "::", for IPv4 too, as servers mostly bind it."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as server:
+        if host == "::":
+            server.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         server.bind((host, port))
         server.listen()
         yield
+
+
+def shown(host):
+    """How an address is written beside a port: IPv6 in brackets."""
+    return f"[{host}]" if ":" in host else host
 
 
 class Rehearsal:
@@ -142,29 +149,35 @@ def test_nodes_must_match_the_config_main_py_resolves(rehearse, tmp_path):
                            "--nodes 4", "no_models=3")
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "::"])  # [::] takes 127.0.0.1 too
 @pytest.mark.parametrize("busy", ["superlink", "node"])
-def test_a_foreign_server_on_a_port_stops_the_rehearsal_before_it_starts(rehearse, tmp_path, busy):
+def test_a_foreign_server_on_a_port_stops_the_rehearsal_before_it_starts(rehearse, tmp_path, busy, host):
+    """The message names the listener at the address it has, where the user will look for it."""
     conf, out = conf_file(tmp_path, no_models=2, k=1), tmp_path / "run"
     port = free_ports(3)
     node_port = port + 1
     taken = port if busy == "superlink" else node_port + 1
-    with listening(taken):
+    with listening(taken, host):
         result = rehearse("--nodes", "2", "--port", port, "--node-port", node_port, "--", "-c", conf,
                           "--out", out).finish()
-    assert_refused_at_once(result, f"127.0.0.1:{taken}", "--port" if busy == "superlink" else "SuperNode 1")
+    assert_refused_at_once(result, f"cannot use 127.0.0.1:{taken}", "--port" if busy == "superlink" else "SuperNode 1",
+                           f"by {shown(host)}:{taken} (process {os.getpid()})")
     assert nothing_started(tmp_path, out)
 
 
-def test_a_listener_other_than_the_superlink_started_stops_the_rehearsal(rehearse, tmp_path):
-    """127.0.0.1:P is free, so the SuperLink starts there; but another process listens on P too (on 127.0.0.2): whoever
-    listens on the port must be the SuperLink that was started, else everything stops."""
+@pytest.mark.parametrize("host", ["127.0.0.2", "::1"])
+def test_a_listener_other_than_the_superlink_started_stops_the_rehearsal(rehearse, tmp_path, host):
+    """127.0.0.1:P is free, so the SuperLink starts there; but another process listens on P too (on 127.0.0.2, or on
+    [::1], where a client of localhost:P may land): whoever listens on the port must be the SuperLink that was started,
+    else everything stops, and the message names the other listener's address."""
     conf, out = conf_file(tmp_path, no_models=1, k=1), tmp_path / "run"
     port = free_ports(2)
     node_port = port + 1
-    with listening(port, host="127.0.0.2"):
+    with listening(port, host):
         status, _, err, _ = rehearse("--nodes", "1", "--port", port, "--node-port", node_port, "--", "-c", conf,
                                      "--out", out).finish()
-    assert status == 2 and f"127.0.0.1:{port} is held by process {os.getpid()}, not by the SuperLink" in err, err
+    assert status == 2, err
+    assert f"error: {shown(host)}:{port} is held by process {os.getpid()}, not by the SuperLink" in err, err
     assert not out.exists()
 
 
