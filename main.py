@@ -207,7 +207,7 @@ def start(conf, out, resume, args):
 
 def saved_rounds(out):
     """How many rounds the run in `out` has saved: an earlier process played them, and printed their lines."""
-    try:  # onto the meta device, which reads no tensor: the clients' residuals can make a checkpoint gigabytes
+    try:  # on the meta device no tensor takes memory: the clients' residuals can make a checkpoint gigabytes
         return len(run_files.load_checkpoint(out, "meta")["rows"])
     except Exception:  # a damaged checkpoint, which federation.run refuses in one line before it plays a round
         return 0
