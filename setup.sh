@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Installs everything fedsparse needs: the pip requirements into a virtual environment and, on Debian or Ubuntu
-# without Fashion-MNIST, the package dataset-fashion-mnist, so that the default conf runs offline. Elsewhere, or
-# without the rights to install packages, torchvision downloads the data on the first run instead (online).
+# Installs everything fedsparse needs: the pinned pip requirements (requirements.lock, the exact versions the README's
+# results were made with; requirements.txt keeps the ranges for an environment of your own) into a virtual
+# environment and, on Debian or Ubuntu without Fashion-MNIST, the package dataset-fashion-mnist, so that the default
+# conf runs offline. Elsewhere, or without the rights to install packages, torchvision downloads the data on the first
+# run instead (online).
 # The environment is the active one when python3 belongs to a virtual environment, else .venv here, created on the
 # first run: the distributions' own Python refuses pip installs outside one (PEP 668, Debian 12, Ubuntu 24.04).
 # The README's commands and CI both start with this script.
@@ -39,7 +41,7 @@ if "$python" -c 'import sys; sys.exit(sys.prefix != sys.base_prefix)'; then  # n
   fi
   python=.venv/bin/python
 fi
-"$python" -m pip install -q -r requirements.txt
+"$python" -m pip install -q -r requirements.lock
 
 data=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 if [ -f "$data" ] || ! command -v apt-get >/dev/null; then

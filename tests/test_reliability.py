@@ -467,7 +467,7 @@ def wheel(folder, name):
 
 def test_setup_installs_into_a_new_venv_beside_an_externally_managed_python(tmp_path):
     """Debian 12's or Ubuntu 24.04's own Python refuses pip installs (PEP 668): setup.sh, run with it and no virtual
-    environment active, makes .venv and installs the requirements there."""
+    environment active, makes .venv and installs the pinned requirements (requirements.lock) there."""
     system_python = "/usr/bin/python3"
     managed = ("import os, sysconfig; "
                "print(os.path.exists(os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED')))")
@@ -477,7 +477,7 @@ def test_setup_installs_into_a_new_venv_beside_an_externally_managed_python(tmp_
     if not os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"):
         pytest.skip("setup.sh would install Fashion-MNIST on this machine")  # a test must not install packages
     shutil.copy(os.path.join(ROOT, "setup.sh"), tmp_path)
-    (tmp_path / "requirements.txt").write_text(wheel(tmp_path, "fedsparse_setup_probe") + "\n")
+    (tmp_path / "requirements.lock").write_text(wheel(tmp_path, "fedsparse_setup_probe") + "\n")
     env = {key: value for key, value in os.environ.items() if key not in ("VIRTUAL_ENV", "PYTHON")}
     env["PATH"] = "/usr/bin:/bin"  # python3 is the distribution's, as on a fresh machine
     for _ in range(2):  # a second run finds .venv and installs into it again
