@@ -60,6 +60,8 @@ BITMAP, INDEX_U8, INDEX_U16, INDEX_U32, GOLOMB = range(5)
 INDEX_DTYPES = {INDEX_U8: np.dtype("<u1"), INDEX_U16: np.dtype("<u2"), INDEX_U32: np.dtype("<u4")}
 SCALE_DTYPE = np.dtype("<f4")
 GOLDEN_SECTION = (math.sqrt(5) - 1) / 2  # phi - 1, from the optimal Golomb parameter of geometric gaps
+UNARY_WINDOW = 1 << 16  # bytes of unary codes searched at once: 0.5 MB of bits, at most 4 MB of their positions
+FIELD_CHUNK = 1 << 20  # bit fields cut out at once: a few arrays of 8 MB
 
 
 class PayloadError(ValueError):
@@ -86,6 +88,10 @@ def encode(conf, diffs, num_samples, mask_seed=0, rounding_seed=0, shapes=None, 
                     rounding_seed, memory)
 
 
+DENSE_F32 = {"sparsifier": "none", "quantize": "none"}  # writes a model exactly: a dense sync, a client's kept state
+CHANGED_ENTRIES = {"sparsifier": "topk", "quantize": "none"}  # encode_entries' method, of any count
+
+
 def encode_entries(tensors, positions):
     """Exactly the entries of `tensors` (flat) at `positions` (per tensor, sorted), as f32 values at positions coded
     as top-k's are: what a client's sync carries of the entries that changed since it last synchronized."""
@@ -99,23 +105,36 @@ def assemble(sparsifier, plan, coefficients, sparsifier_part, quantizer, num_sam
     return Encoded(header + sparsifier_part + value_part, *sparsifier.expand(plan, values), memory)
 
 
-def decode(payload, numels, most_rank=None):
+def decode(payload, numels, method=None):
     """(num_samples, positions, values) from an upload's bytes, for a model whose tensors have `numels` entries.
-    `most_rank` (the receiver's own `rank`) refuses PowerSGD factors of a higher rank: rank-r factors cost r
-    multiply-adds per entry to reconstruct, so that an upload then costs no more than an honest one (unbounded, 2.3 MB
-    of sign-coded rank-1536 factors held the server 1.8 s of CPU on ResNet-18, and would hold it minutes on VGG-16)."""
+
+    `method` is what the receiver expects (a run's conf, or DENSE_F32, CHANGED_ENTRIES): a payload of another
+    sparsifier or quantizer, or whose parameters on the wire (a random mask's prop, top-k's and the hybrid's counts,
+    PowerSGD's rank, QSGD's levels and bucket size) are not the ones `method` gives, is refused from its headers, before
+    its body is read. A key `method` leaves out is not checked (a changed-entries sync has any count); None accepts
+    any well-formed payload (for tools and tests, never for a receiver): every method is attack surface, and an
+    expected one costs no more to decode than an honest upload of the run."""
     reader = Reader(payload)
     version, sparsifier_id, quantizer_id, num_samples, num_tensors = reader.unpack(HEADER)
     if version != VERSION or sparsifier_id not in SPARSIFIER_IDS or quantizer_id not in QUANTIZER_IDS:
         raise PayloadError(f"unknown payload version {version}, sparsifier {sparsifier_id} or quantizer {quantizer_id}")
+    sparsifier, quantizer = SPARSIFIER_IDS[sparsifier_id], QUANTIZER_IDS[quantizer_id]
+    if method is not None and (sparsifier.name, quantizer.name) != (method["sparsifier"], method["quantize"]):
+        raise PayloadError(f"sparsifier {sparsifier.name} and quantize {quantizer.name}, where this run's are "
+                           f"{method['sparsifier']} and {method['quantize']}")
     if num_tensors != len(numels):
         raise PayloadError(f"payload holds {num_tensors} tensors, the model has {len(numels)}")
-    sparsifier, quantizer = SPARSIFIER_IDS[sparsifier_id], QUANTIZER_IDS[quantizer_id]
-    plan = sparsifier.decode(reader, numels, quantizer.value_bits, most_rank)
-    values = quantizer.decode(reader, sparsifier.counts(plan, numels))
+    plan = sparsifier.decode(reader, numels, quantizer.value_bits, method or {})
+    values = quantizer.decode(reader, sparsifier.counts(plan, numels), method or {})
     if not reader.done():
         raise PayloadError(f"payload has {reader.remaining()} bytes after its last value")
     return (num_samples, *sparsifier.expand(plan, values))
+
+
+def expect(method, key, value, what):
+    """Refuse `value`, read from a payload, unless it is `method`'s `key` (when `method` gives that key)."""
+    if key in method and value != method[key]:
+        raise PayloadError(f"{what} {value}, where this run's {key} is {method[key]}")
 
 
 def with_num_samples(payload, num_samples):
@@ -135,9 +154,9 @@ class Sparsifier:
     """Turns a sender's diffs into coefficients, the groups of values the quantizer writes, and the decoded groups back
     into what the receiver reconstructs. These defaults are a selection of entries (`select`): the plan is per tensor
     the kept flat positions (None: every entry), a tensor's kept entries are its one group, and they are what the
-    receiver reconstructs, at those positions. Each sparsifier's decode(reader, numels, value_bits, most_rank) reads its
-    part of a payload into the plan, refusing a plan that the bytes left (`value_bits` or more per coefficient) or
-    `most_rank` (PowerSGD's) cannot hold."""
+    receiver reconstructs, at those positions. Each sparsifier's decode(reader, numels, value_bits, method) reads its
+    part of a payload into the plan, refusing parameters that are not `method`'s (`expect`) and a plan that the bytes
+    left (`value_bits` or more per coefficient) cannot hold."""
     keys = ()  # the config keys a sparsifier reads
     one_group = False  # whether ternary may share one magnitude over all groups
 
@@ -177,7 +196,7 @@ class Dense(Sparsifier):
         return [None] * len(diffs), b""
 
     @staticmethod
-    def decode(reader, numels, value_bits, most_rank):
+    def decode(reader, numels, value_bits, method):
         return [None] * len(numels)
 
 
@@ -193,10 +212,11 @@ class RandomMask(Sparsifier):
         return positions, RANDOM_HEADER.pack(mask_seed, self.prop)
 
     @staticmethod
-    def decode(reader, numels, value_bits, most_rank):
+    def decode(reader, numels, value_bits, method):
         mask_seed, prop = reader.unpack(RANDOM_HEADER)
         if not 0 <= prop <= 1:  # NaN fails too
             raise PayloadError(f"mask density {prop} is not in [0, 1]")
+        expect(method, "prop", prop, "mask density")
         return random_positions(mask_seed, prop, numels)
 
 
@@ -213,8 +233,9 @@ class TopK(Sparsifier):
         return positions, encode_positions(positions, [diff.numel() for diff in diffs])
 
     @staticmethod
-    def decode(reader, numels, value_bits, most_rank):
-        return decode_positions(reader, numels, value_bits)
+    def decode(reader, numels, value_bits, method):
+        expected = topk_count(method["prop"], numels, method["topk_scope"]) if "prop" in method else None
+        return decode_positions(reader, numels, value_bits, expected)
 
 
 class Hybrid(Sparsifier):
@@ -230,16 +251,26 @@ class Hybrid(Sparsifier):
     def select(self, diffs, mask_seed):
         numels = [diff.numel() for diff in diffs]
         top = [where.cpu() for where in topk_positions(diffs, self.share * self.prop, self.scope)]
-        # the budget is topk's at this prop: per-tensor ceilings of the top-k part can leave the random part nothing
-        count = max(0, kept_count(self.prop, sum(numels)) - sum(len(where) for where in top))
+        count = self.random_count(self.prop, numels, sum(len(where) for where in top))
         positions = with_random_others(top, numels, mask_seed, count)
         return positions, encode_positions(top, numels) + HYBRID_RANDOM.pack(mask_seed, count)
 
     @staticmethod
-    def decode(reader, numels, value_bits, most_rank):
-        top = decode_positions(reader, numels, value_bits)
+    def random_count(prop, numels, taken):
+        """How many random positions join `taken` top ones: the budget is top-k's at this prop, and per-tensor
+        ceilings of the top-k part can leave the random part nothing."""
+        return max(0, kept_count(prop, sum(numels)) - taken)
+
+    @staticmethod
+    def decode(reader, numels, value_bits, method):
+        expected = (topk_count(method["topk_share"] * method["prop"], numels, method["topk_scope"]) if "prop" in method
+                    else None)
+        top = decode_positions(reader, numels, value_bits, expected)
         mask_seed, count = reader.unpack(HYBRID_RANDOM)
         taken = sum(len(where) for where in top)
+        if "prop" in method and count != Hybrid.random_count(method["prop"], numels, taken):
+            raise PayloadError(f"{count} random positions beside {taken} top ones, where this run's prop gives "
+                               f"{Hybrid.random_count(method['prop'], numels, taken)}")
         if count > sum(numels) - taken:
             raise PayloadError(f"{count} random positions among the {sum(numels) - taken} not in the top-k")
         reader.require_bits((taken + count) * value_bits, f"the values of {taken + count} positions")
@@ -303,12 +334,13 @@ class PowerSGD(Sparsifier):
         return plan, coefficients, RANK.pack(self.rank) + rows_part, starts
 
     @staticmethod
-    def decode(reader, numels, value_bits, most_rank):
+    def decode(reader, numels, value_bits, method):
         (rank,) = reader.unpack(RANK)
         if rank < 1:
             raise PayloadError("PowerSGD rank 0")
-        if most_rank is not None and rank > most_rank:
-            raise PayloadError(f"PowerSGD rank {rank} is above this run's {most_rank}")
+        # rank-r factors cost r multiply-adds per entry to reconstruct: unbounded, 2.3 MB of sign-coded rank-1536
+        # factors held the server 1.8 s of CPU on ResNet-18 (minutes on VGG-16)
+        expect(method, "rank", rank, "PowerSGD rank")
         plan = []
         for numel, rows in zip(numels, reader.array("<u4", len(numels)).tolist()):
             if not rows:
@@ -368,15 +400,38 @@ def random_positions(seed, prop, numels):
 
 def with_random_others(top, numels, seed, count):
     """Per tensor, the sorted positions `top` (on the CPU) plus `count` more drawn uniformly without replacement among
-    the model's other entries: those whose seeded f64 key is largest (the others' keys are drawn, the top's set below
-    any), the same on every machine for a seed. f64 keys: among millions of f32 keys, ties would be common."""
-    bounds = torch.tensor([0] + list(numels)).cumsum(0)
-    taken = torch.cat([where + bound for where, bound in zip(top, bounds)]) if top else torch.zeros(0, dtype=torch.long)
-    keys = torch.rand(int(bounds[-1]), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    keys[taken] = -1.0
-    flat = torch.cat([taken, keys.topk(count, sorted=False).indices]).sort().values
-    cuts = torch.searchsorted(flat, bounds).tolist()
-    return [flat[cuts[i]:cuts[i + 1]] - bounds[i] for i in range(len(numels))]
+    the model's other entries: those whose seeded f64 key is largest, the same on every machine for a seed. f64 keys:
+    among millions of f32 keys, ties would be common.
+
+    What is made is the keys, a mark per entry and the positions returned: a top-k over every entry's key took +499 MB
+    and seconds on a ResNet-18-sized model."""
+    offsets = np.cumsum([0] + list(numels[:-1])).tolist()
+    taken = torch.cat([where + offset for where, offset in zip(top, offsets)] or [torch.zeros(0, dtype=torch.long)])
+    marked = torch.zeros(sum(numels), dtype=torch.bool)
+    marked[taken] = True
+    if count:
+        mark_largest_keys(marked, seed, count)
+    return [part.nonzero().squeeze(1) for part in marked.split(list(numels))]
+
+
+def mark_largest_keys(marked, seed, count):
+    """Mark the `count` unmarked entries whose seeded f64 keys are largest. The unmarked keys are uniform, so the
+    count-th largest lies near 1 - count / unmarked: the keys above a window of 8 standard deviations around that
+    point are marked outright, and the largest of the few inside it make up the count (the window widens in the rare
+    case that they cannot)."""
+    keys = torch.rand(len(marked), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    keys.masked_fill_(marked, -1.0)  # below every unmarked key
+    unmarked = len(marked) - int(marked.sum())
+    middle = 1 - count / unmarked
+    width = 8 * math.sqrt(count * (unmarked - count) / unmarked) / unmarked + 64 / unmarked
+    while True:
+        above = int((keys >= middle + width).sum())
+        near = ((keys >= middle - width) & (keys < middle + width)).nonzero().squeeze(1)
+        if above <= count <= above + len(near):
+            break
+        width *= 4
+    marked |= keys >= middle + width
+    marked[near[keys[near].topk(count - above, sorted=False).indices]] = True
 
 
 def topk_positions(diffs, prop, scope="tensor"):
@@ -388,6 +443,13 @@ def topk_positions(diffs, prop, scope="tensor"):
     bounds = torch.tensor([0] + [d.numel() for d in diffs], device=chosen.device).cumsum(0)
     cuts = torch.searchsorted(chosen, bounds).tolist()
     return [chosen[cuts[i]:cuts[i + 1]] - bounds[i] for i in range(len(diffs))]
+
+
+def topk_count(prop, numels, scope):
+    """How many positions topk_positions keeps of tensors of `numels` entries."""
+    if scope == "tensor":
+        return sum(kept_count(prop, numel) for numel in numels)
+    return kept_count(prop, sum(numels))
 
 
 def kept_count(prop, numel):
@@ -416,10 +478,13 @@ def encode_positions(positions, numels):
     return POSITIONS_HEADER.pack(coding, len(flat)) + coded
 
 
-def decode_positions(reader, numels, value_bits):
-    """Per-tensor positions, refusing a count that the model or the rest of the payload (the positions, then
-    `value_bits` or more per kept value) cannot hold before anything the size of that count is made."""
+def decode_positions(reader, numels, value_bits, expected=None):
+    """Per-tensor positions, refusing a count other than `expected` (None: any), or one that the model or the rest of
+    the payload (the positions, then `value_bits` or more per kept value) cannot hold, before anything the size of that
+    count is made."""
     coding, count = reader.unpack(POSITIONS_HEADER)
+    if expected is not None and count != expected:
+        raise PayloadError(f"{count} positions, where this run's prop keeps {expected}")
     total = sum(numels)
     if count > total:
         raise PayloadError(f"{count} positions in a model of {total} entries")
@@ -485,18 +550,32 @@ def golomb_encode(flat, total):
     return bytes([b]) + np.packbits(remainder_bits).tobytes() + np.packbits(quotient_bits).tobytes()
 
 
-def read_unary(reader, count, longest_bits, what):
-    """`count` unary-coded integers (that many zeros, then a one), byte-padded, which together take at most
-    `longest_bits`: only that window of the bytes present is searched for their ones."""
-    window = np.unpackbits(reader.peek(min(math.ceil(longest_bits / 8), reader.remaining())))
-    ends = np.flatnonzero(window)[:count]
-    if len(ends) < count:
+def read_unary(reader, count, largest, longest_bits, what):
+    """`count` unary-coded integers (that many zeros, then a one), byte-padded, each at most `largest` and together
+    taking at most `longest_bits`: uint8 where `largest` fits, else int64. The bytes are searched for the codes' ones
+    UNARY_WINDOW bytes at a time, so that what is made beside the integers stays a few MB whatever the bytes hold (one
+    window over every bit they could take made 8 bytes per bit: 1.5 GB for a 24 MB payload of ones)."""
+    reader.require_bits(count, what)  # a one bit each, at least
+    integers = np.empty(count, dtype=np.uint8 if largest < 256 else np.int64)
+    searched = min(math.ceil(longest_bits / 8), reader.remaining())
+    found, last_end, start = 0, -1, 0
+    while found < count and start < searched:
+        window = np.unpackbits(reader.peek(start, min(UNARY_WINDOW, searched - start)))
+        ends = np.flatnonzero(window)[:count - found] + 8 * start
+        if len(ends):
+            lengths = np.diff(ends, prepend=last_end) - 1
+            if lengths.max() > largest:
+                raise PayloadError(f"{what} hold one above {largest}")
+            integers[found:found + len(ends)] = lengths
+            found, last_end = found + len(ends), int(ends[-1])
+        start += UNARY_WINDOW
+    if found < count:
         raise PayloadError(f"{what} end early")
-    used = ends[-1] // 8 + 1 if count else 0
-    if count and window[ends[-1] + 1:used * 8].any():
+    used = last_end // 8 + 1 if count else 0
+    if count and reader.peek(used - 1, 1)[0] & ((1 << (7 - last_end % 8)) - 1):
         raise PayloadError(f"nonzero padding after the {what}")
     reader.skip(used)
-    return np.diff(ends, prepend=-1) - 1
+    return integers
 
 
 def golomb_decode(reader, count, total):
@@ -509,7 +588,8 @@ def golomb_decode(reader, count, total):
     check_padding(remainder_bytes, count * b, "Golomb remainders")
     remainders = read_bits(remainder_bytes, count, b)
     # the quotients sum to at most (total - count) >> b, which bounds how far their terminating ones can lie
-    quotients = read_unary(reader, count, ((total - count) >> b) + count, "Golomb quotients")
+    largest = (total - count) >> b
+    quotients = read_unary(reader, count, largest, largest + count, "Golomb quotients").astype(np.int64, copy=False)
     # positions = cumsum(gap + 1) - 1 with gap = (quotient << b) + remainder, in place: a few int64 per position
     flat = np.left_shift(quotients, b, out=quotients)
     flat += remainders
@@ -524,16 +604,26 @@ def golomb_decode(reader, count, total):
 def read_bits(data, count, width):
     """`count` unsigned `width`-bit integers packed most significant bit first, as int64. Each is cut from the 8
     bytes that begin at the byte holding its first bit (so width <= 57, and Rice parameters are at most the model
-    size's bit length): 8 bytes of memory per integer, where unpacking would take one or more per bit."""
-    if not width:
-        return np.zeros(count, dtype=np.int64)
-    return read_fields(data, np.arange(0, count * width, width, dtype=np.uint64), np.uint64(width))
+    size's bit length), FIELD_CHUNK at a time: 8 bytes of memory per integer, where unpacking would take one or more
+    per bit."""
+    out = np.zeros(count, dtype=np.int64)
+    if width:
+        padded = padded_bytes(data)
+        for start in range(0, count, FIELD_CHUNK):
+            stop = min(count, start + FIELD_CHUNK)
+            out[start:stop] = read_fields(padded, np.arange(start * width, stop * width, width, dtype=np.uint64),
+                                          np.uint64(width))
+    return out
 
 
-def read_fields(data, first_bits, widths):
-    """Unsigned integers packed most significant bit first, the i-th `widths[i]` bits (at most 57, or 0) from bit
-    `first_bits[i]` (uint64, overwritten), as int64; `widths` may be one width for all."""
-    padded = np.concatenate([data, np.zeros(8, dtype=np.uint8)])  # the last integers' 8 bytes run past the data
+def padded_bytes(data):
+    """`data` and 8 zero bytes, which the 8 bytes read_fields cuts the last integers from run into."""
+    return np.concatenate([data, np.zeros(8, dtype=np.uint8)])
+
+
+def read_fields(padded, first_bits, widths):
+    """Unsigned integers packed most significant bit first in `padded` (padded_bytes), the i-th `widths[i]` bits (at
+    most 57, or 0) from bit `first_bits[i]` (uint64, overwritten), as int64; `widths` may be one width for all."""
     words = sliding_window_view(padded, 8)[first_bits >> np.uint64(3)].view(">u8").ravel().astype(np.uint64)
     first_bits &= np.uint64(7)  # now each integer's offset in its first byte
     words <<= first_bits
@@ -569,7 +659,7 @@ class Float32(Quantizer):
         return flat_bytes(rounded, self.wire_dtype), [values.float() for values in rounded]
 
     @classmethod
-    def decode(cls, reader, counts):
+    def decode(cls, reader, counts, method):
         return split(torch.from_numpy(reader.array(cls.wire_dtype, sum(counts)).astype(np.float32)), counts)
 
 
@@ -602,7 +692,7 @@ class Int8(Quantizer):
                 c.float() for c in codes]
 
     @staticmethod
-    def decode(reader, counts):
+    def decode(reader, counts, method):
         scales = read_scales(reader, sum(1 for count in counts if count))
         codes = torch.from_numpy(reader.array("<i1", sum(counts)).copy())
         if (codes == -128).any():
@@ -626,7 +716,7 @@ class Sign(Quantizer):
         return payload, signed_magnitudes(negative, magnitudes, one_group)
 
     @classmethod
-    def decode(cls, reader, counts):
+    def decode(cls, reader, counts, method):
         one_group = False
         if cls.shares_magnitude:
             (one_group,) = reader.unpack(struct.Struct("<B"))
@@ -676,18 +766,20 @@ class QSGD(Quantizer):
         return payload, [v.to(original.device) for v, original in zip(split(dequantized, counts), kept)]
 
     @staticmethod
-    def decode(reader, counts):
+    def decode(reader, counts, method):
         levels, bucket_size = reader.unpack(QSGD_HEADER)
         if levels < 1 or bucket_size < 1:
             raise PayloadError(f"QSGD levels {levels} or bucket size {bucket_size} below 1")
+        expect(method, "levels", levels, "QSGD levels")
+        expect(method, "bucket_size", bucket_size, "QSGD bucket size")
         # a f32 norm per bucket and a bit of Elias-gamma code per level, at least: checked before the buckets' starts
         # are made, 8 bytes per bucket (buckets of 1 would otherwise make 16 bytes per claimed value first)
         buckets = sum(-(-count // bucket_size) for count in counts)
         reader.require_bits(32 * buckets + sum(counts), f"{buckets} QSGD norms and {sum(counts)} levels")
         starts = bucket_starts(counts, bucket_size)
         norms = read_scales(reader, len(starts))
-        codes = gamma_decode(reader, sum(counts), levels + 1)
-        level_of = codes - 1
+        level_of = gamma_decode(reader, sum(counts), levels + 1)
+        level_of -= 1
         negative = np.zeros(len(level_of), dtype=bool)
         negative[level_of > 0] = unpack_bits(reader, int(np.count_nonzero(level_of))).numpy()
         return split(qsgd_values(norms, starts, level_of, negative, levels), counts)
@@ -703,8 +795,9 @@ def bucket_starts(counts, bucket_size):
 
 def qsgd_values(norms, starts, levels, negative, s):
     """norm * level / s with the value's sign, in f32, computed the same way by the client and the server."""
-    norm_of = np.repeat(np.asarray(norms, dtype=np.float32), np.diff(starts, append=len(levels)))
-    values = norm_of * (levels.astype(np.float32) / np.float32(s))
+    values = levels.astype(np.float32)
+    values /= np.float32(s)
+    values *= np.repeat(np.asarray(norms, dtype=np.float32), np.diff(starts, append=len(levels)))  # each one's norm
     np.negative(values, out=values, where=negative)
     return torch.from_numpy(values)
 
@@ -729,19 +822,21 @@ def gamma_encode(integers):
 
 
 def gamma_decode(reader, count, largest):
-    """`count` Elias-gamma coded integers, each refused above `largest`. The lengths stream is searched for its ones
-    in a window of at most the bytes present and the longest `count` codes of integers up to `largest` could take."""
+    """`count` Elias-gamma coded integers (int32: `largest` is at most 2^17), each refused above `largest`; the
+    lengths of codes of integers up to `largest` are below its bit length."""
     most_bits = largest.bit_length()
-    widths = read_unary(reader, count, count * most_bits, "Elias-gamma lengths")
-    if count and widths.max() >= most_bits:
-        raise PayloadError(f"an Elias-gamma code longer than those of integers up to {largest}")
-    tail_bits = int(widths.sum())
+    widths = read_unary(reader, count, most_bits - 1, count * most_bits, "Elias-gamma lengths")
+    tail_bits = int(widths.sum(dtype=np.int64))
     tails = reader.array(np.uint8, math.ceil(tail_bits / 8))
     check_padding(tails, tail_bits, "Elias-gamma tails")
-    long = np.flatnonzero(widths)  # integers above 1, the few that have a tail when levels are small
-    first_bits = (np.cumsum(widths) - widths)[long].astype(np.uint64)
-    integers = np.ones(count, dtype=np.int64)
-    integers[long] = read_fields(tails, first_bits, widths[long].astype(np.uint64)) | (1 << widths[long])
+    padded, tails_read = padded_bytes(tails), 0
+    integers = np.ones(count, dtype=np.int32)
+    for start in range(0, count, FIELD_CHUNK):  # integers above 1 have a tail: the few, when levels are small
+        long = np.flatnonzero(widths[start:start + FIELD_CHUNK])
+        long_widths = widths[start + long].astype(np.uint64)
+        first_bits = np.cumsum(long_widths) - long_widths + np.uint64(tails_read)
+        integers[start + long] = read_fields(padded, first_bits, long_widths) | (1 << long_widths.astype(np.int64))
+        tails_read += int(long_widths.sum())
     if count and integers.max() > largest:
         raise PayloadError(f"an Elias-gamma coded integer above {largest}")
     return integers
@@ -817,17 +912,21 @@ def replay_size(messages):
     return 1 + COUNT.size * (1 + len(messages)) + sum(COUNT.size + len(p) for message in messages for p in message)
 
 
-def decode_sync(sync):
+def decode_sync(sync, most_rounds):
     """(kind, content) of a sync: the rounds' payload lists for REPLAY, else the one payload (bytes). Every count is
-    checked against the bytes present before anything is built from it."""
+    checked against the bytes present before anything is built from it, and a replay of more than `most_rounds` (the
+    rounds played so far) is refused."""
     reader = Reader(sync)
     (kind,) = reader.unpack(struct.Struct("<B"))
     if kind not in SYNC_KINDS:
         raise PayloadError(f"unknown sync kind {kind}")
     if kind != REPLAY:
         return kind, bytes(reader.take(reader.remaining()))
+    rounds = reader.count()
+    if rounds > most_rounds:
+        raise PayloadError(f"a replay of {rounds} rounds, where {most_rounds} have been played")
     messages = []
-    for _ in range(reader.count()):
+    for _ in range(rounds):
         messages.append([bytes(reader.take(reader.count(1))) for _ in range(reader.count())])
     if not reader.done():
         raise PayloadError(f"sync has {reader.remaining()} bytes after its last round")
@@ -846,8 +945,9 @@ class Reader:
         start, self.offset = self.offset, self.offset + size
         return self.payload[start:self.offset]
 
-    def peek(self, size):
-        return np.frombuffer(self.payload[self.offset:self.offset + size], dtype=np.uint8)
+    def peek(self, start, size):
+        """`size` bytes from `start` bytes past the current offset (fewer where the payload ends), not consumed."""
+        return np.frombuffer(self.payload[self.offset + start:self.offset + start + size], dtype=np.uint8)
 
     def skip(self, size):
         self.take(size)

@@ -53,6 +53,11 @@ class Dataset:
     def image_shape(self):
         return tuple(self.train_images.shape[1:])
 
+    def train_split(self, indices):
+        """(images, labels) of the training examples at `indices` (CPU int64), as they are stored: not augmented."""
+        indices = indices.to(self.train_images.device)
+        return self.train_images[indices], self.train_labels[indices]
+
     def train_batches(self, indices, batch_size, generator):
         """Shuffled (images, labels) batches over `indices` (a CPU int64 tensor), one pass."""
         order = indices[torch.randperm(len(indices), generator=generator)].to(self.train_images.device)

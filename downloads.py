@@ -25,7 +25,6 @@ import codec
 from client import check_kept, kept_numels
 from utils.seeding import derive_seed
 
-DENSE_F32 = {"sparsifier": "none", "quantize": "none"}  # the codec method that writes a model exactly
 UNKNOWN = -1  # the version of a client whose model the server cannot vouch for
 
 
@@ -34,7 +33,7 @@ class Dense:
     help = "each sampled client receives the global model, f32 (every entry)"
 
     def __init__(self, conf, shapes):
-        pass
+        self.method = conf  # the codec method of its round messages (a relay's are the uploads)
 
     def broadcast(self, update, accepted, round_index):
         """(what the global model moves by, the round's message): the update itself; nothing is logged."""
@@ -62,7 +61,10 @@ class Relay(Dense):
 
     @staticmethod
     def replay(replica, message):
-        """Move `replica` (a Server around a client's model) as the server moved: the same uploads, the same code."""
+        """Move `replica` (a Server around a client's model) as the server moved: the same uploads, the same code. A
+        round that kept the model (no message) leaves it as it is."""
+        if not message:
+            return  # its aggregate would only make the sums of a round that accepted nothing
         for payload in message:
             problem = replica.receive(payload)
             if problem:
@@ -95,7 +97,7 @@ class Compressed(Dense):
                                                                                  round_index)
         encoded = codec.encode(self.method, step, 0, *seeds, self.shapes, self.memory)
         try:
-            moved = self.delta(encoded.payload, self.numels, step[0].device)
+            moved = self.delta(encoded.payload, self.numels, self.method, step[0].device)
         except codec.PayloadError:
             # a huge step (one finite upload of 1e37 makes one) can code to a non-finite scale, which the decoder
             # refuses: its f32 mean magnitude overflows, or PowerSGD's M Q does and its factors are NaN. The step is
@@ -112,9 +114,10 @@ class Compressed(Dense):
         self.residual, self.memory = self.previous
 
     @staticmethod
-    def delta(payload, numels, device):
-        """The dense f32 step a compressed message stands for, as the server and every client compute it."""
-        _, positions, values = codec.decode(payload, numels)
+    def delta(payload, numels, method, device):
+        """The dense f32 step a compressed message of `method` stands for, as the server and every client compute
+        it."""
+        _, positions, values = codec.decode(payload, numels, method)
         out = []
         for numel, kept, value in zip(numels, positions, values):
             if kept is None:
@@ -126,7 +129,10 @@ class Compressed(Dense):
     @classmethod
     def replay(cls, replica, message):
         for payload in message:  # one payload, or none for a round that kept the model as it was
-            replica.move(cls.delta(payload, replica.numels, replica.globals[0].device))
+            problem, _ = replica.move(cls.delta(payload, replica.numels, replica.download.method,
+                                                replica.globals[0].device))
+            if problem:
+                raise codec.PayloadError(f"a round's step does not apply: {problem}")
 
     def state(self):
         return {"residual": self.residual, "memory": self.memory}
@@ -154,6 +160,7 @@ class Syncs:
     def __init__(self, conf, numels, device):
         self.logs = conf["download"] != "dense"
         self.first_contact = conf["download_first_contact"]
+        self.numels = numels
         self.dense_size = codec.dense_size(numels)
         self.version = 0  # rounds the global model has gone through (the initial model, from the seed, is 0)
         self.synced = {}  # client id -> the version it holds; absent until its first sync
@@ -232,7 +239,7 @@ class Syncs:
         """The model as a dense f32 payload, coded once per version however many clients receive it."""
         version, payload = self.dense_cache
         if version != self.version:
-            payload = codec.encode(DENSE_F32, model(), 0).payload
+            payload = codec.encode(codec.DENSE_F32, model(), 0).payload
             self.dense_cache = (self.version, payload)
         return payload
 
@@ -240,12 +247,28 @@ class Syncs:
         return {"version": self.version, "synced": dict(self.synced), "log": list(self.log),
                 "last_changed": self.last_changed}
 
-    def restore(self, state):
+    def restore(self, state, method):
+        """Put back what state() saved, checked: versions no later than the round, the log's messages payloads of
+        `method` (the download's: its round messages) with finite values, per entry a version of its tensor's size."""
         self.version, self.synced = int(state["version"]), {int(c): int(v) for c, v in state["synced"].items()}
+        if any(not UNKNOWN <= v <= self.version for v in self.synced.values()):
+            raise ValueError(f"a client's synced version is not between {UNKNOWN} and the run's {self.version}")
         self.log = collections.deque((int(v), [bytes(p) for p in m]) for v, m in state["log"])
+        for version, message in self.log:
+            if not 0 < version <= self.version:
+                raise ValueError(f"its message log holds round {version} of {self.version}")
+            for payload in message:
+                if not all(torch.isfinite(v).all() for v in codec.decode(payload, self.numels, method)[2]):
+                    raise ValueError(f"round {version}'s message holds NaN or Inf")
         self.log_bytes = sum(replayed_size(message) for _, message in self.log)
         if self.logs:
-            self.last_changed = [t.to(torch.int32) for t in state["last_changed"]]
+            last_changed = state["last_changed"]
+            if (len(last_changed) != len(self.numels) or
+                    any(t.shape != (n,) or t.dtype != torch.int32 for t, n in zip(last_changed, self.numels))):
+                raise ValueError(f"its entries' versions are not int32 tensors of {self.numels} entries")
+            if any(len(t) and not 0 <= int(t.min()) <= int(t.max()) <= self.version for t in last_changed):
+                raise ValueError(f"an entry's version is not between 0 and the run's {self.version}")
+            self.last_changed = list(last_changed)
 
 
 def replayed_size(message):
@@ -253,19 +276,24 @@ def replayed_size(message):
     return codec.replay_size([message]) - codec.replay_size([])
 
 
-def apply_sync(sync, replica):
-    """The client's side: bring `replica` (a Server around the client's model) to the server's model by `sync`."""
+def apply_sync(sync, replica, rounds_played):
+    """The client's side: bring `replica` (a Server around the client's model) to the server's model by `sync`, sent
+    after `rounds_played` rounds. PayloadError when it is not a sync that can bring it there: malformed, a replay of
+    more rounds than were played, values that are not finite."""
     if not sync:
         return  # already up to date
     if replica.conf["download"] == "dense":  # the model itself, as a dense payload
         kind, content = codec.DENSE, sync
     else:
-        kind, content = codec.decode_sync(sync)
+        kind, content = codec.decode_sync(sync, rounds_played)
     if kind == codec.REPLAY:
         for message in content:
             replica.download.replay(replica, message)
         return
-    _, positions, values = codec.decode(content, replica.numels)
+    _, positions, values = codec.decode(content, replica.numels,
+                                        codec.DENSE_F32 if kind == codec.DENSE else codec.CHANGED_ENTRIES)
+    if not all(torch.isfinite(value).all() for value in values):
+        raise codec.PayloadError("the sync holds NaN or Inf")
     replica.overwrite(positions, values)
 
 

@@ -24,9 +24,9 @@ from utils.run_files import RunError
 from utils.seeding import derive_seed, generator
 
 CLEAR_LINE = "\r\033[K"  # carriage return + erase line: replaces the progress line on a terminal
-# a test loss above this many times a uniform guess's (ln classes) gives the true class e^-23 (1e-10) on average for 10
-# classes: only a blown-up step does that. The highest test loss of any honest run in README's results is 2.57 (a
-# guess's 2.30); one client's noise of 100 times its update's std took a CNN to 218 and left it dead (accuracy 0.10
+# a validation loss above this many times a uniform guess's (ln classes) gives the true class e^-23 (1e-10) on average
+# for 10 classes: only a blown-up step does that. The highest test loss of any honest run in README's results is 2.57
+# (a guess's 2.30); one client's noise of 100 times its update's std took a CNN to 218 and left it dead (accuracy 0.10
 # from then on) under the 100 times this bound was before
 BLOWN_UP = 10
 
@@ -44,16 +44,17 @@ def run(conf, out, resume, transport_factory):
     sampled clients and returns their uploads (engines/inprocess.py is the default)."""
     device = pick_device(conf["device"])
     dataset = datasets.load(conf["type"], conf["data_dir"], device)
-    shares = partition.split(dataset.train_labels, conf)
-    print(f"data: {conf['type']} from {dataset.source}, {len(dataset.train_labels)} train / "
-          f"{len(dataset.test_labels)} test; partition {conf['partition']}: "
+    validation, shares = partition.server_and_clients(dataset.train_labels, conf)
+    print(f"data: {conf['type']} from {dataset.source}, {len(dataset.train_labels)} train ({len(validation)} held by "
+          f"the server for validation) / {len(dataset.test_labels)} test; partition {conf['partition']}: "
           f"{partition.summary(shares, dataset.train_labels)}")
     if conf["error_feedback"] and conf["sparsifier"] == "random" and conf["mask"] == "fixed":
         print("note: with a fixed random mask, error feedback never sends what the mask leaves out (only quantization "
               "error is fed back); set mask to 'round' to send it", file=sys.stderr)
     torch.manual_seed(derive_seed(conf["seed"], "init"))
     server = Server(models.build(conf["model_name"], dataset.image_shape, dataset.num_classes, conf["pretrained"]),
-                    conf, device, registered=[len(share) for share in shares])
+                    conf, device, registered=[len(share) for share in shares],
+                    validation=dataset.train_split(validation) if len(validation) else None)
     with run_files.locked(out):
         if not resume and run_files.holds_run(out):  # another run finished here since the command line was checked
             raise RunError(f"{out} already holds a run: continue it with --resume, or choose another --out")
@@ -63,6 +64,7 @@ def run(conf, out, resume, transport_factory):
             rows = restore(out, conf, server, transport, device)
             run_files.write_metrics(out, rows)  # the checkpoint's rows: a kill -9 may have cut metrics.csv short
         run_files.write_config(out, conf)
+        run_files.write_environment(out, device, len(rows) + 1)
         show_progress = sys.stdout.isatty()
         for round_index in range(len(rows) + 1, conf["global_epochs"] + 1):
             rows.append(play_round(round_index, conf, server, transport, dataset, show_progress))
@@ -73,8 +75,9 @@ def run(conf, out, resume, transport_factory):
 
 
 def play_round(round_index, conf, server, transport, dataset, show_progress=False):
-    """One round: sample, synchronize, train, receive, aggregate, evaluate (and roll back a round after which the test
-    loss blew up); returns its metrics row."""
+    """One round: sample, synchronize, train, receive, aggregate (and roll back a round after which the loss on the
+    server's validation split blew up), evaluate on the test split; returns its metrics row. The test split is only
+    scored: nothing that changes the model reads it."""
     started = time.perf_counter()
     chosen = sample_clients(conf, round_index)
     syncs = {client_id: server.sync(client_id) for client_id in chosen}  # (the bytes it downloads, their kind)
@@ -95,13 +98,12 @@ def play_round(round_index, conf, server, transport, dataset, show_progress=Fals
     kept = server.aggregate(round_index)
     if kept:
         print(f"round {round_index}: the global model stays as it was: {kept}", file=sys.stderr)
+    elif server.validation is not None:  # finite uploads can blow the model up: one of 1e30 per entry
+        kept = blown_up(server.evaluate(*server.validation)[1], dataset.num_classes)
+        if kept:
+            server.roll_back()
+            print(f"round {round_index}: rolled back: {kept}", file=sys.stderr)
     accuracy, loss = server.evaluate(dataset.test_images, dataset.test_labels)
-    blow_up = None if kept else blown_up(loss, dataset.num_classes)  # finite uploads can: one of 1e30 per entry
-    if blow_up:
-        kept = blow_up
-        server.roll_back()
-        print(f"round {round_index}: rolled back: {kept}", file=sys.stderr)
-        accuracy, loss = server.evaluate(dataset.test_images, dataset.test_labels)
     download_bytes = sum(len(sync) for sync, _ in syncs.values())
     kinds = [kind for _, kind in syncs.values()]
     return {
@@ -118,13 +120,13 @@ def play_round(round_index, conf, server, transport, dataset, show_progress=Fals
 
 
 def blown_up(loss, num_classes):
-    """Why a round's test loss says the model blew up (not finite, or over BLOWN_UP times a uniform guess's), or
+    """Why a round's validation loss says the model blew up (not finite, or over BLOWN_UP times a uniform guess's), or
     None."""
     guess = math.log(num_classes)
     if not math.isfinite(loss):
-        return "the test loss after it was not finite"
+        return "the validation loss after it was not finite"
     if loss > BLOWN_UP * guess:
-        return f"the test loss after it was {loss:.4g}, over {BLOWN_UP} times a uniform guess's ({guess:.2f})"
+        return f"the validation loss after it was {loss:.4g}, over {BLOWN_UP} times a uniform guess's ({guess:.2f})"
     return None
 
 
@@ -148,7 +150,8 @@ def save(out, conf, server, transport, rows):
 
 def restore(out, conf, server, transport, device):
     """The saved rows; the server's model, momentum, download state and the clients' state are put back as they
-    were."""
+    were. Whatever is restored is checked first: a digest of the file, then every tensor's size and finiteness (a
+    NaN saved by a bug, or patched in with a digest made anew, would otherwise spoil every later round)."""
     try:
         state = run_files.load_checkpoint(out, device)
     except Exception as e:  # torch.load raises many kinds for a damaged file
@@ -161,9 +164,12 @@ def restore(out, conf, server, transport, device):
             key = differing[0]
             raise ValueError(f"its {key} is {state['config'][key]!r}, config.json says {conf.get(key)!r}")
         server.model.load_state_dict(state["model"])
+        check_kept("its global model", server.flat_globals(), server.numels)
+        if state["velocity"] is not None:
+            check_kept("its server momentum", state["velocity"], server.numels)
         server.velocity = state["velocity"]
         server.download.restore(state["download"])
-        server.syncs.restore(state["syncs"])
+        server.syncs.restore(state["syncs"], server.download.method)
         clients = state["clients"]
         strangers = [c for part in clients.values() for c in part if not 0 <= int(c) < conf["no_models"]]
         strangers += [c for c in server.syncs.synced if not 0 <= c < conf["no_models"]]
@@ -175,10 +181,14 @@ def restore(out, conf, server, transport, device):
                 if numels[name] is None:
                     raise ValueError(f"it holds client {client_id}'s {name}, which this run's clients do not keep")
                 check_kept(f"client {client_id}'s {name}", tensors, numels[name])
+        for client_id, payload in clients["models"].items():
+            check_kept(f"the model of client {client_id}'s node", codec.decode(payload, server.numels,
+                                                                               codec.DENSE_F32)[2], server.numels)
         transport.restore_client_state(clients)
         rows = list(state["rows"])
     except (AttributeError, KeyError, TypeError, RuntimeError, ValueError) as e:
-        raise RunError(f"cannot resume {out}: checkpoint.pt is not from this run ({first_line(e)})") from None
+        raise RunError(f"cannot resume {out}: checkpoint.pt is not from this run, or is damaged ({first_line(e)})") \
+            from None
     print(f"resuming {out} after round {len(rows)}")
     return rows
 

@@ -14,12 +14,15 @@ EVAL_BATCH_SIZE = 256  # on a CPU, larger batches fall out of cache and run slow
 
 
 class Server:
-    def __init__(self, model, conf, device, registered=None):
+    def __init__(self, model, conf, device, registered=None, validation=None):
         self.model = model.to(device)
         self.conf = conf
         # per client, the examples its share holds, known from enrollment: the most an upload of it may claim (None in
         # a replica: the uploads it replays carry the counts the server used)
         self.registered = registered
+        self.method = conf  # what receive decodes: an upload of another method or parameters is refused unread
+        # (images, labels) the server holds for its own decisions, never the test split; None: it holds no data
+        self.validation = validation
         # the global model's floating tensors, in the order uploads carry them (flattened, in logical order)
         self.globals = [t for t in self.model.state_dict().values() if torch.is_floating_point(t)]
         self.numels = [t.numel() for t in self.globals]
@@ -51,7 +54,7 @@ class Server:
         or why it was rejected. Its claimed example count weighs it, cut to the client's registered count: a client
         may lower its weight, never raise it above its share's."""
         try:
-            claimed, positions, values = codec.decode(upload_bytes, self.numels, self.conf["rank"])
+            claimed, positions, values = codec.decode(upload_bytes, self.numels, self.method)
         except codec.PayloadError as e:
             return f"malformed payload ({e})"
         if claimed == 0:

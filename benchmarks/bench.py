@@ -42,7 +42,7 @@ from utils.seeding import generator  # noqa: E402
 
 def schedule(conf, dataset):
     """The clients' index shares and each round's sampled clients, exactly as the simulator draws them."""
-    shares = partition.split(dataset.train_labels, conf)
+    _, shares = partition.server_and_clients(dataset.train_labels, conf)
     return shares, [federation.sample_clients(conf, r) for r in range(1, conf["global_epochs"] + 1)]
 
 

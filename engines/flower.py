@@ -81,16 +81,16 @@ def train(message: Message, context: Context) -> Message:
             setattr(client, name, workspace.tensors(kept[name]["values"], numels[name]))
     held = task["model"] if "model" in task else kept["model"]["values"] if "model" in kept else None
     replica = workspace.replica(conf, held)
-    downloads.apply_sync(task["sync"], replica)
+    downloads.apply_sync(task["sync"], replica, int(task["round"]) - 1)
     synced = replica.flat_globals()
     if conf["download"] != "dense":  # the next sync starts from this model
-        kept["model"] = ConfigRecord({"values": codec.encode(downloads.DENSE_F32, synced, 0).payload})
+        kept["model"] = ConfigRecord({"values": codec.encode(codec.DENSE_F32, synced, 0).payload})
     upload = client.local_train(workspace.model, replica.global_state(), workspace.dataset, int(task["round"]))
     reply = {"client": client_id, "payload": upload.payload, "train_loss": upload.train_loss,
              "checksum": downloads.checksum(synced)}
     for name in KEPT:
         if getattr(client, name) is not None:
-            reply[name] = codec.encode(downloads.DENSE_F32, getattr(client, name), 0).payload
+            reply[name] = codec.encode(codec.DENSE_F32, getattr(client, name), 0).payload
             kept[name] = ConfigRecord({"values": reply[name]})
     return Message(RecordDict({"upload": ConfigRecord(reply)}), reply_to=message)
 
@@ -104,7 +104,7 @@ class Workspace:
         self.key = {key: conf[key] for key in WORKSPACE_KEYS}
         self.device = federation.pick_device(conf["device"])
         self.dataset = datasets.load(conf["type"], conf["data_dir"], self.device)
-        self.shares = partition.split(self.dataset.train_labels, conf)
+        _, self.shares = partition.server_and_clients(self.dataset.train_labels, conf)
         torch.manual_seed(derive_seed(conf["seed"], "init"))  # as the server draws its model: the same buffers
         self.model = models.build(conf["model_name"], self.dataset.image_shape, self.dataset.num_classes,
                                   conf["pretrained"]).to(self.device)
@@ -121,7 +121,7 @@ class Workspace:
 
     def tensors(self, payload, numels):
         """Flat float tensors on this device from a dense codec payload of tensors of `numels` entries."""
-        return [values.to(self.device) for values in codec.decode(payload, numels)[2]]
+        return [values.to(self.device) for values in codec.decode(payload, numels, codec.DENSE_F32)[2]]
 
     def replica(self, conf, held):
         """A Server around this node's model: `held` (a dense payload) if it keeps one, else the initial model, which
@@ -134,7 +134,7 @@ class Workspace:
 
 
 WORKSPACE_KEYS = ("type", "data_dir", "device", "no_models", "partition", "alpha", "shards_per_client", "seed",
-                  "model_name", "pretrained")
+                  "server_validation", "model_name", "pretrained")
 
 
 # ---- the ServerApp: federation.run over a grid ------------------------------------------------------------------
@@ -173,7 +173,7 @@ class GridTransport:
     def train(self, chosen, syncs, global_state, round_index, progress=None):
         floats = [t.flatten() for t in global_state.values() if torch.is_floating_point(t)]
         expected = downloads.checksum(floats)  # what every node's model must be after its sync
-        held = codec.encode(downloads.DENSE_F32, floats, 0).payload if self.conf["download"] != "dense" else None
+        held = codec.encode(codec.DENSE_F32, floats, 0).payload if self.conf["download"] != "dense" else None
         task = {"round": round_index, "conf": json.dumps(self.conf), "threads": self.threads}
         messages = []
         for client_id in chosen:
@@ -234,22 +234,20 @@ class GridTransport:
         if not isinstance(record[name], bytes):
             raise ValueError(f"its {name} is not bytes")
         try:
-            _, positions, values = codec.decode(record[name], numels, self.conf["rank"])
+            values = codec.decode(record[name], numels, codec.DENSE_F32)[2]
         except codec.PayloadError as e:
-            raise ValueError(f"its {name} is not a payload for this model ({e})") from None
-        if any(kept is not None for kept in positions):
-            raise ValueError(f"its {name} is not dense")
+            raise ValueError(f"its {name} is not a dense payload for this model ({e})") from None
         check_kept(f"its {name}", values, numels)
 
     def client_state(self):
-        kept = {KEPT[name]: {str(c): codec.decode(payload, self.kept_numels[name])[2]
+        kept = {KEPT[name]: {str(c): codec.decode(payload, self.kept_numels[name], codec.DENSE_F32)[2]
                              for c, payload in by_client.items()} for name, by_client in self.kept.items()}
         return {**kept, "models": {str(c): payload for c, payload in self.models.items()}}
 
     def restore_client_state(self, state):
         for name, key in KEPT.items():
             for client_id, tensors in state[key].items():
-                payload = codec.encode(downloads.DENSE_F32, [t.cpu().float() for t in tensors], 0).payload
+                payload = codec.encode(codec.DENSE_F32, [t.cpu().float() for t in tensors], 0).payload
                 self.kept[name][int(client_id)] = payload
                 self.to_restore.setdefault(int(client_id), {})[name] = payload
         for client_id, payload in state["models"].items():

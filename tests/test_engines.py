@@ -24,6 +24,7 @@ import federation
 import main
 from conftest import ROOT, TINY, free_ports, read_csv, without_seconds
 from server import Server
+from utils import run_files
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0",
        "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
@@ -316,8 +317,10 @@ def test_a_reply_with_any_bad_field_is_left_out_and_the_round_saves(flower, tiny
     row, _, transport = one_round(flower, tiny_model, make_conf, behaviours, error_feedback=True)
     err = capsys.readouterr().err
     assert row["rejected"] == len(bad_fields) and row["refused"] == 0
-    for client, reason in ((1, "residual is not a payload for this model"), (2, "payload ends early"),
-                           (3, "residual holds NaN or Inf"), (4, "residual is not dense"), (5, "residual is not bytes"),
+    for client, reason in ((1, "residual is not a dense payload for this model"), (2, "payload ends early"),
+                           (3, "residual holds NaN or Inf"), (4, "residual is not a dense payload for this model "
+                                                                 "(sparsifier topk and quantize none, where"),
+                           (5, "residual is not bytes"),
                            (6, "residual is missing: error feedback is on"), (7, "train_loss '0.5' is not a number"),
                            (8, "another client"), (9, "payload is not bytes")):
         assert f"client {client}'s upload: the node's reply is malformed" in err and reason in err, (client, reason)
@@ -334,13 +337,17 @@ def test_a_reply_with_a_bad_warm_start_is_left_out_and_a_good_one_saved_and_hand
     sparse = codec.encode(make_conf(sparsifier="topk", prop=0.5), [torch.ones(3), torch.ones(0)], 0).payload
     bad_fields = {1: {}, 2: dict(memory=dense(0.5, numels=(2, 0))), 3: dict(memory=dense(float("nan"), numels=(3, 0))),
                   4: dict(memory=sparse), 5: dict(memory="0.5")}
-    behaviours = {0: upload_reply(0, 1.0, memory=memory),
+    upload = codec.encode({"sparsifier": "powersgd", "quantize": "none", "rank": 1}, [torch.ones(6), torch.ones(2)],
+                          10, shapes=[(2, 3), (2,)]).payload  # the run's method, which its server alone decodes
+    behaviours = {0: upload_reply(0, 1.0, payload=upload, memory=memory),
                   **{p: upload_reply(p, 1.0, **fields) for p, fields in bad_fields.items()}}
     row, _, transport = one_round(flower, tiny_model, make_conf, behaviours, sparsifier="powersgd", rank=1)
     err = capsys.readouterr().err
     assert row["rejected"] == len(bad_fields)
     for client, reason in ((1, "memory is missing: the powersgd sparsifier keeps one"), (2, "payload ends early"),
-                           (3, "memory holds NaN or Inf"), (4, "memory is not dense"), (5, "memory is not bytes")):
+                           (3, "memory holds NaN or Inf"), (4, "memory is not a dense payload for this model "
+                                                               "(sparsifier topk and quantize none, where"),
+                           (5, "memory is not bytes")):
         assert f"client {client}'s upload: the node's reply is malformed" in err and reason in err, (client, reason)
     memories = transport.client_state()["memories"]
     assert list(memories) == ["0"] and [m.tolist() for m in memories["0"]] == [[0.5] * 3, []]
@@ -373,7 +380,7 @@ def test_nodes_keep_residuals_and_warm_starts_across_rounds_and_a_resume(flower,
     rows = federation.run(conf, out, True, grid_of_new_nodes)
     assert without_seconds(rows) == without_seconds(expected)
     # bit for bit, not only to the metrics' 6 decimals: an ulp of a warm start a round hid there
-    kept, grid_kept = (torch.load(tmp_path / run / "checkpoint.pt", weights_only=True)["clients"]
+    kept, grid_kept = (run_files.load_checkpoint(tmp_path / run, "cpu")["clients"]
                        for run in ("inprocess", "grid"))
     for key in ("residuals", "memories"):
         assert kept[key].keys() == grid_kept[key].keys()

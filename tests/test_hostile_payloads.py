@@ -7,8 +7,11 @@ import tracemalloc
 
 import numpy as np
 import pytest
+import torch
 
 import codec
+import models
+from utils import config, measure
 
 HEADER = struct.Struct("<BBBII")  # version, sparsifier id, quantizer id, num_samples, num_tensors
 TOTAL = 1000  # entries of the small model most cases claim against; its largest Rice parameter is 10 bits
@@ -99,3 +102,83 @@ def test_a_claim_on_every_position_decodes_in_bounded_memory(payload):
     finally:
         tracemalloc.stop()
     assert peak <= 4 * (len(payload) + 8 * LARGE)
+
+
+# ---- on a ResNet-18-sized model: the payloads that cost the server most, and a server that decodes only its method --
+
+STC = {"sparsifier": "topk", "topk_scope": "model", "quantize": "ternary", "prop": 0.04}
+QSGD_WIDEST = {"sparsifier": "none", "quantize": "qsgd", "levels": 65535}
+ALL_RANDOM = {"sparsifier": "hybrid", "quantize": "sign", "prop": 1.0, "topk_share": 0.0}
+
+
+@pytest.fixture(scope="module")
+def resnet18_numels():
+    model = models.build("resnet18", (3, 32, 32), 10)
+    return [t.numel() for t in model.state_dict().values() if torch.is_floating_point(t)]
+
+
+def gamma_bomb(numels, size=23_800_000):
+    """Dense QSGD claiming 65535 levels, its Elias-gamma lengths stream all ones up to `size` bytes: one window over
+    every bit such codes could take made 8 bytes per bit first (+1.6 GB)."""
+    buckets = sum(math.ceil(n / 512) for n in numels)
+    head = header(codec.Dense, codec.QSGD, len(numels)) + struct.pack("<HI", 65535, 512) + bytes(4 * buckets)
+    return head + b"\xff" * (size - len(head))
+
+
+def all_random_hybrid(numels):
+    """A hybrid upload of no top-k positions and every entry random, each a sign bit under a magnitude of 1 per tensor
+    (1.4 MB): an f64 key per entry and a top-k over all of them made +499 MB."""
+    return (header(codec.Hybrid, codec.Sign, len(numels)) + struct.pack("<BIQI", codec.INDEX_U32, 0, 7, sum(numels))
+            + f32(len(numels)) + bytes(math.ceil(sum(numels) / 8)))
+
+
+@pytest.mark.parametrize("case, run, refusal", [
+    ("gamma bomb", QSGD_WIDEST, "nonzero padding after the Elias-gamma lengths"),
+    ("gamma bomb", STC, "sparsifier none and quantize qsgd, where this run's are topk and ternary"),
+    ("all-random hybrid", ALL_RANDOM, None),
+    ("all-random hybrid cut by 10 bytes", ALL_RANDOM, "payload ends early"),
+    ("all-random hybrid", STC, "sparsifier hybrid and quantize sign, where this run's are topk and ternary"),
+    ("all-random hybrid", {**ALL_RANDOM, "prop": 0.5}, "11183562 random positions beside 0 top ones, where this "
+                                                       "run's prop gives 5591781"),
+])
+def test_the_costliest_payloads_stay_within_300_mb(resnet18_numels, case, run, refusal):
+    """Each decoded by a server whose run is `run`: refused, or decoded (only by a run of its own method and
+    parameters), with the process's peak memory at most 300 MB above what it held before (measure.cost sees torch's
+    allocations and numpy's)."""
+    payload = gamma_bomb(resnet18_numels) if case == "gamma bomb" else all_random_hybrid(resnet18_numels)
+    payload = payload[:-10] if "cut" in case else payload
+    outcome, grown, _ = measure.cost(lambda: codec.decode(payload, resnet18_numels, config.validate(run)))
+    assert grown <= 300e6
+    if refusal:
+        assert isinstance(outcome, codec.PayloadError) and refusal in str(outcome), outcome
+    else:
+        _, positions, values = outcome
+        assert [len(p) for p in positions] == resnet18_numels and all(bool((v == 1.0).all()) for v in values)
+
+
+def test_a_payload_of_another_method_is_refused_before_its_body_is_read():
+    """Only the header is read: a payload cut right after it is refused for its method, not for its length."""
+    for sparsifier in codec.SPARSIFIERS.values():
+        for quantizer in codec.QUANTIZERS.values():
+            if (sparsifier.name, quantizer.name) != (STC["sparsifier"], STC["quantize"]):
+                with pytest.raises(codec.PayloadError, match="where this run's are topk and ternary"):
+                    codec.decode(header(sparsifier, quantizer), [TOTAL], STC)
+
+
+@pytest.mark.parametrize("run, payload, refusal", [
+    ({"sparsifier": "random", "quantize": "none", "prop": 0.5},
+     header(codec.RandomMask) + struct.pack("<Qd", 1, 0.25), "mask density 0.25, where this run's prop is 0.5"),
+    ({"sparsifier": "topk", "quantize": "none", "prop": 0.01, "topk_scope": "model"},  # keeps 10 of 1000
+     topk(codec.INDEX_U16, 11, np.arange(11, dtype="<u2").tobytes()) + f32(11), "11 positions, where this run's prop "
+                                                                               "keeps 10"),
+    ({"sparsifier": "powersgd", "quantize": "none", "rank": 1},
+     header(codec.PowerSGD) + struct.pack("<HI", 2, 10), "PowerSGD rank 2, where this run's rank is 1"),
+    ({"sparsifier": "none", "quantize": "qsgd", "levels": 4, "bucket_size": 512},
+     header(codec.Dense, codec.QSGD) + struct.pack("<HI", 8, 512), "QSGD levels 8, where this run's levels is 4"),
+    ({"sparsifier": "none", "quantize": "qsgd", "levels": 4, "bucket_size": 512},
+     header(codec.Dense, codec.QSGD) + struct.pack("<HI", 4, 64), "QSGD bucket size 64, where this run's bucket_size "
+                                                                  "is 512"),
+])
+def test_parameters_on_the_wire_must_be_the_runs(run, payload, refusal):
+    with pytest.raises(codec.PayloadError, match=refusal):
+        codec.decode(payload, [TOTAL], run)

@@ -97,7 +97,7 @@ def test_config_json_holds_the_resolved_config(e2e_run):
 
 def test_checkpoint_holds_the_final_model(e2e_run):
     out, _ = e2e_run
-    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    state = run_files.load_checkpoint(out, "cpu")
     assert len(state["rows"]) == 3
     model = models.build("cnn", datasets.SYNTHETIC_SHAPE, 10)
     model.load_state_dict(state["model"])
@@ -147,8 +147,8 @@ def test_same_config_same_metrics(write_conf, tmp_path):
     assert len(a) == 2
     assert without_seconds(a) == without_seconds(b)
     assert without_seconds(a) != without_seconds(c)  # the seed matters, so the comparison above can fail
-    model_a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
-    model_b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
+    model_a = run_files.load_checkpoint(tmp_path / "a", "cpu")["model"]
+    model_b = run_files.load_checkpoint(tmp_path / "b", "cpu")["model"]
     assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
 
 
@@ -208,13 +208,13 @@ def interrupt_on_evaluation(monkeypatch, call_number):
 def test_interrupt_then_resume_equals_uninterrupted(uninterrupted, tmp_path, monkeypatch, capsys, variant):
     conf, full = uninterrupted[variant]
     out = tmp_path / "run"
-    interrupt_on_evaluation(monkeypatch, 3)
+    interrupt_on_evaluation(monkeypatch, 5)  # two a round, on the server's validation split then the test split
     assert call_main("-c", conf, "--set", "global_epochs=4", "--out", out) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "Traceback" not in err
     resume_command = shlex.split(err.split("continue with:")[1])
     assert without_seconds(read_csv(out / "metrics.csv")) == without_seconds(full[:2])
-    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    state = run_files.load_checkpoint(out, "cpu")
     assert len(state["rows"]) == 2
     if VARIANTS[variant].get("error_feedback"):
         residuals = state["clients"]["residuals"]
@@ -232,9 +232,9 @@ def test_resume_needs_the_saved_residuals_and_velocity(uninterrupted, tmp_path):
     out = tmp_path / "run"
     assert call_main("-c", conf, "--out", out) == 0
     path = out / "checkpoint.pt"
-    state = torch.load(path, weights_only=True)
+    state = run_files.load_checkpoint(path.parent, "cpu")
     state["clients"]["residuals"], state["velocity"] = {}, None
-    torch.save(state, path)
+    run_files.write_checkpoint(path.parent, state)
     assert call_main("--out", out, "--resume", "--set", "global_epochs=4") == 0
     resumed = without_seconds(read_csv(out / "metrics.csv"))
     assert resumed[:2] == without_seconds(full[:2]) and resumed != without_seconds(full)

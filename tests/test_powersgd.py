@@ -19,6 +19,7 @@ import main
 from client import Client
 from server import Server
 from conftest import TINY, read_csv, without_seconds
+from utils import run_files
 
 HEADER = struct.Struct("<BBBII")  # version, sparsifier id, quantizer id, num_samples, num_tensors
 RANK = struct.Struct("<H")
@@ -349,22 +350,23 @@ def test_a_rank_above_the_receivers_is_refused_before_any_reconstruction():
     """Reconstructing rank-r factors costs r multiply-adds per entry: a payload of sign-coded rank-1024 factors of a
     1024 x 2048 matrix (384 kB, every byte present) would cost 2**31, 512 times an honest rank-2 upload's. With the
     receiver's rank it is refused from its header; the same factors at that rank decode."""
+    run = {"sparsifier": "powersgd", "quantize": "sign", "rank": 2}
     signs = bytes(math.ceil(1024 * 3072 / 8))
     hostile = payload(1024, [1024], struct.pack("<2f", 1.0, 1.0) + signs, codec.Sign)
     assert len(codec.decode(hostile, [LARGE])[2][0]) == LARGE  # well formed: only the rank bound refuses it
-    with pytest.raises(codec.PayloadError, match="PowerSGD rank 1024 is above this run's 2"):
-        codec.decode(hostile, [LARGE], most_rank=2)
+    with pytest.raises(codec.PayloadError, match="PowerSGD rank 1024, where this run's rank is 2"):
+        codec.decode(hostile, [LARGE], run)
     honest = payload(2, [1024], struct.pack("<2f", 1.0, 1.0) + bytes(2 * 3072 // 8), codec.Sign)
-    assert codec.decode(honest, [LARGE], most_rank=2)[2][0].tolist() == [2.0] * LARGE  # (+1)(+1) + (+1)(+1)
+    assert codec.decode(honest, [LARGE], run)[2][0].tolist() == [2.0] * LARGE  # (+1)(+1) + (+1)(+1)
 
 
 def test_the_server_refuses_ranks_above_its_own(make_conf, tiny_model):
-    """The server's bound is its config's rank, whatever its sparsifier: nn.Linear(3, 2)'s 2 x 3 weight at rank 2 is
-    refused under rank 1 and accepted under rank 2."""
+    """The server's bound is its config's rank: nn.Linear(3, 2)'s 2 x 3 weight at rank 2 is refused under rank 1 and
+    accepted under rank 2."""
     rank_two = (HEADER.pack(codec.VERSION, codec.PowerSGD.wire_id, 0, 1, 2) + RANK.pack(2) + struct.pack("<2I", 2, 0)
                 + f32(2 * 2 + 2 * 3) + f32(2))
-    for rank, problem in ((1, "malformed payload (PowerSGD rank 2 is above this run's 1)"), (2, None)):
-        server = Server(tiny_model, make_conf(sparsifier="topk", rank=rank), torch.device("cpu"))
+    for rank, problem in ((1, "malformed payload (PowerSGD rank 2, where this run's rank is 1)"), (2, None)):
+        server = Server(tiny_model, make_conf(sparsifier="powersgd", quantize="none", rank=rank), torch.device("cpu"))
         assert server.receive(rank_two, 0) == problem
 
 
@@ -475,10 +477,10 @@ def test_a_damaged_warm_start_or_residual_in_the_checkpoint_refuses_the_resume(f
     entries is n x n), or, NaN, spoil its every later upload: the resume is refused at once, nothing written."""
     out = tmp_path / "run"
     shutil.copytree(finished_powersgd_run, out)
-    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    state = run_files.load_checkpoint(out, "cpu")
     client_id = next(iter(state["clients"][key]))
     state["clients"][key][client_id] = damage(state["clients"][key][client_id])
-    torch.save(state, out / "checkpoint.pt")
+    run_files.write_checkpoint(out, state)
     before = (out / "metrics.csv").read_text()
     capsys.readouterr()
     assert main.main(["--out", str(out), "--resume", "--set", "global_epochs=3"]) == 2
@@ -493,9 +495,9 @@ def test_a_warm_start_in_the_checkpoint_of_a_run_whose_clients_keep_none_refuses
     shutil.copytree(finished_powersgd_run, out)
     config = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps({**config, "sparsifier": "topk"}))
-    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    state = run_files.load_checkpoint(out, "cpu")
     state["config"]["sparsifier"] = "topk"
-    torch.save(state, out / "checkpoint.pt")
+    run_files.write_checkpoint(out, state)
     assert main.main(["--out", str(out), "--resume", "--set", "global_epochs=3"]) == 2
     assert "memory, which this run's clients do not keep" in capsys.readouterr().err
 
@@ -509,9 +511,9 @@ def test_a_damaged_download_state_in_the_checkpoint_refuses_the_resume(finished_
                                                                        damage, reason):
     out = tmp_path / "run"
     shutil.copytree(finished_powersgd_run, out)
-    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    state = run_files.load_checkpoint(out, "cpu")
     state["download"][key] = damage(state["download"][key])
-    torch.save(state, out / "checkpoint.pt")
+    run_files.write_checkpoint(out, state)
     assert main.main(["--out", str(out), "--resume", "--set", "global_epochs=3"]) == 2
     err = capsys.readouterr().err
     assert "checkpoint.pt is not from this run" in err and reason in err, err

@@ -3,6 +3,7 @@ interrupted or stopped runs lose nothing, two runs never share a folder, SIGTERM
 import fcntl
 import gzip
 import json
+import math
 import os
 import shlex
 import shutil
@@ -19,7 +20,7 @@ import main
 from conftest import ROOT, TINY, read_csv, without_seconds
 from server import Server
 import codec
-from conftest import handmade_upload
+from conftest import handmade_upload, lenient
 from utils import plot, run_files
 
 CPU = torch.device("cpu")
@@ -65,7 +66,7 @@ def dense_upload(num_samples, values):
 @pytest.mark.parametrize("rule", ["masked_mean", "mean"])
 def test_huge_finite_uploads_average_without_overflow(tiny_model, make_conf, rule):
     """1e36 from 750 samples: n * value = 7.5e38 overflows float32, the average 1e36 does not."""
-    server = Server(tiny_model, make_conf(aggregation=rule), CPU)
+    server = lenient(Server(tiny_model, make_conf(aggregation=rule), CPU))
     assert server.receive(dense_upload(750, [1e36] * 8)) is None
     assert server.receive(dense_upload(750, [1e36] * 8)) is None
     assert server.aggregate() is None
@@ -75,7 +76,7 @@ def test_huge_finite_uploads_average_without_overflow(tiny_model, make_conf, rul
 
 def test_a_non_finite_aggregate_is_refused_and_the_model_kept(tiny_model, make_conf):
     # lambda rule: 100 * 2 clients * mean 3e38 = 6e40, beyond float32: the step must not be taken
-    server = Server(tiny_model, make_conf(aggregation="lambda", server_momentum=0.5, **{"lambda": 100.0}), CPU)
+    server = lenient(Server(tiny_model, make_conf(aggregation="lambda", server_momentum=0.5, **{"lambda": 100.0}), CPU))
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     server.receive(dense_upload(5, [1.0] * 8))
     assert server.aggregate() is None  # an ordinary round first, so the momentum buffer exists
@@ -98,7 +99,7 @@ def test_a_diverging_run_keeps_a_finite_model(write_conf, tmp_path, run_main):
     assert status in (0, 1)
     rows = read_csv(out / "metrics.csv")
     assert len(rows) == 3
-    assert state_is_finite(torch.load(out / "checkpoint.pt", weights_only=True)["model"])
+    assert state_is_finite(run_files.load_checkpoint(out, "cpu")["model"])
 
 
 def test_a_run_whose_every_round_is_refused_says_so(write_conf, tmp_path, run_main):
@@ -143,8 +144,9 @@ def test_disk_full_while_saving_keeps_the_saved_rounds(tmp_path, write_conf):
     assert result.returncode == 2
     assert one_error_line(result.stderr) and "No space left on device" in result.stderr
     assert "continue with: python main.py --out" in result.stderr
-    assert sorted(os.listdir(copy)) == [".lock", "checkpoint.pt", "config.json", "metrics.csv"]  # no *.tmp
-    saved = torch.load(copy / "checkpoint.pt", weights_only=True)["rows"]
+    assert sorted(os.listdir(copy)) == [".lock", "checkpoint.pt", "config.json", "environment.json",
+                                        "metrics.csv"]  # no *.tmp
+    saved = run_files.load_checkpoint(copy, "cpu")["rows"]
     assert len(saved) >= 1 and len(read_csv(copy / "metrics.csv")) == len(saved)
     # what was saved is good: resumed on a roomy disk, the run ends as an uninterrupted one
     assert main.main(["--out", str(copy), "--resume"]) == 0
@@ -237,7 +239,7 @@ def finished_run(tmp_path_factory):
 
 def copy_run(run_dir, target):
     target.mkdir()
-    for name in ("config.json", "metrics.csv", "checkpoint.pt"):
+    for name in ("config.json", "environment.json", "metrics.csv", "checkpoint.pt"):
         (target / name).write_bytes((run_dir / name).read_bytes())
     return target
 
@@ -303,7 +305,7 @@ def test_a_signal_while_saving_waits_until_both_files_are_written(write_conf, tm
     out = tmp_path / "run"
     status, out_text, err = run_main("-c", write_conf(), "--out", out)
     assert status == 130 and "continue with" in err
-    saved = torch.load(out / "checkpoint.pt", weights_only=True)["rows"]
+    saved = run_files.load_checkpoint(out, "cpu")["rows"]
     assert len(saved) == 2 and len(read_csv(out / "metrics.csv")) == 2
     assert "round   2/3" in out_text  # the last saved round is shown before the stop is delivered
 
@@ -413,12 +415,56 @@ def test_a_bad_checkpoint_is_one_line(finished_run, tmp_path, run_main, checkpoi
     elif checkpoint == "empty":
         (out / "checkpoint.pt").write_bytes(b"")
     else:
-        state = torch.load(out / "checkpoint.pt", weights_only=True)
+        state = run_files.load_checkpoint(out, "cpu")
         state["model"] = torch.nn.Linear(3, 2).state_dict()
         del state["config"]  # as a checkpoint from before checkpoints held their config
-        torch.save(state, out / "checkpoint.pt")
+        run_files.write_checkpoint(out, state)
     status, _, err = run_main("--out", out, "--resume")
     assert status == 2 and one_error_line(err) and "checkpoint.pt" in err
+
+
+def folder_bytes(folder):
+    """Every file of a run folder and its bytes, but the lock any run takes (created empty where it is missing)."""
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.name != run_files.LOCK_NAME}
+
+
+@pytest.mark.parametrize("where", ["the global model", "the server momentum", "a client's residual"])
+@pytest.mark.parametrize("damage", ["one flipped bit", "NaN, with a new digest"])
+def test_a_damaged_checkpoint_is_refused_in_one_line_and_the_folder_left_as_it_was(momentum_run, tmp_path, run_main,
+                                                                                  where, damage):
+    """One bit of a tensor's bytes flipped in the file (an exponent bit: a weight of 4e36, as a disk error makes): the
+    digest written with the checkpoint refuses it. A NaN saved with a digest made anew (a bug, or a hand edit):
+    every restored tensor is checked finite."""
+    out = copy_run(momentum_run, tmp_path / "run")
+    state = run_files.load_checkpoint(out, "cpu")
+    tensor = {"the global model": state["model"]["3.weight"], "the server momentum": state["velocity"][0],
+              "a client's residual": next(iter(state["clients"]["residuals"].values()))[0]}[where]
+    if damage == "one flipped bit":
+        data = bytearray((out / "checkpoint.pt").read_bytes())
+        at = bytes(data).find(bytes(tensor.untyped_storage())[:64])  # torch.save stores a storage's bytes as is
+        assert at > 0
+        data[at + 3] ^= 0x40  # the first f32's highest exponent bit
+        (out / "checkpoint.pt").write_bytes(bytes(data))
+        reason = "its content does not match the SHA-256 digest written with it"
+    else:
+        tensor[(0,) * tensor.dim()] = math.nan
+        run_files.write_checkpoint(out, state)
+        reason = "holds NaN or Inf"
+    before = folder_bytes(out)
+    status, out_text, err = run_main("--out", out, "--resume", "--set", "global_epochs=4")
+    assert status == 2 and one_error_line(err) and "checkpoint.pt" in err and reason in err, err
+    assert "round " not in out_text and folder_bytes(out) == before
+
+
+@pytest.fixture(scope="module")
+def momentum_run(tmp_path_factory):
+    """A finished 2-round run whose checkpoint holds a model, server momentum and clients' residuals."""
+    base = tmp_path_factory.mktemp("momentum")
+    conf = write_json(base / "conf.json", {**TINY, "data_dir": str(base / "data"), "global_epochs": 2,
+                                           "sparsifier": "topk", "prop": 0.1, "error_feedback": True,
+                                           "server_momentum": 0.5})
+    assert main.main(["-c", conf, "--out", str(base / "run")]) == 0
+    return base / "run"
 
 
 # ---- 9. SIGTERM: the same clean stop as Ctrl-C, then an exact resume -------------------------------------------
@@ -432,7 +478,7 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(write_conf, tmp_path):
     _, err = process.communicate(timeout=60)
     assert process.returncode == 143 and "Traceback" not in err and "SIGTERM" in err
     saved = len(read_csv(out / "metrics.csv"))
-    assert saved == len(torch.load(out / "checkpoint.pt", weights_only=True)["rows"])
+    assert saved == len(run_files.load_checkpoint(out, "cpu")["rows"])
     assert main.main(["--out", str(out), "--resume"]) == 0
     assert main.main(["-c", conf, "--out", str(tmp_path / "full")]) == 0
     assert without_seconds(read_csv(out / "metrics.csv")) == without_seconds(read_csv(tmp_path / "full" / "metrics.csv"))

@@ -2,6 +2,7 @@
 nor leave the model non-finite (a round after which the test loss is not finite is rolled back); the defenses on
 hand-computed numbers, sparse uploads included; the simulated attacks; honest runs unchanged."""
 import copy
+import dataclasses
 import math
 import struct
 
@@ -13,7 +14,7 @@ import federation
 import models
 import robust
 from client import Client
-from conftest import TINY, handmade_upload, without_seconds
+from conftest import TINY, handmade_upload, lenient, without_seconds
 from engines.inprocess import InProcess
 from server import Server
 from utils import config, partition, plot
@@ -25,10 +26,12 @@ GLOBAL_W = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]  # tiny_model's weight, flattened
 GLOBAL_B = [0.5, -0.5]
 
 
-def hostile_payload(kind, numels, honest):
-    """A hostile upload written by hand from codec.py's layout (version 2, sparsifier none 0, quantizer ternary 4)."""
-    if kind == "dense 1e30":  # finite: it passes every check the decoder makes
-        return handmade_upload(750, [[1e30] * n for n in numels])
+def hostile_payload(kind, conf, numels, honest):
+    """A hostile upload: 1e30 in every entry the run's method sends (finite: it passes every check the decoder makes),
+    one of another method written by hand from codec.py's layout (sparsifier none 0, quantizer ternary 4, a shared
+    magnitude of 1e38), or the honest upload claiming 2^32-1 examples."""
+    if kind == "1e30":
+        return codec.encode(conf, [torch.full((n,), 1e30) for n in numels], 750, mask_seed=1).payload
     if kind == "ternary 1e38":  # every entry, one shared magnitude 1e38, every sign bit 0 (+)
         header = struct.pack("<BBBII", 2, 0, 4, 750, len(numels))
         return header + bytes([1]) + struct.pack("<f", 1e38) + bytes(math.ceil(sum(numels) / 8))
@@ -42,13 +45,13 @@ class Hostile(InProcess):
 
     def __init__(self, conf, dataset, shares, workspace, kind):
         super().__init__(conf, dataset, shares, workspace)
-        self.kind = kind
+        self.conf, self.kind = conf, kind
 
     def train(self, chosen, syncs, global_state, round_index, progress=None):
         uploads = super().train(chosen, syncs, global_state, round_index, progress)
         if round_index == 1:
             numels = [t.numel() for t in global_state.values() if torch.is_floating_point(t)]
-            uploads[0].payload = hostile_payload(self.kind, numels, uploads[0].payload)
+            uploads[0].payload = hostile_payload(self.kind, self.conf, numels, uploads[0].payload)
         return uploads
 
 
@@ -69,22 +72,34 @@ def assert_close(got, expected):
 
 def test_a_round_made_non_finite_by_one_upload_is_rolled_back(make_conf, synthetic, capsys):
     conf = make_conf()
-    shares = partition.split(synthetic.train_labels, conf)
+    validation, shares = partition.server_and_clients(synthetic.train_labels, conf)
     model = models.build("cnn", synthetic.image_shape, synthetic.num_classes)
     before = {name: value.clone() for name, value in model.state_dict().items()}
-    server = Server(model, conf, CPU, registered=[len(share) for share in shares])
+    server = Server(model, conf, CPU, registered=[len(share) for share in shares],
+                    validation=synthetic.train_split(validation))
     accuracy, loss = server.evaluate(synthetic.test_images, synthetic.test_labels)
-    transport = Hostile(conf, synthetic, shares, copy.deepcopy(model), "dense 1e30")
+    transport = Hostile(conf, synthetic, shares, copy.deepcopy(model), "1e30")
     row = federation.play_round(1, conf, server, transport, synthetic)
-    assert "round 1: rolled back: the test loss after it was not finite" in capsys.readouterr().err
+    assert "round 1: rolled back: the validation loss after it was not finite" in capsys.readouterr().err
     assert row["refused"] == 1 and row["rejected"] == 0  # accepted (finite), then undone
     assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
     assert (row["accuracy"], row["loss"]) == (round(accuracy, 6), round(loss, 6))  # of the model as it was
     assert server.syncs.version == 1  # the round happened, and changed nothing
 
 
-def test_a_round_whose_finite_test_loss_blew_up_is_rolled_back(make_conf, tmp_path, capsys):
-    """Under STC, one client's 2 in every entry lands on the entries only it sent: the test loss stays finite, above 10
+def test_an_upload_of_another_method_is_rejected_unread(honest_run, tmp_path, capsys):
+    """A ternary upload in a run of random masks and f32 values: refused from its header (its 1e38 never decoded)."""
+    conf, honest = honest_run
+    rows = federation.run({**conf, "global_epochs": 2}, str(tmp_path / "run"), False,
+                          lambda *args: Hostile(*args, "ternary 1e38"))
+    assert [(row["rejected"], row["refused"]) for row in rows] == [(1, 0), (0, 0)]
+    assert "malformed payload (sparsifier none and quantize ternary, where this run's are random and none)" in \
+        capsys.readouterr().err
+    assert rows[1]["upload_bytes"] == honest[1]["upload_bytes"]
+
+
+def test_a_round_whose_finite_validation_loss_blew_up_is_rolled_back(make_conf, tmp_path, capsys):
+    """Under STC, one client's 2 in every entry lands on the entries only it sent: the loss stays finite, above 10
     times a uniform guess's but below the 100 times this rule allowed before (which let a noisy upload kill a CNN);
     the round is rolled back and the run goes on."""
     stc = dict(sparsifier="topk", topk_scope="model", quantize="ternary", prop=0.04, error_feedback=True,
@@ -93,20 +108,57 @@ def test_a_round_whose_finite_test_loss_blew_up_is_rolled_back(make_conf, tmp_pa
                           str(tmp_path / "run"), False, InProcess)
     guess = math.log(10)  # the synthetic data's 10 classes
     err = capsys.readouterr().err
-    assert "round 1: rolled back: the test loss after it was " in err
+    assert "round 1: rolled back: the validation loss after it was " in err
     assert f"over 10 times a uniform guess's ({guess:.2f})" in err and "not finite" not in err
-    blown = float(err.split("the test loss after it was ")[1].split(",")[0])
+    blown = float(err.split("the validation loss after it was ")[1].split(",")[0])
     assert 10 * guess < blown < 100 * guess
     assert [row["refused"] for row in rows] == [1, 0, 0, 0]
     assert all(row["loss"] < 10 * guess for row in rows)
 
 
+def scaled(dataset, which, indices):
+    """`dataset` with the images of one split (at `indices`) times 1e6: a model scores them with a huge loss."""
+    images = getattr(dataset, which).clone()
+    images[indices] *= 1e6
+    return dataclasses.replace(dataset, **{which: images})
+
+
+def test_the_rollback_reads_the_validation_split_and_never_the_test_split(make_conf, synthetic, tmp_path, monkeypatch,
+                                                                          capsys):
+    """Test images that score a huge loss steer nothing: the run is the honest run's bit for bit. Validation images
+    that do make every round roll back."""
+    conf = make_conf()
+    validation, _ = partition.server_and_clients(synthetic.train_labels, conf)
+    honest = federation.run(conf, str(tmp_path / "honest"), False, InProcess)
+    monkeypatch.setattr(federation.datasets, "load", lambda *args: scaled(synthetic, "test_images", slice(None)))
+    scored = federation.run(conf, str(tmp_path / "test"), False, InProcess)
+    assert min(row["loss"] for row in scored) > 100 * math.log(10)  # the old, test-split rule rolled each round back
+    assert [row["refused"] for row in scored] == [0, 0, 0] and "rolled back" not in capsys.readouterr().err
+    unscored = {"accuracy": None, "loss": None}
+    assert [row | unscored for row in without_seconds(scored)] == [row | unscored for row in without_seconds(honest)]
+    monkeypatch.setattr(federation.datasets, "load", lambda *args: scaled(synthetic, "train_images", validation))
+    steered = federation.run(conf, str(tmp_path / "validation"), False, InProcess)
+    assert [row["refused"] for row in steered] == [1, 1, 1]
+    assert "rolled back: the validation loss after it was" in capsys.readouterr().err
+
+
+def test_without_server_validation_nothing_is_held_out_and_no_finite_round_is_rolled_back(make_conf, tmp_path,
+                                                                                          capsys):
+    """server_validation 0: every example is a client's, and one upload of 1e30 (finite) is not rolled back: the model
+    it leaves scores NaN, and the clients' uploads from it are rejected."""
+    rows = federation.run(make_conf(server_validation=0, attackers=1, attack="fill", attack_scale=1e30,
+                                    attack_until=1), str(tmp_path / "run"), False, InProcess)
+    assert "3000 train (0 held by the server for validation)" in capsys.readouterr().out
+    assert rows[0]["refused"] == 0 and math.isnan(rows[0]["loss"])
+
+
 @pytest.mark.parametrize("loss, why", [
     (2.5, None), (10 * math.log(10) - 1e-9, None),  # 23.02585...: a uniform guess's 2.3026 times 10
-    (10 * math.log(10) + 1e-9, "the test loss after it was 23.03, over 10 times a uniform guess's (2.30)"),
-    (218.4, "the test loss after it was 218.4, over 10 times a uniform guess's (2.30)"),  # a noisy upload's, dense
-    (7.7e31, "the test loss after it was 7.7e+31, over 10 times a uniform guess's (2.30)"),
-    (math.inf, "the test loss after it was not finite"), (math.nan, "the test loss after it was not finite"),
+    (10 * math.log(10) + 1e-9, "the validation loss after it was 23.03, over 10 times a uniform guess's (2.30)"),
+    (218.4, "the validation loss after it was 218.4, over 10 times a uniform guess's (2.30)"),  # a noisy upload's
+    (7.7e31, "the validation loss after it was 7.7e+31, over 10 times a uniform guess's (2.30)"),
+    (math.inf, "the validation loss after it was not finite"),
+    (math.nan, "the validation loss after it was not finite"),
 ])
 def test_blown_up_by_hand(loss, why):
     assert federation.blown_up(loss, 10) == why
@@ -116,7 +168,7 @@ def test_roll_back_leaves_what_a_refused_round_leaves(tiny_model, make_conf):
     """Server momentum, the compressed download's residual and the sync log go back too: after round 2 is rolled
     back, the server is as one whose round 2 accepted no upload."""
     conf = make_conf(aggregation="mean", server_momentum=0.5, download="compressed")  # 1 of 8 entries broadcast
-    rolled, refused = Server(tiny_model, conf, CPU), Server(copy.deepcopy(tiny_model), conf, CPU)
+    rolled, refused = lenient(Server(tiny_model, conf, CPU)), lenient(Server(copy.deepcopy(tiny_model), conf, CPU))
     for server in (rolled, refused):
         assert server.receive(handmade_upload(1, [[1, -2, 3, 0, 0, 6], [1, 1]])) is None
         assert server.aggregate(1) is None
@@ -142,10 +194,9 @@ def honest_run(tmp_path_factory):
     return conf, federation.run(conf, str(tmp_path_factory.mktemp("honest")), False, InProcess)
 
 
-@pytest.mark.parametrize("kind", ["dense 1e30", "ternary 1e38"])
-def test_one_hostile_upload_costs_the_run_at_most_a_point(honest_run, tmp_path, kind):
+def test_one_hostile_upload_costs_the_run_at_most_a_point(honest_run, tmp_path):
     conf, honest = honest_run
-    rows = federation.run(conf, str(tmp_path / "run"), False, lambda *args: Hostile(*args, kind))
+    rows = federation.run(conf, str(tmp_path / "run"), False, lambda *args: Hostile(*args, "1e30"))
     assert [row["refused"] for row in rows] == [1] + [0] * 11  # later honest uploads are accepted again
     assert all(math.isfinite(row["loss"]) for row in rows)
     assert abs(rows[-1]["accuracy"] - honest[-1]["accuracy"]) <= 0.01
@@ -158,7 +209,7 @@ def test_a_claim_of_2_32_minus_1_examples_counts_as_the_clients_share(honest_run
 
 
 def test_claimed_counts_are_cut_to_the_registered_ones(tiny_model, make_conf):
-    server = Server(tiny_model, make_conf(aggregation="mean"), CPU, registered=[1, 3, 10])
+    server = lenient(Server(tiny_model, make_conf(aggregation="mean"), CPU, registered=[1, 3, 10]))
     assert server.receive(handmade_upload(1, [[1] * 6, [1, 1]]), client_id=0) is None  # its share
     assert server.receive(handmade_upload(MAX_COUNT, [[5] * 6, [5, 5]]), client_id=1) is None  # cut to 3
     assert server.receive(handmade_upload(4, [[2] * 6, [2, 2]]), client_id=2) is None  # fewer than 10: kept
@@ -185,7 +236,7 @@ FIVE = [handmade_upload(1, [[v] * 6, [v - 1, v - 1]]) for v in (1, 2, 3)] + [
 
 
 def aggregated(tiny_model, make_conf, uploads, **settings):
-    server = Server(tiny_model, make_conf(**settings), CPU)
+    server = lenient(Server(tiny_model, make_conf(**settings), CPU))
     for upload in uploads:
         assert server.receive(upload) is None
     assert server.aggregate() is None
@@ -350,7 +401,8 @@ def test_registered_counts_leave_honest_runs_as_they_were(make_conf, tmp_path, m
     """Honest clients claim their share's size: cutting claims to it changes no bit."""
     conf = make_conf(sparsifier="topk", prop=0.1, error_feedback=True, aggregation="mean")
     bounded = federation.run(conf, str(tmp_path / "bounded"), False, InProcess)
-    monkeypatch.setattr(federation, "Server", lambda model, conf, device, registered: Server(model, conf, device))
+    monkeypatch.setattr(federation, "Server", lambda model, conf, device, registered, validation:
+                        Server(model, conf, device, validation=validation))
     unbounded = federation.run(conf, str(tmp_path / "unbounded"), False, InProcess)
     assert without_seconds(bounded) == without_seconds(unbounded)
 

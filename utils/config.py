@@ -56,6 +56,9 @@ KEYS = {
     "partition": ("iid", "iid | dirichlet (label mix per client ~ Dirichlet(alpha)) | shards (few labels per client)"),
     "alpha": (0.5, "Dirichlet concentration for partition='dirichlet': small is skewed, large is near IID"),
     "shards_per_client": (2, "partition='shards': how many labels (one shard each) every client holds"),
+    "server_validation": (1000, "training examples the server holds out of every client's share (seeded) for its own "
+                                "decisions: a round after which their loss blew up is rolled back; 0 holds none, and "
+                                "then only a non-finite step is refused. The test split never steers training"),
     "defense": ("none", "the server's robust step: none (the aggregation rule) | norm_bound (each upload clipped in L2 "
                         "norm, then the aggregation rule) | median | trimmed_mean (per entry, over the clients that "
                         "sent it, unweighted) | geometric_median (RFA; unsent = 0, weighted by example counts)"),
@@ -115,6 +118,7 @@ RANGES = {
     "rank": (1, 2**16 - 1, True),  # a u16 on the wire
     "alpha": (0, math.inf, False),
     "shards_per_client": (1, math.inf, True),
+    "server_validation": (0, math.inf, True),
     "clip_norm": (0, math.inf, True),
     "clip_multiple": (0, math.inf, False),
     "trim_fraction": (0, 0.5, True),  # 0.5 itself is refused below

@@ -1,4 +1,5 @@
-"""Splitting the training set into disjoint client shares: iid, dirichlet (label skew) or shards (few labels each)."""
+"""Splitting the training set into the server's validation slice and disjoint client shares: iid, dirichlet (label
+skew) or shards (few labels each)."""
 import numpy as np
 import torch
 
@@ -7,6 +8,21 @@ from utils.seeding import generator
 
 class PartitionError(ValueError):
     """The data cannot be split as asked (for instance, fewer examples than clients)."""
+
+
+def server_and_clients(labels, conf):
+    """(the server's validation slice, the clients' shares): `server_validation` training examples drawn at random
+    (seeded) for the server's own decisions, and the rest split by `split`; every index tensor is CPU int64, sorted for
+    the slice. With no slice the shares are split's of every example."""
+    held = conf["server_validation"]
+    if held == 0:
+        return torch.zeros(0, dtype=torch.long), split(labels, conf)
+    if len(labels) - held < conf["no_models"]:
+        raise PartitionError(f"server_validation {held} leaves {max(0, len(labels) - held)} of the {len(labels)} "
+                             f"training examples for {conf['no_models']} clients: lower it")
+    order = torch.randperm(len(labels), generator=generator(conf["seed"], "server validation"))
+    validation, rest = order[:held].sort().values, order[held:].sort().values
+    return validation, [rest[share] for share in split(labels.cpu()[rest], conf)]
 
 
 def split(labels, conf):

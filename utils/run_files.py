@@ -4,24 +4,34 @@ import contextlib
 import csv
 import fcntl
 import glob
+import hashlib
 import io
 import json
 import os
+import platform
 import signal
 import threading
 import warnings
 
+import numpy
 import torch
 
 METRICS_COLUMNS = ("round", "accuracy", "loss", "train_loss", "upload_bytes", "dense_upload_bytes",
                    "download_bytes", "total_bytes", "upload_fraction", "syncs_replay", "syncs_changed", "syncs_dense",
                    "clients", "rejected", "refused", "seconds")
 LOCK_NAME = ".lock"
+CHECKPOINT_MAGIC = b"fedsparse checkpoint, sha256\n"  # then the digest of the rest, which torch.save writes
+DIGEST_SIZE = 32
+BODY_AT = len(CHECKPOINT_MAGIC) + DIGEST_SIZE
 
 
 class RunError(Exception):
     """A run that cannot start or go on as asked (nothing to resume, an occupied or unwritable folder, no CUDA), or a
     run folder that cannot be read back."""
+
+
+class CheckpointError(ValueError):
+    """checkpoint.pt is not what a run saved."""
 
 
 class SaveError(RunError):
@@ -96,6 +106,36 @@ def write_config(run_dir, conf):
     write_atomically(os.path.join(run_dir, "config.json"), (json.dumps(conf, indent=2) + "\n").encode())
 
 
+def write_environment(run_dir, device, first_round):
+    """Add to environment.json what computes the rounds from `first_round` on (one entry per start or resume): a run
+    repeats to the last digit only with the same torch build and CPU family, whose kernels round differently."""
+    path = os.path.join(run_dir, "environment.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            entries = json.load(f)
+        entries = entries if isinstance(entries, list) else []
+    except (OSError, ValueError):  # none yet, or damaged: what it said cannot be trusted anyway
+        entries = []
+    entries.append({
+        "from_round": first_round, "python": platform.python_version(), "torch": torch.__version__,
+        "numpy": numpy.__version__, "cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else "cpu", "platform": platform.platform()})
+    write_atomically(path, (json.dumps(entries, indent=2) + "\n").encode())
+
+
+def cpu_name():
+    """The CPU's model name, as /proc/cpuinfo gives it on Linux (platform.processor() says only 'x86_64' there)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def read_config(run_dir):
     """The JSON object in config.json; ValueError when the file holds something else."""
     with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
@@ -147,14 +187,33 @@ def holds_run(run_dir):
 def save(run_dir, state):
     """The checkpoint (`state`, holding the metrics `rows`), then metrics.csv from the same rows, as one step that no
     signal splits; if a kill -9 does, resuming rewrites metrics.csv from the checkpoint."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
     with signals_held():
-        write_atomically(checkpoint_path(run_dir), buffer.getvalue())
+        write_checkpoint(run_dir, state)
         write_metrics(run_dir, state["rows"])
 
 
+def write_checkpoint(run_dir, state):
+    """checkpoint.pt: CHECKPOINT_MAGIC, the SHA-256 digest of what follows, then `state` as torch.save writes it."""
+    buffer = io.BytesIO()
+    buffer.write(CHECKPOINT_MAGIC + bytes(DIGEST_SIZE))
+    torch.save(state, buffer)
+    data = buffer.getbuffer()
+    data[len(CHECKPOINT_MAGIC):BODY_AT] = hashlib.sha256(data[BODY_AT:]).digest()
+    del data  # a BytesIO cannot give its bytes while a view of them lives
+    write_atomically(checkpoint_path(run_dir), buffer.getvalue())
+
+
 def load_checkpoint(run_dir, device):
+    """What write_checkpoint saved, on `device`. CheckpointError when the file is not one, or its content is not what
+    was written: torch.load reads a flipped bit or a NaN patched into a tensor without a word."""
+    with open(checkpoint_path(run_dir), "rb") as f:
+        data = f.read()
+    if not data.startswith(CHECKPOINT_MAGIC) or len(data) < BODY_AT:
+        raise CheckpointError("it is not a fedsparse checkpoint (or one written before checkpoints carried a digest)")
+    body = memoryview(data)[BODY_AT:]
+    if hashlib.sha256(body).digest() != data[len(CHECKPOINT_MAGIC):BODY_AT]:
+        raise CheckpointError("its content does not match the SHA-256 digest written with it: it was changed or "
+                              "damaged after it was saved")
     with warnings.catch_warnings():  # a damaged file can make torch warn before it fails: the failure says enough
         warnings.simplefilter("ignore")
-        return torch.load(checkpoint_path(run_dir), map_location=device, weights_only=True)
+        return torch.load(io.BytesIO(body), map_location=device, weights_only=True)
