@@ -147,7 +147,7 @@ def test_the_costliest_payloads_stay_within_300_mb(resnet18_numels, case, run, r
     allocations and numpy's)."""
     payload = gamma_bomb(resnet18_numels) if case == "gamma bomb" else all_random_hybrid(resnet18_numels)
     payload = payload[:-10] if "cut" in case else payload
-    outcome, grown, _ = measure.cost(lambda: codec.decode(payload, resnet18_numels, config.validate(run)))
+    outcome, grown, _, _ = measure.cost(lambda: codec.decode(payload, resnet18_numels, config.validate(run)))
     assert grown <= 300e6
     if refusal:
         assert isinstance(outcome, codec.PayloadError) and refusal in str(outcome), outcome

@@ -6,6 +6,7 @@ allocation in it, numpy's and torch's alike (tracemalloc sees Python's and numpy
 fuzz harness and the tests that bound what a decoder allocates.
 """
 import time
+import traceback
 
 
 def resident_kb(field):
@@ -19,14 +20,18 @@ def resident_kb(field):
 
 def cost(work):
     """(what work() returned, or the Exception it raised; bytes of peak resident memory above the resident memory
-    before it; its seconds)."""
+    before it; its wall-clock seconds; the CPU seconds this process spent on it, every thread's: what other processes
+    on a shared machine take does not count there)."""
     with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
         f.write("5")  # the peak becomes the resident memory now
     before = resident_kb("VmRSS")
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     try:
         outcome = work()
     except Exception as e:  # the caller decides which failures are expected
+        # its frames' locals let go: kept with the traceback, which refers to this frame and so to itself, the arrays
+        # of the work that raised lived until a garbage collection (gigabytes over a fuzzing run)
+        traceback.clear_frames(e.__traceback__)
         outcome = e
-    seconds = time.perf_counter() - started
-    return outcome, 1024 * (resident_kb("VmHWM") - before), seconds
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    return outcome, 1024 * (resident_kb("VmHWM") - before), seconds, cpu_seconds
