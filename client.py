@@ -1,6 +1,6 @@
 """A client: its share of the training data, the seed of its mask, and local training that returns an encoded upload.
 
-What the upload carries and how it is coded is the compression method's business (codec.py); with error feedback the
+What the upload carries and how it is coded is the compression method's business (codec/); with error feedback the
 client keeps what the server will not reconstruct (unsent entries and quantization error) and adds it to its next diff.
 A client also keeps its sparsifier's memory between uploads (PowerSGD's warm start). The transports save both in the
 checkpoint (KEPT).

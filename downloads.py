@@ -11,7 +11,7 @@ A download method (config key `download`) decides what a round broadcasts and so
 Under relay and compressed, `Syncs` keeps the round messages (as many of the newest as cost less than the dense model
 together), the round in which each entry last changed, and the round up to which each client is synchronized: an
 integer per client. A sampled client receives the cheapest of (a) the messages it missed, replayed in order, (b) the
-entries changed since its last sync, positions plus their f32 values, (c) the dense model. codec.py writes and reads
+entries changed since its last sync, positions plus their f32 values, (c) the dense model. codec/ writes and reads
 every byte of it (`encode_sync`); `apply_sync` is the client's side, run on a `Server` around the client's own model.
 A round the server rolls back (Server.roll_back) is logged as one that kept the model: an empty message.
 """

@@ -8,7 +8,7 @@ Flower:  python main.py -c ./utils/conf.json --engine flower [--parallel 2]     
 
 Each round: sample k clients; each downloads what brings its model to the server's (the dense model, or under a relay
 or compressed download the cheapest of the rounds it missed, the changed entries or the dense model: downloads.py),
-trains from it on its own data and uploads its weight diff, selected and coded by the compression method (codec.py);
+trains from it on its own data and uploads its weight diff, selected and coded by the compression method (codec/);
 the server decodes and aggregates the uploads into the global model and evaluates it (federation.py runs the rounds).
 One line per round is printed, and <out>/metrics.csv, <out>/config.json and <out>/checkpoint.pt are written. Bad input
 is one line on stderr and exit status 2; Ctrl-C and SIGTERM keep every finished round and print the command that

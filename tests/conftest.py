@@ -113,7 +113,7 @@ def without_seconds(rows):
 
 
 def handmade_upload(num_samples, diffs, kept=None):
-    """An upload written by hand from codec.py's documented layout (not by its encoder): per tensor, the f32 values of
+    """An upload written by hand from codec/__init__.py's documented layout (not by its encoder): per tensor, the f32 values of
     `diffs` (lists) at the positions `kept` (lists), sent as an index list over the flattened model; dense when
     `kept` is None."""
     import struct

@@ -111,7 +111,7 @@ def test_rules_against_a_plain_loop(make_conf, rule):
     clients = []
     for i, (n, prop) in enumerate([(10, 0.2), (35, 0.5), (7, 0.9)]):
         diffs = [torch.randn(t.numel(), generator=g) for t in server.flat_globals()]
-        kept = codec.random_positions(100 + i, prop, server.numels)
+        kept = codec.sparsifiers.random_positions(100 + i, prop, server.numels)
         clients.append((n, diffs, kept))
         upload = codec.encode({"sparsifier": "random", "quantize": "none", "prop": prop}, diffs, n, 100 + i)
         assert server.receive(upload.payload) is None

@@ -8,7 +8,7 @@ import torch
 import codec
 import models
 from client import Client
-from codec import topk_positions
+from codec.sparsifiers import topk_positions
 from conftest import dense_from
 
 
@@ -69,7 +69,7 @@ def test_uploaded_positions_follow_the_mask_seed(make_conf, mask):
     for round_index in (1, 2):
         upload = client._upload(local, model.state_dict(), round_index, 0.0)
         _, positions = decoded_dense(upload.payload, numels)
-        expected = codec.random_positions(client.mask_seed(round_index), 0.4, numels)
+        expected = codec.sparsifiers.random_positions(client.mask_seed(round_index), 0.4, numels)
         assert all(torch.equal(p, e) for p, e in zip(positions, expected))
         per_round.append(positions)
     same = all(torch.equal(a, b) for a, b in zip(*per_round))

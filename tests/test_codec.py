@@ -1,4 +1,4 @@
-"""codec.py: every method's round trip, sizes against the documented layout, Golomb-Rice bytes worked out by hand,
+"""codec/: every method's round trip, sizes against the documented layout, Golomb-Rice bytes worked out by hand,
 quantization error bounds, and malformed payloads (fuzzed) raising PayloadError and nothing else."""
 import itertools
 import math
@@ -43,7 +43,7 @@ def method(sparsifier="topk", quantize="none", prop=0.1, topk_scope="tensor"):
 @pytest.mark.parametrize("prop", [0.0, 0.01, 0.1, 0.5, 0.9, 1.0])
 def test_random_positions_keep_about_prop(prop):
     numels = [200_000, 50_000, 1_000]
-    positions = codec.random_positions(1234, prop, numels)
+    positions = codec.sparsifiers.random_positions(1234, prop, numels)
     for kept, numel in zip(positions, numels):
         assert kept.dtype == torch.int64
         if len(kept):
@@ -56,7 +56,7 @@ def test_random_positions_keep_about_prop(prop):
 
 def test_random_positions_depend_on_the_seed_only():
     numels = cnn_numels()
-    a, b, c = (codec.random_positions(seed, 0.3, numels) for seed in (7, 7, 8))
+    a, b, c = (codec.sparsifiers.random_positions(seed, 0.3, numels) for seed in (7, 7, 8))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
 
@@ -86,7 +86,7 @@ def test_every_method_round_trips(sparsifier, quantize, scope):
 def test_random_mask_is_regenerated_by_the_receiver():
     numels = cnn_numels()
     encoded = codec.encode(method("random", prop=0.3), random_diffs(numels), 1, mask_seed=5)
-    expected = codec.random_positions(5, 0.3, numels)
+    expected = codec.sparsifiers.random_positions(5, 0.3, numels)
     assert all(torch.equal(a, b) for a, b in zip(codec.decode(encoded.payload, numels)[1], expected))
 
 
@@ -123,7 +123,7 @@ def bits_to_bytes(bits):
 def expected_positions_bytes(flat, total):
     """Smallest of bitmap, index list and Golomb-Rice, from the layout's description."""
     width = 1 if total <= 256 else 2 if total <= 65536 else 4
-    remainders, quotients = plain_rice(flat, codec.rice_parameter(len(flat), total)) if flat else ("", "")
+    remainders, quotients = plain_rice(flat, codec.positions.rice_parameter(len(flat), total)) if flat else ("", "")
     golomb = 1 + len(bits_to_bytes(remainders)) + len(bits_to_bytes(quotients))
     return POSITIONS_HEADER_BYTES + min(math.ceil(total / 8), width * len(flat), golomb)
 
@@ -155,11 +155,11 @@ def test_payload_size_follows_the_layout(sparsifier, quantize, scope, prop):
 
 def test_golomb_rice_bytes_by_hand():
     # positions 3, 10, 11, 30 of 64: p = 1/16, so b = 1 + floor(log2(log(0.618) / log(15/16))) = 1 + floor(2.90) = 3
-    assert codec.rice_parameter(4, 64) == 3
+    assert codec.positions.rice_parameter(4, 64) == 3
     # gaps 3, 6, 0, 18 -> remainders 011 110 000 010, quotients 0, 0, 0, 2 -> unary 1 1 1 001
     expected = bytes([3, 0b01111000, 0b00100000, 0b11100100])
-    assert codec.golomb_encode(np.array([3, 10, 11, 30]), 64) == expected
-    assert codec.golomb_size(np.array([3, 10, 11, 30]), 64) == 4
+    assert codec.positions.golomb_encode(np.array([3, 10, 11, 30]), 64) == expected
+    assert codec.positions.golomb_size(np.array([3, 10, 11, 30]), 64) == 4
 
 
 def test_golomb_wins_when_it_is_smallest_and_its_bytes_are_as_worked_out():
@@ -172,7 +172,7 @@ def test_golomb_wins_when_it_is_smallest_and_its_bytes_are_as_worked_out():
     encoded = codec.encode(method("topk", prop=8 / 4096), [diff], 1)
     assert torch.equal(encoded.positions[0].cpu(), positions)
     coded = encoded.payload[HEADER_BYTES:HEADER_BYTES + POSITIONS_HEADER_BYTES + 11]
-    assert coded == (bytes([codec.GOLOMB]) + struct.pack("<I", 8) + bytes([8, 100]) + bytes([255] * 7)
+    assert coded == (bytes([codec.positions.GOLOMB]) + struct.pack("<I", 8) + bytes([8, 100]) + bytes([255] * 7)
                      + bytes([0b10101010, 0b10101010]))
     assert len(encoded.payload) == HEADER_BYTES + POSITIONS_HEADER_BYTES + 11 + 4 * 8
 
@@ -181,21 +181,21 @@ def test_golomb_wins_when_it_is_smallest_and_its_bytes_are_as_worked_out():
 def test_golomb_matches_a_plain_rice_coder(count, total):
     rng = np.random.default_rng(count)
     flat = np.sort(rng.choice(total, size=count, replace=False))
-    b = codec.rice_parameter(count, total)
+    b = codec.positions.rice_parameter(count, total)
     remainders, quotients = plain_rice(flat.tolist(), b)
-    coded = codec.golomb_encode(flat, total)
+    coded = codec.positions.golomb_encode(flat, total)
     assert coded == bytes([b]) + bits_to_bytes(remainders) + bits_to_bytes(quotients)
-    assert codec.golomb_decode(codec.Reader(coded), count, total).tolist() == flat.tolist()
+    assert codec.positions.golomb_decode(codec.wire.Reader(coded), count, total).tolist() == flat.tolist()
 
 
 @pytest.mark.parametrize("total, kept, coding, position_bytes", [
-    (100, [3, 17, 50, 51, 99], codec.INDEX_U8, 5),  # 5 u8 indices < 13-byte bitmap, < 7-byte Golomb
-    (100, list(range(0, 100, 2)), codec.BITMAP, 13),  # 50 u8 indices > 13-byte bitmap
-    (257, [0, 256], codec.INDEX_U16, 4),  # 257 entries need u16
+    (100, [3, 17, 50, 51, 99], codec.positions.INDEX_U8, 5),  # 5 u8 indices < 13-byte bitmap, < 7-byte Golomb
+    (100, list(range(0, 100, 2)), codec.positions.BITMAP, 13),  # 50 u8 indices > 13-byte bitmap
+    (257, [0, 256], codec.positions.INDEX_U16, 4),  # 257 entries need u16
     # p = 1/7: b = 1 + floor(log2(0.4812 / 0.1542)) = 2; gaps 0, then 6 = 1 * 4 + 2: 2 remainder bits each, unary
     # "1" then "01" x 9999 = 19999 bits; 1 + 2500 + 2500 bytes, against 8750 for a bitmap and 40000 for u32 indices
-    (70000, list(range(0, 70000, 7)), codec.GOLOMB, 1 + 2500 + 2500),
-    (100, [], codec.INDEX_U8, 0),  # nothing kept: an empty list
+    (70000, list(range(0, 70000, 7)), codec.positions.GOLOMB, 1 + 2500 + 2500),
+    (100, [], codec.positions.INDEX_U8, 0),  # nothing kept: an empty list
 ])
 def test_position_coding_choice(total, kept, coding, position_bytes):
     diff = torch.zeros(total)
@@ -211,7 +211,7 @@ def test_positions_span_tensors_of_the_whole_model():
     diffs = [torch.tensor([0.0, 5.0, 0.0]), torch.tensor([0.0, 0.0]), torch.tensor([7.0, 0.0, 0.0, 6.0])]
     encoded = codec.encode(method("topk", prop=3 / 9, topk_scope="model"), diffs, 1)
     # flat positions 1, 5, 8 of 9: a 2-byte bitmap beats 3 u8 indices and 3 bytes of Golomb-Rice (b = 1)
-    assert encoded.payload[HEADER_BYTES] == codec.BITMAP
+    assert encoded.payload[HEADER_BYTES] == codec.positions.BITMAP
     assert encoded.payload[HEADER_BYTES + 5:HEADER_BYTES + 7] == bytes([0b01000100, 0b10000000])
     _, positions, values = codec.decode(encoded.payload, [3, 2, 4])
     assert [p.tolist() for p in positions] == [[1], [], [0, 3]]
@@ -309,28 +309,28 @@ def test_bad_header_fields_are_rejected():
 
 
 def forged_topk(coding, count, coded, values, numel=16):
-    return (struct.pack("<BBBII", codec.VERSION, codec.TopK.wire_id, codec.Float32.wire_id, 1, 1)
+    return (struct.pack("<BBBII", codec.VERSION, codec.sparsifiers.TopK.wire_id, codec.quantizers.Float32.wire_id, 1, 1)
             + struct.pack("<BI", coding, count) + coded + struct.pack(f"<{len(values)}f", *values))
 
 
 def test_bad_positions_are_rejected():
-    good = forged_topk(codec.INDEX_U8, 2, bytes([2, 5]), [1.0, 2.0])
+    good = forged_topk(codec.positions.INDEX_U8, 2, bytes([2, 5]), [1.0, 2.0])
     assert codec.decode(good, [16])[1][0].tolist() == [2, 5]
-    assert codec.decode(forged_topk(codec.BITMAP, 2, bytes([0b10000000, 0b00000001]), [1.0, 2.0]),
+    assert codec.decode(forged_topk(codec.positions.BITMAP, 2, bytes([0b10000000, 0b00000001]), [1.0, 2.0]),
                         [16])[1][0].tolist() == [0, 15]
     cases = [  # (payload, the model's tensor sizes)
         (forged_topk(9, 2, bytes([2, 5]), [1.0, 2.0]), [16]),  # unknown coding
-        (forged_topk(codec.INDEX_U8, 2, bytes([5, 2]), [1.0, 2.0]), [16]),  # not increasing
-        (forged_topk(codec.INDEX_U8, 2, bytes([5, 5]), [1.0, 2.0]), [16]),  # repeated
-        (forged_topk(codec.INDEX_U8, 2, bytes([2, 16]), [1.0, 2.0]), [16]),  # out of range
-        (forged_topk(codec.INDEX_U8, 17, bytes(range(17)), [1.0] * 17), [16]),  # more positions than entries
-        (forged_topk(codec.BITMAP, 3, bytes([0b10000000, 0b00000001]), [1.0, 2.0, 3.0]), [16]),  # marks 2, says 3
-        (forged_topk(codec.BITMAP, 2, bytes([0b10000000, 0b00000001]), [1.0, 2.0]), [12]),  # marks entry 15 of 12
-        (forged_topk(codec.GOLOMB, 2, bytes([9, 0, 0, 0b11000000]), [1.0, 2.0]), [16]),  # b = 9 for 16 entries
-        (forged_topk(codec.GOLOMB, 2, bytes([2, 0b00000000, 0b00000001]), [1.0, 2.0]), [16]),  # one quotient only
+        (forged_topk(codec.positions.INDEX_U8, 2, bytes([5, 2]), [1.0, 2.0]), [16]),  # not increasing
+        (forged_topk(codec.positions.INDEX_U8, 2, bytes([5, 5]), [1.0, 2.0]), [16]),  # repeated
+        (forged_topk(codec.positions.INDEX_U8, 2, bytes([2, 16]), [1.0, 2.0]), [16]),  # out of range
+        (forged_topk(codec.positions.INDEX_U8, 17, bytes(range(17)), [1.0] * 17), [16]),  # more positions than entries
+        (forged_topk(codec.positions.BITMAP, 3, bytes([0b10000000, 0b00000001]), [1.0, 2.0, 3.0]), [16]),  # marks 2, says 3
+        (forged_topk(codec.positions.BITMAP, 2, bytes([0b10000000, 0b00000001]), [1.0, 2.0]), [12]),  # marks entry 15 of 12
+        (forged_topk(codec.positions.GOLOMB, 2, bytes([9, 0, 0, 0b11000000]), [1.0, 2.0]), [16]),  # b = 9 for 16 entries
+        (forged_topk(codec.positions.GOLOMB, 2, bytes([2, 0b00000000, 0b00000001]), [1.0, 2.0]), [16]),  # one quotient only
         # remainders 3, 3 and quotients 3, 0: gaps 15 and 3, positions 15 and 19 of 16
-        (forged_topk(codec.GOLOMB, 2, bytes([2, 0b11110000, 0b00011000]), [1.0, 2.0]), [16]),
-        (forged_topk(codec.GOLOMB, 2, bytes([2, 0b00000001, 0b11000000]), [1.0, 2.0]), [16]),  # remainder padding
+        (forged_topk(codec.positions.GOLOMB, 2, bytes([2, 0b11110000, 0b00011000]), [1.0, 2.0]), [16]),
+        (forged_topk(codec.positions.GOLOMB, 2, bytes([2, 0b00000001, 0b11000000]), [1.0, 2.0]), [16]),  # remainder padding
     ]
     for bad, numels in cases:
         with pytest.raises(codec.PayloadError):

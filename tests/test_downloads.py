@@ -33,7 +33,7 @@ def assert_same_model(state, expected):
 
 
 def parse_sync(sync):
-    """A sync's kind and parts, read with struct from the layout in codec.py (not with its decoder)."""
+    """A sync's kind and parts, read with struct from the layout in codec/__init__.py (not with its decoder)."""
     kind = sync[0]
     if kind != 0:
         return kind, sync[1:]

@@ -64,10 +64,10 @@ def plain_gamma_decode(data, count):
                                       []])
 def test_gamma_matches_a_plain_coder(integers):
     lengths, tails = plain_gamma(integers)
-    coded = codec.gamma_encode(np.array(integers, dtype=np.int64))
+    coded = codec.quantizers.gamma_encode(np.array(integers, dtype=np.int64))
     assert coded == bits_to_bytes(lengths) + bits_to_bytes(tails)
-    reader = codec.Reader(coded)
-    assert codec.gamma_decode(reader, len(integers), max(integers, default=1)).tolist() == integers
+    reader = codec.wire.Reader(coded)
+    assert codec.quantizers.gamma_decode(reader, len(integers), max(integers, default=1)).tolist() == integers
     assert reader.done()
 
 
@@ -75,9 +75,9 @@ def test_gamma_of_random_levels_matches_a_plain_coder():
     rng = np.random.default_rng(0)
     integers = (rng.geometric(0.3, size=5000) + rng.integers(0, 2, size=5000) * rng.integers(0, 65536, size=5000))
     integers = np.minimum(integers, 65536)
-    coded = codec.gamma_encode(integers)
+    coded = codec.quantizers.gamma_encode(integers)
     assert plain_gamma_decode(coded, len(integers)) == (integers.tolist(), len(coded))
-    assert codec.gamma_decode(codec.Reader(coded), len(integers), 65536).tolist() == integers.tolist()
+    assert codec.quantizers.gamma_decode(codec.wire.Reader(coded), len(integers), 65536).tolist() == integers.tolist()
 
 
 # ---- QSGD: bytes by hand, unbiasedness, the variance bound ---------------------------------------------------------
@@ -87,7 +87,7 @@ def test_qsgd_bytes_by_hand():
     # the last value is a bucket of its own, norm 0, level 0. Gamma codes of l + 1 = 4, 5, 1, 1, 1: lengths
     # 001 001 1 1 1 (9 bits, 2 bytes), tails 00 01 (1 byte); sign bits of the nonzero levels 3 and -4: 01 (1 byte).
     encoded = codec.encode(method(levels=5, bucket_size=4), [torch.tensor([3.0, -4.0, 0.0, 0.0, 0.0])], 7, 0, 123)
-    expected = (HEADER.pack(codec.VERSION, codec.Dense.wire_id, codec.QSGD.wire_id, 7, 1) + QSGD_HEADER.pack(5, 4)
+    expected = (HEADER.pack(codec.VERSION, codec.sparsifiers.Dense.wire_id, codec.quantizers.QSGD.wire_id, 7, 1) + QSGD_HEADER.pack(5, 4)
                 + struct.pack("<2f", 5.0, 0.0) + bytes([0b00100111, 0b10000000, 0b00010000, 0b01000000]))
     assert encoded.payload == expected and len(expected) == 11 + 6 + 8 + 4
     assert codec.decode(expected, [5])[2][0].tolist() == [3.0, -4.0, 0.0, 0.0, 0.0]
@@ -228,7 +228,7 @@ def test_hybrid_shares_are_topk_and_random_at_the_ends(scope):
     assert all(torch.equal(a, b.cpu()) for a, b in zip(all_top.positions, topk.positions))
     all_random = codec.encode(method("hybrid", "none", prop=0.1, topk_share=0.0, topk_scope=scope), diffs, 1, 3)
     assert sum(len(p) for p in all_random.positions) == 50  # ceil(0.1 * 500), drawn over the whole model
-    assert all_random.payload[11:16] == bytes([codec.INDEX_U16]) + struct.pack("<I", 0)  # no top-k positions (of 500)
+    assert all_random.payload[11:16] == bytes([codec.positions.INDEX_U16]) + struct.pack("<I", 0)  # no top-k positions (of 500)
 
 
 # ---- error feedback and the command line ---------------------------------------------------------------------------
@@ -269,13 +269,13 @@ def test_runs_from_the_command_line(write_conf, tmp_path, keys):
 
 # ---- hostile payloads ----------------------------------------------------------------------------------------------
 
-def qsgd_payload(body, sparsifier_part=b"", sparsifier=codec.Dense, num_tensors=1):
-    return HEADER.pack(codec.VERSION, sparsifier.wire_id, codec.QSGD.wire_id, 1, num_tensors) + sparsifier_part + body
+def qsgd_payload(body, sparsifier_part=b"", sparsifier=codec.sparsifiers.Dense, num_tensors=1):
+    return HEADER.pack(codec.VERSION, sparsifier.wire_id, codec.quantizers.QSGD.wire_id, 1, num_tensors) + sparsifier_part + body
 
 
 NORMS = struct.pack("<2f", 1.0, 1.0)  # buckets of 512: 2 for TOTAL entries
 ALL_ZERO_LEVELS = bytes([255]) * (TOTAL // 8)  # a one in the lengths stream per level: gamma code of 1, level 0
-HYBRID_TOP = bytes([codec.INDEX_U16]) + struct.pack("<I", 2) + struct.pack("<2H", 3, 500)
+HYBRID_TOP = bytes([codec.positions.INDEX_U16]) + struct.pack("<I", 2) + struct.pack("<2H", 3, 500)
 
 CASES = {
     "QSGD levels 0": qsgd_payload(QSGD_HEADER.pack(0, 512) + NORMS + ALL_ZERO_LEVELS),
@@ -298,12 +298,12 @@ CASES = {
     "QSGD sign bits missing": qsgd_payload(QSGD_HEADER.pack(4, 512) + NORMS + bytes([0b01111111]) + bytes([255]) * 124
                                            + bytes([0b10000000]) + bytes([0])),
     "hybrid random count beyond the others": qsgd_payload(HYBRID_TOP + struct.pack("<QI", 1, TOTAL - 1),
-                                                          sparsifier=codec.Hybrid),
+                                                          sparsifier=codec.sparsifiers.Hybrid),
     "hybrid random count 2**32 - 1": qsgd_payload(HYBRID_TOP + struct.pack("<QI", 1, 2**32 - 1),
-                                                  sparsifier=codec.Hybrid),
-    "hybrid seed cut short": qsgd_payload(HYBRID_TOP + struct.pack("<Q", 1)[:5], sparsifier=codec.Hybrid),
+                                                  sparsifier=codec.sparsifiers.Hybrid),
+    "hybrid seed cut short": qsgd_payload(HYBRID_TOP + struct.pack("<Q", 1)[:5], sparsifier=codec.sparsifiers.Hybrid),
     "hybrid every other entry claimed, no values": qsgd_payload(HYBRID_TOP + struct.pack("<QI", 1, TOTAL - 2),
-                                                                sparsifier=codec.Hybrid),
+                                                                sparsifier=codec.sparsifiers.Hybrid),
 }
 
 

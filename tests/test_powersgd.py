@@ -286,8 +286,8 @@ TOTAL = 1000  # one tensor of 1000 entries: 10 rows of 100 is a matrix the layou
 LARGE = 2**21  # the memory cases' model: 2**10 rows of 2**11
 
 
-def payload(rank, rows, values=b"", quantizer=codec.Float32, num_tensors=1):
-    return (HEADER.pack(codec.VERSION, codec.PowerSGD.wire_id, quantizer.wire_id, 1, num_tensors) + RANK.pack(rank)
+def payload(rank, rows, values=b"", quantizer=codec.quantizers.Float32, num_tensors=1):
+    return (HEADER.pack(codec.VERSION, codec.sparsifiers.PowerSGD.wire_id, quantizer.wire_id, 1, num_tensors) + RANK.pack(rank)
             + struct.pack(f"<{len(rows)}I", *rows) + values)
 
 
@@ -329,11 +329,11 @@ def test_the_hand_built_layout_is_the_decoders():
 
 @pytest.mark.parametrize("data", [
     payload(1024, [1024], f32(1000)),  # rank 1024 of 1024 x 2048: 3 * 2**20 coefficients claimed
-    payload(1024, [1024], bytes(1000), codec.Sign),  # a bit each: still 384 kB claimed
-    payload(1024, [1024], struct.pack("<HI", 4, 1) + bytes(1000), codec.QSGD),  # a norm per coefficient
+    payload(1024, [1024], bytes(1000), codec.quantizers.Sign),  # a bit each: still 384 kB claimed
+    payload(1024, [1024], struct.pack("<HI", 4, 1) + bytes(1000), codec.quantizers.QSGD),  # a norm per coefficient
     payload(1, [2**21], f32(100)),  # a 2**21 x 1 matrix: rows the size of the model
     # rank 8: 24576 coefficients, a bit each present, but not their 24576 norms (96 kB)
-    payload(8, [1024], struct.pack("<HI", 4, 1) + bytes(3072 + 8), codec.QSGD),
+    payload(8, [1024], struct.pack("<HI", 4, 1) + bytes(3072 + 8), codec.quantizers.QSGD),
 ], ids=["f32", "sign", "qsgd buckets of 1", "one column", "qsgd levels present, norms not"])
 def test_a_claim_beyond_the_bytes_is_refused_in_bounded_memory(data):
     tracemalloc.start()
@@ -352,18 +352,18 @@ def test_a_rank_above_the_receivers_is_refused_before_any_reconstruction():
     receiver's rank it is refused from its header; the same factors at that rank decode."""
     run = {"sparsifier": "powersgd", "quantize": "sign", "rank": 2}
     signs = bytes(math.ceil(1024 * 3072 / 8))
-    hostile = payload(1024, [1024], struct.pack("<2f", 1.0, 1.0) + signs, codec.Sign)
+    hostile = payload(1024, [1024], struct.pack("<2f", 1.0, 1.0) + signs, codec.quantizers.Sign)
     assert len(codec.decode(hostile, [LARGE])[2][0]) == LARGE  # well formed: only the rank bound refuses it
     with pytest.raises(codec.PayloadError, match="PowerSGD rank 1024, where this run's rank is 2"):
         codec.decode(hostile, [LARGE], run)
-    honest = payload(2, [1024], struct.pack("<2f", 1.0, 1.0) + bytes(2 * 3072 // 8), codec.Sign)
+    honest = payload(2, [1024], struct.pack("<2f", 1.0, 1.0) + bytes(2 * 3072 // 8), codec.quantizers.Sign)
     assert codec.decode(honest, [LARGE], run)[2][0].tolist() == [2.0] * LARGE  # (+1)(+1) + (+1)(+1)
 
 
 def test_the_server_refuses_ranks_above_its_own(make_conf, tiny_model):
     """The server's bound is its config's rank: nn.Linear(3, 2)'s 2 x 3 weight at rank 2 is refused under rank 1 and
     accepted under rank 2."""
-    rank_two = (HEADER.pack(codec.VERSION, codec.PowerSGD.wire_id, 0, 1, 2) + RANK.pack(2) + struct.pack("<2I", 2, 0)
+    rank_two = (HEADER.pack(codec.VERSION, codec.sparsifiers.PowerSGD.wire_id, 0, 1, 2) + RANK.pack(2) + struct.pack("<2I", 2, 0)
                 + f32(2 * 2 + 2 * 3) + f32(2))
     for rank, problem in ((1, "malformed payload (PowerSGD rank 2, where this run's rank is 1)"), (2, None)):
         server = Server(tiny_model, make_conf(sparsifier="powersgd", quantize="none", rank=rank), torch.device("cpu"))

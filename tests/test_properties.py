@@ -88,13 +88,13 @@ def carries(conf, key, numels, receiver):
     if key == "rank":
         return conf["sparsifier"] == "powersgd"
     if conf["sparsifier"] == "topk":
-        return codec.topk_count(conf["prop"], numels, conf["topk_scope"]) != \
-            codec.topk_count(receiver["prop"], numels, conf["topk_scope"])
+        return codec.sparsifiers.topk_count(conf["prop"], numels, conf["topk_scope"]) != \
+            codec.sparsifiers.topk_count(receiver["prop"], numels, conf["topk_scope"])
     if conf["sparsifier"] == "hybrid":
         return counts_of_hybrid(conf, numels) != counts_of_hybrid(receiver, numels)
     return conf["sparsifier"] == "random"
 
 
 def counts_of_hybrid(conf, numels):
-    top = codec.topk_count(conf["topk_share"] * conf["prop"], numels, conf["topk_scope"])
-    return top, codec.Hybrid.random_count(conf["prop"], numels, top)
+    top = codec.sparsifiers.topk_count(conf["topk_share"] * conf["prop"], numels, conf["topk_scope"])
+    return top, codec.sparsifiers.Hybrid.random_count(conf["prop"], numels, top)
