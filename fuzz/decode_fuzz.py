@@ -27,6 +27,7 @@ sys.path.insert(0, ROOT)
 
 import codec  # noqa: E402
 import fuzz_target  # noqa: E402
+from codec import positions, quantizers, sparsifiers, wire  # noqa: E402
 
 
 def instrument(module):
@@ -54,8 +55,8 @@ def main():
     corpora = [arg for arg in sys.argv[1:] if not arg.startswith("-")]
     for folder in corpora:
         seed_corpus(folder)
-    instrument(codec)
-    instrument(fuzz_target)
+    for module in (codec, wire, positions, sparsifiers, quantizers, fuzz_target):
+        instrument(module)
     atheris.Setup(sys.argv, fuzz_target.check)
     atheris.Fuzz()
 
