@@ -1,5 +1,6 @@
 """Downloads: every client that applies the bytes it downloads holds the server's model bit for bit (its own replica
 of the model, trained from), relay gives the dense run's results exactly, and the bytes are what the layout says."""
+import collections
 import copy
 import math
 import struct
@@ -369,3 +370,22 @@ def test_replayed_rounds_that_kept_the_model_cost_no_aggregate(tiny_model, make_
     monkeypatch.setattr(Server, "aggregate", lambda self, *args: calls.append(args))
     downloads.apply_sync(codec.encode_sync(codec.REPLAY, [[]] * 1000), replica, rounds_played=1000)
     assert calls == []
+
+
+def test_restoring_a_message_log_checks_each_message_as_the_download_decodes_it(tiny_model, make_conf):
+    """A checkpoint's log of round messages is decoded with the download's method on resume: a NaN step, or a message
+    of another method, is refused there rather than replayed into a client's model later."""
+    conf = make_conf(download="compressed", download_sparsifier="none", download_quantize="none")
+    server = Server(tiny_model, conf, CPU)
+    step = struct.pack("<BBBII", 2, 0, 0, 0, 2) + struct.pack("<8f", *[0.5] * 8)
+    state = {"version": 1, "synced": {0: 1}, "log": [(1, [step])], "last_changed": server.syncs.last_changed}
+    server.syncs.restore(state, server.download.method)
+    assert server.syncs.log == collections.deque([(1, [step])])
+    nan_step = step[:-4] + struct.pack("<f", math.nan)
+    with pytest.raises(ValueError, match="round 1's message holds NaN or Inf"):
+        server.syncs.restore({**state, "log": [(1, [nan_step])]}, server.download.method)
+    sparse = struct.pack("<BBBII", 2, 2, 0, 0, 2) + struct.pack("<BIB", 1, 1, 7) + struct.pack("<f", 0.5)  # top-k
+    with pytest.raises(codec.PayloadError, match="sparsifier topk and quantize none, where this run's are none and"):
+        server.syncs.restore({**state, "log": [(1, [sparse])]}, server.download.method)
+    with pytest.raises(ValueError, match="round 2 of 1"):
+        server.syncs.restore({**state, "log": [(2, [step])]}, server.download.method)
