@@ -58,7 +58,7 @@ def main():
         conf = {"prop": args.prop, "levels": 4, "bucket_size": 512, "topk_share": 0.5, "rank": 2, **keys}
         # PowerSGD's first encode (no memory) draws its start; from a warm start it does the same work
         encode_seconds, encoded = best_of(args.repeats, lambda: codec.encode(conf, diffs, 500, 1, 2, shapes))
-        decode_seconds, _ = best_of(args.repeats, lambda: codec.decode(encoded.payload, numels))
+        decode_seconds, _ = best_of(args.repeats, lambda: codec.decode(encoded.payload, numels, conf))
         size = len(encoded.payload)
         print(f"{label:>34}: encode {encode_seconds * 1e3:7.1f} ms  decode {decode_seconds * 1e3:7.1f} ms  "
               f"{size / 1e3:9.1f} kB ({size / codec.dense_size(numels):.3%} of dense)")
