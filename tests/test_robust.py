@@ -188,24 +188,43 @@ def test_roll_back_leaves_what_a_refused_round_leaves(tiny_model, make_conf):
 
 # ---- the targets: one hostile upload in round 1, default settings ----------------------------------------------
 
+# Two runs are compared where neither is chaotic, and over rounds rather than at one. At TINY's lr 0.05 these runs are
+# chaotic (a round can lose 30 points): on six float paths (1 or 2 threads; ATEN_CPU_CAPABILITY avx512, avx2 or
+# default, as other CPUs take) the honest and the attacked run ended round 12 from 0.2 to 5.6 points apart, where the
+# test allowed 1. At lr 0.02 the same paths move no round by more than 0.6 points. After 24 rounds both runs are near
+# their plateau, where a single round still wobbles (by 0.9 points from one round to the next on average, 3.7 at most,
+# over rounds 20-24 of seeds 0-11), so the mean over the last 5 rounds is compared: honest minus attacked was +0.04 to
+# +0.22 points on the six paths, and within 0.76 points over seeds 0-11 (mean +0.33, sd 0.29: the cost of the round
+# lost).
+ROUNDS, LAST = 24, 5
+
+
 @pytest.fixture(scope="module")
 def honest_run(tmp_path_factory):
-    conf = config.validate({**TINY, "global_epochs": 12, "data_dir": str(tmp_path_factory.mktemp("data"))})
+    conf = config.validate({**TINY, "lr": 0.02, "global_epochs": ROUNDS,
+                            "data_dir": str(tmp_path_factory.mktemp("data"))})
     return conf, federation.run(conf, str(tmp_path_factory.mktemp("honest")), False, InProcess)
 
 
+def last_rounds_accuracy(rows):
+    return sum(row["accuracy"] for row in rows[-LAST:]) / LAST
+
+
 def test_one_hostile_upload_costs_the_run_at_most_a_point(honest_run, tmp_path):
+    """Round 1 is rolled back and the run goes on: it ends where the honest run does, within a point, in the mean of
+    its last 5 rounds (the last round alone wobbles by more than a point)."""
     conf, honest = honest_run
     rows = federation.run(conf, str(tmp_path / "run"), False, lambda *args: Hostile(*args, "1e30"))
-    assert [row["refused"] for row in rows] == [1] + [0] * 11  # later honest uploads are accepted again
+    assert [row["refused"] for row in rows] == [1] + [0] * (ROUNDS - 1)  # later honest uploads are accepted again
     assert all(math.isfinite(row["loss"]) for row in rows)
-    assert abs(rows[-1]["accuracy"] - honest[-1]["accuracy"]) <= 0.01
+    assert abs(last_rounds_accuracy(rows) - last_rounds_accuracy(honest)) <= 0.01
 
 
 def test_a_claim_of_2_32_minus_1_examples_counts_as_the_clients_share(honest_run, tmp_path):
     conf, honest = honest_run
-    rows = federation.run(conf, str(tmp_path / "run"), False, lambda *args: Hostile(*args, "count"))
-    assert without_seconds(rows) == without_seconds(honest)
+    rows = federation.run({**conf, "global_epochs": 12}, str(tmp_path / "run"), False,  # 12 rounds show it
+                          lambda *args: Hostile(*args, "count"))
+    assert without_seconds(rows) == without_seconds(honest[:12])
 
 
 def test_claimed_counts_are_cut_to_the_registered_ones(tiny_model, make_conf):
