@@ -28,8 +28,8 @@ GLOBAL_B = [0.5, -0.5]
 
 def hostile_payload(kind, conf, numels, honest):
     """A hostile upload: 1e30 in every entry the run's method sends (finite: it passes every check the decoder makes),
-    one of another method written by hand from codec.py's layout (sparsifier none 0, quantizer ternary 4, a shared
-    magnitude of 1e38), or the honest upload claiming 2^32-1 examples."""
+    one of another method written by hand from the layout in codec/__init__.py (sparsifier none 0, quantizer ternary
+    4, a shared magnitude of 1e38), or the honest upload claiming 2^32-1 examples."""
     if kind == "1e30":
         return codec.encode(conf, [torch.full((n,), 1e30) for n in numels], 750, mask_seed=1).payload
     if kind == "ternary 1e38":  # every entry, one shared magnitude 1e38, every sign bit 0 (+)
