@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import clock
 import codec
 import robust
 from utils.seeding import derive_seed, generator
@@ -39,6 +40,11 @@ def check_kept(what, tensors, numels):
             raise ValueError(f"{what} holds NaN or Inf")
 
 
+def local_steps(examples, conf):
+    """The SGD steps a client with `examples` training examples takes in a round."""
+    return math.ceil(examples / conf["batch_size"]) * conf["local_epochs"]
+
+
 @dataclass
 class Upload:
     client_id: int
@@ -54,6 +60,12 @@ class Client:
         self.conf = conf
         self.residual = None  # error feedback: flat tensors of what the server has not received yet
         self.memory = None  # what the sparsifier carries from one upload to the next (PowerSGD's warm start)
+        # under a deadline or over-selection: the residual to keep instead if the server discards the last upload
+        self.residual_if_dropped = None
+
+    def dropped(self):
+        """The server discarded this client's last upload (it came too late): keep all of that diff."""
+        self.residual, self.residual_if_dropped = self.residual_if_dropped, None
 
     def mask_seed(self, round_index):
         """The seed of this client's random mask: drawn once (the chapter's fixed mask) or anew each round."""
@@ -74,7 +86,7 @@ class Client:
         optimizer = torch.optim.SGD(model.parameters(), lr=conf["lr"], momentum=conf["momentum"])
         shuffle = generator(conf["seed"], "shuffle", round_index, self.id)
         torch.manual_seed(derive_seed(conf["seed"], "dropout", round_index, self.id))  # models with dropout (VGG)
-        steps_per_epoch = math.ceil(len(self.indices) / conf["batch_size"])
+        total_steps = local_steps(len(self.indices), conf)
         loss_sum, steps = 0.0, 0
         for _ in range(conf["local_epochs"]):
             for images, labels in dataset.train_batches(self.indices, conf["batch_size"], shuffle):
@@ -85,7 +97,7 @@ class Client:
                 loss_sum += loss.detach()
                 steps += 1
                 if progress:
-                    progress(steps, steps_per_epoch * conf["local_epochs"])
+                    progress(steps, total_steps)
         return self._upload(model, global_state, round_index, float(loss_sum) / max(steps, 1))
 
     def _upload(self, model, global_state, round_index, train_loss):
@@ -102,6 +114,8 @@ class Client:
         self.memory = encoded.memory
         if self.conf["error_feedback"]:
             decay = self.conf["residual_decay"]
+            if clock.may_drop(self.conf):  # if the upload is discarded, nothing was received: all of it is kept
+                self.residual_if_dropped = [diff * decay for diff in diffs]
             self.residual = [unreceived(diff, kept, sent).mul_(decay)
                              for diff, kept, sent in zip(diffs, encoded.positions, encoded.values)]
         if robust.attacks(self.conf, self.id, round_index):

@@ -8,16 +8,18 @@ uploads into the server's sums, aggregate (which moves the model by what the dow
 and save the round to the run folder.
 """
 import copy
+import dataclasses
 import math
 import sys
 import time
 
 import torch
 
+import clock
 import codec
 import datasets
 import models
-from client import KEPT, check_kept, kept_numels
+from client import KEPT, check_kept, kept_numels, local_steps
 from server import Server
 from utils import partition, run_files
 from utils.run_files import RunError
@@ -31,10 +33,12 @@ CLEAR_LINE = "\r\033[K"  # carriage return + erase line: replaces the progress l
 BLOWN_UP = 10
 
 
-def sample_clients(conf, round_index):
-    """The sorted ids of the k clients that train in round `round_index` (seeded, independent of earlier rounds)."""
-    chosen = torch.randperm(conf["no_models"], generator=generator(conf["seed"], "sample", round_index))
-    return sorted(chosen[:conf["k"]].tolist())
+def sample_clients(conf, round_index, online=None, count=None):
+    """The sorted ids of the `count` (k unless told) clients that train in round `round_index`, drawn among the ids
+    `online` (every client when None); seeded, independent of earlier rounds."""
+    pool = conf["no_models"] if online is None else len(online)
+    chosen = torch.randperm(pool, generator=generator(conf["seed"], "sample", round_index))[:count or conf["k"]]
+    return sorted((chosen if online is None else online[chosen.numpy()]).tolist())
 
 
 def run(conf, out, resume, transport_factory):
@@ -59,6 +63,8 @@ def run(conf, out, resume, transport_factory):
         if not resume and run_files.holds_run(out):  # another run finished here since the command line was checked
             raise RunError(f"{out} already holds a run: continue it with --resume, or choose another --out")
         transport = transport_factory(conf, dataset, shares, copy.deepcopy(server.model))
+        timer = clock.Clock(conf, [local_steps(len(share), conf) for share in shares]) if conf["clock"] != "none" \
+            else None
         rows = []
         if resume:
             rows = restore(out, conf, server, transport, device)
@@ -67,25 +73,39 @@ def run(conf, out, resume, transport_factory):
         run_files.write_environment(out, device, len(rows) + 1)
         show_progress = sys.stdout.isatty()
         for round_index in range(len(rows) + 1, conf["global_epochs"] + 1):
-            rows.append(play_round(round_index, conf, server, transport, dataset, show_progress))
+            rows.append(play_round(round_index, conf, server, transport, dataset, timer, show_progress))
+            if timer:
+                rows[-1]["sim_seconds"] = clock.elapsed(rows[-2]["sim_seconds"] if len(rows) > 1 else 0.0,
+                                                        rows[-1]["round_seconds"])
             with run_files.signals_held():  # a stop during the save waits for the round's line, so it is shown
                 save(out, conf, server, transport, rows)
                 print_row(rows[-1], conf["global_epochs"], show_progress)
     return rows
 
 
-def play_round(round_index, conf, server, transport, dataset, show_progress=False):
-    """One round: sample, synchronize, train, receive, aggregate (and roll back a round after which the loss on the
-    server's validation split blew up), evaluate on the test split; returns its metrics row. The test split is only
-    scored: nothing that changes the model reads it."""
+def play_round(round_index, conf, server, transport, dataset, timer=None, show_progress=False):
+    """One round: sample, synchronize, train, time it on the simulated clock (`timer`: which uploads arrive in time),
+    receive, aggregate (and roll back a round after which the loss on the server's validation split blew up),
+    evaluate on the test split; returns its metrics row. The test split is only scored: nothing that changes the
+    model reads it."""
     started = time.perf_counter()
-    chosen = sample_clients(conf, round_index)
+    chosen = sample_clients(conf, round_index, timer.online(round_index), timer.sampled()) if timer else \
+        sample_clients(conf, round_index)
     syncs = {client_id: server.sync(client_id) for client_id in chosen}  # (the bytes it downloads, their kind)
     progress = progress_printer(round_index) if show_progress else None
     uploads = transport.train(chosen, {c: sync for c, (sync, _) in syncs.items()}, server.global_state(), round_index,
                               progress)
+    timings, round_seconds = timer.play(round_index, [(upload.client_id, len(syncs[upload.client_id][0]),
+                                                       len(upload.payload)) for upload in uploads]) if timer else ([], 0)
+    dropped = {timing.client for timing in timings if not timing.arrived}
+    if clock.may_drop(conf):
+        transport.drop(dropped)
+    if timings and len(dropped) == len(timings):
+        print(f"round {round_index}: no upload arrived in time: the deadline is {conf['deadline']:g} s, the fastest "
+              f"client needed {min(t.finish_s for t in timings):.4g} s", file=sys.stderr)
+    arrived = [upload for upload in uploads if upload.client_id not in dropped]
     upload_bytes, rejected = 0, 0
-    for upload in uploads:
+    for upload in arrived:
         problem = upload.problem or server.receive(upload.payload, upload.client_id)
         if upload.problem:  # nothing usable came back: what the client's model is now, the server cannot tell
             server.syncs.forget(upload.client_id)
@@ -93,7 +113,7 @@ def play_round(round_index, conf, server, transport, dataset, show_progress=Fals
             rejected += 1
             print(f"round {round_index}: rejected client {upload.client_id}'s upload: {problem}", file=sys.stderr)
         upload_bytes += len(upload.payload)
-    losses = [upload.train_loss for upload in uploads if upload.problem is None]
+    losses = [upload.train_loss for upload in arrived if upload.problem is None]
     entries = server.received_entries
     kept = server.aggregate(round_index)
     if kept:
@@ -104,19 +124,27 @@ def play_round(round_index, conf, server, transport, dataset, show_progress=Fals
             server.roll_back()
             print(f"round {round_index}: rolled back: {kept}", file=sys.stderr)
     accuracy, loss = server.evaluate(dataset.test_images, dataset.test_labels)
-    download_bytes = sum(len(sync) for sync, _ in syncs.values())
+    kept_clients = [client_id for client_id in chosen if client_id not in dropped]
+    download_bytes = sum(len(syncs[client_id][0]) for client_id in kept_clients)
     kinds = [kind for _, kind in syncs.values()]
-    return {
+    row = {
         "round": round_index, "accuracy": round(accuracy, 6), "loss": round(loss, 6),
         "train_loss": round(sum(losses) / len(losses), 6) if losses else float("nan"), "upload_bytes": upload_bytes,
-        "dense_upload_bytes": codec.dense_size(server.numels) * len(chosen), "download_bytes": download_bytes,
+        "dense_upload_bytes": codec.dense_size(server.numels) * len(kept_clients), "download_bytes": download_bytes,
         "total_bytes": upload_bytes + download_bytes,
-        "upload_fraction": round(entries / (sum(server.numels) * len(chosen)), 6),
+        "upload_fraction": round(entries / (sum(server.numels) * max(len(kept_clients), 1)), 6),
         "syncs_replay": kinds.count("replay"), "syncs_changed": kinds.count("changed"),
         "syncs_dense": kinds.count("dense"),
-        "clients": " ".join(map(str, chosen)), "rejected": rejected,
+        "clients": " ".join(map(str, kept_clients)), "rejected": rejected,
         "refused": int(kept is not None), "seconds": round(time.perf_counter() - started, 3),
     }
+    if timer:
+        late = [timing for timing in timings if not timing.arrived]
+        row.update({"round_seconds": round(round_seconds, 6), "dropped": len(late),
+                    "dropped_download_bytes": sum(timing.download_bytes for timing in late),
+                    "dropped_upload_bytes": sum(timing.upload_bytes for timing in late),
+                    "timings": [dataclasses.asdict(timing) for timing in timings]})
+    return row
 
 
 def blown_up(loss, num_classes):
@@ -200,11 +228,14 @@ def first_line(error):
 
 
 def print_row(row, total_rounds, clear_progress):
-    share = row["upload_bytes"] / row["dense_upload_bytes"]
+    dense = row["dense_upload_bytes"]  # 0 when no upload arrived in time
+    share = f"{row['upload_bytes'] / dense:.1%} of dense" if dense else "none arrived"
     print(f"{CLEAR_LINE if clear_progress else ''}round {row['round']:>3}/{total_rounds}  "
           f"acc {row['accuracy']:.4f}  loss {row['loss']:.4f}  "
-          f"upload {row['upload_bytes'] / 1e6:.3f} MB ({share:.1%} of dense)  "
-          f"download {row['download_bytes'] / 1e6:.3f} MB  {row['seconds']:.1f} s", flush=True)
+          f"upload {row['upload_bytes'] / 1e6:.3f} MB ({share})  "
+          f"download {row['download_bytes'] / 1e6:.3f} MB  {row['seconds']:.1f} s"
+          + (f"  (simulated {row['round_seconds']:.1f} s, {row['sim_seconds']:.1f} s in all)" if "sim_seconds" in row
+             else ""), flush=True)
 
 
 def progress_printer(round_index):

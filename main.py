@@ -43,6 +43,7 @@ if __name__ == "__main__":  # before the slow imports below, so that SIGTERM whi
 try:  # torch takes seconds to import: Ctrl-C meanwhile is a clean stop, not a traceback
     import torch
 
+    import clock
     import datasets
     import engines
     import federation
@@ -54,7 +55,7 @@ except KeyboardInterrupt as stop:
     print("\ninterrupted while starting: nothing was saved", file=sys.stderr)
     sys.exit(exit_status(stop))
 
-BAD_INPUT = (config.ConfigError, datasets.DataError, models.ModelError, partition.PartitionError, RunError)
+BAD_INPUT = (config.ConfigError, clock.ProfileError, datasets.DataError, models.ModelError, partition.PartitionError, RunError)
 
 
 def resolve(args):
@@ -68,6 +69,7 @@ def resolve(args):
     run_files.check_writable(out)
     federation.pick_device(conf["device"])
     models.check_name(conf["model_name"])
+    clock.Profiles.for_run(conf)  # a profile CSV that does not describe the run's clients
     if args.engine == "flower":
         check_actors(conf, args)
     return conf, out
@@ -189,8 +191,8 @@ def start(conf, out, resume, args):
     rows = train_rounds(conf, out, resume, args)
     refused = sum(row.get("refused", 0) for row in rows)
     if rows and refused == len(rows):
-        print(f"error: no round of {out} changed the global model: in every round the uploads were rejected, or "
-              f"their aggregate was non-finite or changed no entry ({where_refusals_show(out, earlier, len(rows))})",
+        print(f"error: no round of {out} changed the global model: in every round the uploads were rejected or came "
+              f"after the deadline, or their aggregate was non-finite or changed no entry ({where_refusals_show(out, earlier, len(rows))})",
               file=sys.stderr)
         return 1
     if rows:

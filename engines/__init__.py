@@ -2,6 +2,8 @@
 
     train(chosen, syncs, global_state, round_index, progress) -> the clients' Uploads, sorted by client id
         (syncs: client id -> the bytes it downloads to hold global_state; downloads.apply_sync applies them)
+    drop(dropped)  (under a deadline or over-selection, after every train: the ids whose uploads the server discarded,
+        possibly none; those clients keep all of their diffs as their error-feedback residual, not what was sent)
     client_state() -> what the clients keep between rounds, for the checkpoint: {"residuals": {id: error-feedback
         residual}, "memories": {id: the sparsifier's memory, PowerSGD's warm start}, "models": {id: the model a node
         holds, a dense payload}}

@@ -37,6 +37,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+import clock
 import codec
 import datasets
 import downloads
@@ -50,6 +51,7 @@ from utils.run_files import RunError
 from utils.seeding import derive_seed
 
 APP_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the folder of pyproject.toml: the Flower app
+IF_DROPPED = "residual_if_dropped"  # a reply's residual for the case that the server discards its upload
 POLL_SECONDS = 0.02  # how often the server asks for replies (Flower's send_and_receive waits 3 s between asks)
 
 
@@ -92,6 +94,8 @@ def train(message: Message, context: Context) -> Message:
         if getattr(client, name) is not None:
             reply[name] = codec.encode(codec.DENSE_F32, getattr(client, name), 0).payload
             kept[name] = ConfigRecord({"values": reply[name]})
+    if client.residual_if_dropped is not None:  # the server keeps it, and hands it back if it discards this upload
+        reply[IF_DROPPED] = codec.encode(codec.DENSE_F32, client.residual_if_dropped, 0).payload
     return Message(RecordDict({"upload": ConfigRecord(reply)}), reply_to=message)
 
 
@@ -150,6 +154,7 @@ class GridTransport:
         self.kept = {name: {} for name in KEPT}  # per thing a client keeps: client id -> its dense payload
         self.models = {}  # client id -> the model its node holds, a dense payload (one object per round, shared)
         self.to_restore = {}  # client id -> what to hand back after a resume with its next message
+        self.if_dropped = {}  # client id -> the residual it keeps if the server discards its last upload
 
     def _find_nodes(self):
         """Map each client (partition id) to its node, asking every node once which partition it holds."""
@@ -204,6 +209,8 @@ class GridTransport:
         for name in KEPT:
             if name in record:
                 self.kept[name][client_id] = record[name]
+        if IF_DROPPED in record:
+            self.if_dropped[client_id] = record[IF_DROPPED]
         # the payload's bytes are the server's to decode: it rejects a garbled one, and the round counts its bytes
         return Upload(client_id, record["payload"], record["train_loss"])
 
@@ -220,14 +227,18 @@ class GridTransport:
             raise ValueError(f"its train_loss {record['train_loss']!r} is not a number")
         for name, numels in self.kept_numels.items():
             self._check_kept(record, name, numels)
+        droppable = clock.may_drop(self.conf) and self.kept_numels["residual"] is not None
+        self._check_kept(record, IF_DROPPED, self.kept_numels["residual"] if droppable else None)
 
     def _check_kept(self, record, name, numels):
-        """Raise ValueError when the reply's `name` (client.KEPT) is not the dense, finite tensors of `numels` entries
-        that its client keeps, or is there when it keeps none (numels None)."""
+        """Raise ValueError when the reply's `name` (client.KEPT, or IF_DROPPED) is not the dense, finite tensors of
+        `numels` entries that its client keeps, or is there when it keeps none (numels None)."""
         expected = numels is not None
         if (name in record) != expected:
-            why = (f"error feedback is {'on' if expected else 'off'}" if name == "residual" else
-                   f"the {self.conf['sparsifier']} sparsifier keeps {'one' if expected else 'none'}")
+            why = {"residual": f"error feedback is {'on' if expected else 'off'}",
+                   "memory": f"the {self.conf['sparsifier']} sparsifier keeps {'one' if expected else 'none'}",
+                   IF_DROPPED: "error feedback under a deadline or over-selection keeps one" if expected else
+                   "no upload of this run can be discarded with error feedback"}[name]
             raise ValueError(f"its {name} is {'missing' if expected else 'unexpected'}: {why}")
         if not expected:
             return
@@ -238,6 +249,15 @@ class GridTransport:
         except codec.PayloadError as e:
             raise ValueError(f"its {name} is not a dense payload for this model ({e})") from None
         check_kept(f"its {name}", values, numels)
+
+    def drop(self, dropped):
+        """The server discarded the uploads of `dropped`: each keeps the residual its node sent for that case, which
+        the node is handed back with its next message."""
+        for client_id in dropped:
+            if client_id in self.if_dropped:
+                self.kept["residual"][client_id] = self.if_dropped[client_id]
+                self.to_restore.setdefault(client_id, {})["residual"] = self.if_dropped[client_id]
+        self.if_dropped = {}
 
     def client_state(self):
         kept = {KEPT[name]: {str(c): codec.decode(payload, self.kept_numels[name], codec.DENSE_F32)[2]

@@ -13,14 +13,24 @@ class InProcess:
         self.dataset = dataset
         self.workspace = workspace
         self.clients = [Client(i, share, conf) for i, share in enumerate(shares)]
+        self.last_trained = []
 
     def train(self, chosen, syncs, global_state, round_index, progress=None):
-        uploads = []
+        uploads, self.last_trained = [], chosen
         for position, client_id in enumerate(chosen):
             steps = (lambda step, total: progress(position, len(chosen), step, total)) if progress else None
             uploads.append(self.clients[client_id].local_train(self.workspace, global_state, self.dataset,
                                                                round_index, steps))
         return uploads
+
+    def drop(self, dropped):
+        """The uploads of the clients `dropped` were discarded (they came too late): they keep all of their diffs. The
+        others of the last round let go of what they would have kept instead."""
+        for client_id in self.last_trained:
+            client = self.clients[client_id]
+            if client_id in dropped:
+                client.dropped()
+            client.residual_if_dropped = None
 
     def client_state(self):
         # no client keeps a model here: each trains from the server's

@@ -30,8 +30,11 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0",
        "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
 # STC with error feedback and server momentum, and a compressed download: state on the clients (residuals, the
 # nodes' models) and on the server (momentum, its residual, the message log), carried from round to round
+# on the simulated clock, 3 of the 4 clients sampled a round (over-selection) and the first 2 kept: the dropped one's
+# residual keeps its whole diff, on every engine
 STATEFUL = {**TINY, "global_epochs": 2, "sparsifier": "topk", "topk_scope": "model", "quantize": "ternary",
-            "prop": 0.05, "error_feedback": True, "server_momentum": 0.5, "download": "compressed"}
+            "prop": 0.05, "error_feedback": True, "server_momentum": 0.5, "download": "compressed",
+            "clock": "simulated", "profile": "mixed", "over_select": 1.5}
 
 
 def run_command(*argv, timeout=600):
@@ -48,11 +51,17 @@ def stateful(tmp_path_factory):
     conf = base / "conf.json"
     conf.write_text(json.dumps({**STATEFUL, "data_dir": str(base / "data")}))
     assert main.main(["-c", str(conf), "--set", "global_epochs=6", "--out", str(base / "inprocess")]) == 0
-    return conf, without_seconds(read_csv(base / "inprocess" / "metrics.csv"))
+    metrics, clients = (read_csv(base / "inprocess" / name) for name in ("metrics.csv", "clients.csv"))
+    assert all(row["dropped"] == "1" for row in metrics)
+    return conf, without_seconds(metrics), clients
+
+
+def rounds_of(clients, rounds):
+    return [row for row in clients if int(row["round"]) <= rounds]
 
 
 def test_flower_simulation_stopped_and_resumed_equals_the_in_process_loop(stateful, tmp_path):
-    conf, expected = stateful
+    conf, expected, clients = stateful
     out = tmp_path / "flower"
     # two actors: a stop must wait for both to finish their message (it used to hang at exit in 2 of 3 tries)
     process = subprocess.Popen([sys.executable, "main.py", "-c", str(conf), "--set", "global_epochs=6",
@@ -73,6 +82,7 @@ def test_flower_simulation_stopped_and_resumed_equals_the_in_process_loop(statef
     resumed = run_command(sys.executable, *command[1:])
     assert "resuming" in resumed.stdout and "done:" in resumed.stdout
     assert without_seconds(read_csv(out / "metrics.csv")) == expected
+    assert read_csv(out / "clients.csv") == clients
 
 
 def test_flower_simulation_listens_on_loopback_only_with_the_actors_asked_for(write_conf, tmp_path):
@@ -160,7 +170,7 @@ def loopback(address):
 def test_a_local_deployment_stopped_and_continued_equals_the_in_process_loop(stateful, tmp_path):
     """deploy/local.sh with TLS and SuperNode authentication, stopped by SIGTERM after a round is saved; the command
     it prints continues on a new rehearsal, to the same metrics as the in-process loop."""
-    conf, expected = stateful
+    conf, expected, clients = stateful
     out, tmp = tmp_path / "deployed", tmp_path / "tmp"
     tmp.mkdir()
     env = {**ENV, "TMPDIR": str(tmp)}  # the rehearsal's $FLWR_HOME, its credentials and logs, are made under tmp
@@ -189,6 +199,7 @@ def test_a_local_deployment_stopped_and_continued_equals_the_in_process_loop(sta
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert "resuming" in resumed.stdout and "done:" in resumed.stdout
     assert without_seconds(read_csv(out / "metrics.csv")) == expected[:4]
+    assert read_csv(out / "clients.csv") == rounds_of(clients, 4)
     leftovers = subprocess.run(["pgrep", "-af", str(tmp_path)], capture_output=True, text=True)
     assert leftovers.stdout == ""  # every process the script started (each names its $FLWR_HOME) is gone
 
@@ -358,15 +369,20 @@ def test_a_reply_with_a_bad_warm_start_is_left_out_and_a_good_one_saved_and_hand
     assert row["rejected"] == 1 and "its memory is unexpected: the none sparsifier keeps none" in capsys.readouterr().err
 
 
-def test_nodes_keep_residuals_and_warm_starts_across_rounds_and_a_resume(flower, make_conf, tmp_path):
+@pytest.mark.parametrize("method", [
+    dict(sparsifier="powersgd", rank=1, download="compressed", download_sparsifier="powersgd",
+         download_quantize="none"),
+    dict(sparsifier="topk", prop=0.1, clock="simulated", over_select=1.5),  # one of 3 dropped a round
+])
+def test_nodes_keep_residuals_and_warm_starts_across_rounds_and_a_resume(flower, make_conf, tmp_path, method):
     """Nodes that run the real ClientApp, each with its own context.state, over the fake grid: stopped after two
     rounds and restarted empty (as a new simulation's nodes are), they get back what they kept from the server's
     checkpoint, and the run ends as the in-process loop does. PowerSGD's warm start and error feedback are state that
-    changes every upload, under a compressed PowerSGD download."""
+    changes every upload, under a compressed PowerSGD download; under over-selection a dropped client's residual is
+    its whole diff."""
     from flwr.app import Context, RecordDict
     from engines.inprocess import InProcess
-    conf = make_conf(global_epochs=4, sparsifier="powersgd", rank=1, error_feedback=True, download="compressed",
-                     download_sparsifier="powersgd", download_quantize="none")
+    conf = make_conf(global_epochs=4, error_feedback=True, **method)
     expected = federation.run(conf, str(tmp_path / "inprocess"), False, InProcess)
 
     def grid_of_new_nodes(conf, dataset, shares, workspace):
@@ -382,6 +398,8 @@ def test_nodes_keep_residuals_and_warm_starts_across_rounds_and_a_resume(flower,
     # bit for bit, not only to the metrics' 6 decimals: an ulp of a warm start a round hid there
     kept, grid_kept = (run_files.load_checkpoint(tmp_path / run, "cpu")["clients"]
                        for run in ("inprocess", "grid"))
+    if conf["clock"] != "none":
+        assert sum(row["dropped"] for row in rows) == 4
     for key in ("residuals", "memories"):
         assert kept[key].keys() == grid_kept[key].keys()
         assert all(torch.equal(a, b) for c in kept[key] for a, b in zip(kept[key][c], grid_kept[key][c])), key

@@ -59,6 +59,21 @@ KEYS = {
     "server_validation": (1000, "training examples the server holds out of every client's share (seeded) for its own "
                                 "decisions: a round after which their loss blew up is rolled back; 0 holds none, and "
                                 "then only a non-finite step is refused. The test split never steers training"),
+    "clock": ("none", "none: no simulated time (the column 'seconds' is this host's) | simulated: each round's time "
+                      "from the bytes each client moved, its local steps and its profile (clock.py): the columns "
+                      "round_seconds and sim_seconds, and <out>/clients.csv, one row per round and client"),
+    "profile": ("mobile", "clock: the clients' links, latency and compute speed: datacenter | wifi | mobile | mixed "
+                          "(presets drawn once, seeded; clock.py names their sources) | the path of a CSV with the "
+                          "header client,uplink_mbps,downlink_mbps,latency_ms,slowness,availability"),
+    "step_seconds": (0.01, "clock: seconds of one local SGD step on the reference device, whose slowness is 1 (the "
+                           "default CNN, batch 32, on this project's 2-core machine; measure yours with python -m "
+                           "utils.step_seconds)"),
+    "availability": (1.0, "clock: the probability that a client is online in a round (a CSV profile's column "
+                          "overrides it); sampling draws among the clients online"),
+    "deadline": (0.0, "clock: seconds after which a client that has not finished is dropped: its upload is discarded "
+                      "(0: wait for every client)"),
+    "over_select": (1.0, "clock: sample ceil(k * over_select) clients (at most every online one) and keep the first k "
+                         "to finish; the rest are dropped (1: sample k)"),
     "defense": ("none", "the server's robust step: none (the aggregation rule) | norm_bound (each upload clipped in L2 "
                         "norm, then the aggregation rule) | median | trimmed_mean (per entry, over the clients that "
                         "sent it, unweighted) | geometric_median (RFA; unsent = 0, weighted by example counts)"),
@@ -93,9 +108,12 @@ CHOICES = {
     "download_topk_scope": ("tensor", "model"),
     "download_first_contact": ("seed", "dense"),
     "partition": ("iid", "dirichlet", "shards"),
+    "clock": ("none", "simulated"),
     "defense": robust.DEFENSES,
     "attack": robust.ATTACKS,
 }
+
+CLOCK_KEYS = ("profile", "step_seconds", "availability", "deadline", "over_select")  # what clock 'none' ignores
 
 # key: (lowest, highest, whether the lowest is allowed)
 RANGES = {
@@ -119,6 +137,10 @@ RANGES = {
     "alpha": (0, math.inf, False),
     "shards_per_client": (1, math.inf, True),
     "server_validation": (0, math.inf, True),
+    "step_seconds": (0, math.inf, False),
+    "availability": (0, 1, True),
+    "deadline": (0, math.inf, True),
+    "over_select": (1, math.inf, True),
     "clip_norm": (0, math.inf, True),
     "clip_multiple": (0, math.inf, False),
     "trim_fraction": (0, 0.5, True),  # 0.5 itself is refused below
@@ -183,6 +205,10 @@ def validate(overrides):
         raise ConfigError("download 'relay' cannot be used with server_momentum: a client replaying the uploads would "
                           "need the server's momentum too; use download 'compressed' (the server broadcasts its step) "
                           "or 'dense'")
+    if conf["clock"] == "none":
+        clocked = [key for key in CLOCK_KEYS if conf[key] != DEFAULTS[key]]
+        if clocked:
+            raise ConfigError(f"config key '{clocked[0]}' acts only on the simulated clock: set clock to 'simulated'")
     if conf["type"] == "cifar10":
         conf["type"] = "cifar"
     return conf

@@ -2,8 +2,11 @@
 megabytes clients uploaded (or uploaded and downloaded: --bytes total), which is what compression buys. Or print the
 runs as a markdown table.
 
-    python -m utils.plot RUN_DIR [RUN_DIR ...] -o FILE.png [--title TEXT] [--bytes upload|total]
-    python -m utils.plot RUN_DIR [RUN_DIR ...] --table
+    python -m utils.plot RUN_DIR [RUN_DIR ...] -o FILE.png [--title TEXT] [--bytes upload|total] [--x round|time]
+    python -m utils.plot RUN_DIR [RUN_DIR ...] --table [--target 0.89]
+
+--x time and --target read the simulated clock's columns (clock=simulated): accuracy against simulated seconds, and
+time to accuracy.
 """
 import argparse
 import csv
@@ -122,15 +125,26 @@ def traffic(row, bytes_shown):
     return row["upload_bytes"] + (row["download_bytes"] if bytes_shown == "total" else 0)
 
 
-def plot_runs(run_dirs, path, title=None, bytes_shown="upload", labels=None):
+def check_timed(run_dirs, runs):
+    """RunError naming the first run made without the simulated clock (no sim_seconds)."""
+    for run_dir, rows in zip(run_dirs, runs):
+        if any("sim_seconds" not in row for row in rows):
+            raise RunError(f"{run_dir} was made without the simulated clock (no sim_seconds): run it with --set "
+                           f"clock=simulated, or plot against rounds")
+
+
+def plot_runs(run_dirs, path, title=None, bytes_shown="upload", labels=None, x="round"):
+    """Accuracy and loss against round (x 'round') or simulated seconds (x 'time'), and accuracy against bytes."""
     runs = [read_rows(d) for d in run_dirs]
+    if x == "time":
+        check_timed(run_dirs, runs)
     figure, (accuracy_axis, loss_axis, bytes_axis) = plt.subplots(1, 3, figsize=(18, 5))
     for i, (rows, label) in enumerate(zip(runs, labels or labels_for(run_dirs))):
         style = dict(marker=MARKERS[i % len(MARKERS)], markersize=4, label=label, color=color(i, len(runs)))
-        rounds = [row["round"] for row in rows]
+        xs = [row["sim_seconds" if x == "time" else "round"] for row in rows]
         accuracy = [row["accuracy"] for row in rows]
-        accuracy_axis.plot(rounds, accuracy, **style)
-        loss_axis.plot(rounds, [row["loss"] for row in rows], **style)
+        accuracy_axis.plot(xs, accuracy, **style)
+        loss_axis.plot(xs, [row["loss"] for row in rows], **style)
         megabytes, total = [], 0.0
         for row in rows:
             total += traffic(row, bytes_shown) / 1e6
@@ -138,9 +152,10 @@ def plot_runs(run_dirs, path, title=None, bytes_shown="upload", labels=None):
         bytes_axis.plot(megabytes, accuracy, **style)
     bytes_axis.set_xscale("log")
     bytes_label = "Uploaded MB" if bytes_shown == "upload" else "Uploaded + downloaded MB"
-    for axis, x, y in ((accuracy_axis, "Round", "Accuracy"), (loss_axis, "Round", "Loss"),
-                       (bytes_axis, f"{bytes_label}, cumulative (log scale)", "Accuracy")):
-        axis.set(xlabel=x, ylabel=y)
+    x_label = "Simulated seconds" if x == "time" else "Round"
+    for axis, x_text, y in ((accuracy_axis, x_label, "Accuracy"), (loss_axis, x_label, "Loss"),
+                            (bytes_axis, f"{bytes_label}, cumulative (log scale)", "Accuracy")):
+        axis.set(xlabel=x_text, ylabel=y)
         axis.grid(alpha=0.3)
     # one legend for the three panels, below them, in as many columns as fit
     columns = min(len(runs), 4)
@@ -158,23 +173,54 @@ def plot_runs(run_dirs, path, title=None, bytes_shown="upload", labels=None):
         plt.close(figure)
 
 
-def table(run_dirs, labels=None):
+def table(run_dirs, labels=None, target=None):
     """Markdown rows: run, final accuracy and the mean of the last 5 rounds (steadier than the final one when rounds
     fluctuate, as under non-IID data), the best round, uploaded MB, its share of dense uploads and how many times
     fewer bytes that is; then downloaded and total MB, and how many times fewer than dense FedAvg's total, which
-    downloads the dense model as many times as it uploads one."""
-    lines = ["| run | final accuracy | last 5 rounds | best accuracy | uploaded MB | of dense | x fewer than dense "
-             "| downloaded MB | total MB | x fewer total |", "|---|---|---|---|---|---|---|---|---|---|"]
+    downloads the dense model as many times as it uploads one. With a `target` accuracy (runs on the simulated clock):
+    the round and the simulated second at which the test accuracy first reaches it, the run's simulated seconds, and
+    where a round's time goes (time_split)."""
+    header = ("| run | final accuracy | last 5 rounds | best accuracy | uploaded MB | of dense | x fewer than dense "
+              "| downloaded MB | total MB | x fewer total |")
+    if target is not None:
+        header += f" round to {target:g} | simulated s to {target:g} | simulated s | down / compute / up |"
+    lines = [header, "|---" * (header.count("|") - 1) + "|"]
     runs = [read_rows(d) for d in run_dirs]
-    for rows, label in zip(runs, labels or labels_for(run_dirs)):
+    if target is not None:
+        check_timed(run_dirs, runs)
+    for run_dir, rows, label in zip(run_dirs, runs, labels or labels_for(run_dirs)):
         sent, dense = run_files.upload_totals(rows)
         received = sum(row["download_bytes"] for row in rows)
         last = [row["accuracy"] for row in rows[-5:]]
-        lines.append(f"| {label} | {rows[-1]['accuracy']:.4f} | {sum(last) / len(last):.4f} | "
-                     f"{max(r['accuracy'] for r in rows):.4f} | {sent / 1e6:.3f} | {ratio(sent, dense, '{:.2%}')} | "
-                     f"{times(dense, sent)} | {received / 1e6:.3f} | {(sent + received) / 1e6:.3f} | "
-                     f"{times(2 * dense, sent + received)} |")
+        line = (f"| {label} | {rows[-1]['accuracy']:.4f} | {sum(last) / len(last):.4f} | "
+                f"{max(r['accuracy'] for r in rows):.4f} | {sent / 1e6:.3f} | {ratio(sent, dense, '{:.2%}')} | "
+                f"{times(dense, sent)} | {received / 1e6:.3f} | {(sent + received) / 1e6:.3f} | "
+                f"{times(2 * dense, sent + received)} |")
+        if target is not None:
+            reached = next((row for row in rows if row["accuracy"] >= target), None)
+            split = " / ".join(f"{share:.0%}" for share in time_split(run_dir))
+            line += (f" {int(reached['round'])} | {reached['sim_seconds']:.1f} |" if reached else
+                     " not reached | not reached |") + f" {rows[-1]['sim_seconds']:.1f} | {split} |"
+        lines.append(line)
     return "\n".join(lines)
+
+
+def time_split(run_dir):
+    """(download, compute, upload): their shares of the time of each round's last client to arrive, the one the round
+    waited for, summed over rounds (clients.csv)."""
+    path = os.path.join(run_dir, "clients.csv")
+    last = {}
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                if row["arrived"] == "1" and (row["round"] not in last or
+                                              float(row["finish_s"]) > float(last[row["round"]]["finish_s"])):
+                    last[row["round"]] = row
+        parts = [sum(float(row[column]) for row in last.values()) for column in ("download_s", "compute_s", "upload_s")]
+    except (OSError, KeyError, ValueError, csv.Error) as e:
+        raise RunError(f"cannot read {path}: {e}") from None
+    total = sum(parts)
+    return [part / total if total else 0.0 for part in parts]
 
 
 def main(argv=None):
@@ -185,6 +231,10 @@ def main(argv=None):
     parser.add_argument("--table", action="store_true", help="print a markdown table instead of drawing")
     parser.add_argument("--bytes", choices=("upload", "total"), default="upload",
                         help="third panel: uploaded MB, or uploaded + downloaded MB")
+    parser.add_argument("--x", choices=("round", "time"), default="round",
+                        help="first two panels against rounds, or against simulated seconds (clock=simulated)")
+    parser.add_argument("--target", type=float, metavar="ACCURACY",
+                        help="--table: add the round and simulated second at which each run first reaches it")
     parser.add_argument("--labels", help="comma-separated names of the runs, in order (default: the differing keys)")
     args = parser.parse_args(argv)
     labels = args.labels.split(",") if args.labels else None
@@ -201,10 +251,10 @@ def main(argv=None):
         return 2
     try:
         if args.table:
-            print(table(args.runs, labels))
+            print(table(args.runs, labels, args.target))
         else:
             check_output(args.output)
-            plot_runs(args.runs, args.output, args.title, args.bytes, labels)
+            plot_runs(args.runs, args.output, args.title, args.bytes, labels, args.x)
             print(f"figure: {args.output}")
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -19,6 +19,11 @@ import torch
 METRICS_COLUMNS = ("round", "accuracy", "loss", "train_loss", "upload_bytes", "dense_upload_bytes",
                    "download_bytes", "total_bytes", "upload_fraction", "syncs_replay", "syncs_changed", "syncs_dense",
                    "clients", "rejected", "refused", "seconds")
+# with the simulated clock (clock.py)
+TIME_COLUMNS = ("round_seconds", "sim_seconds", "dropped", "dropped_download_bytes", "dropped_upload_bytes")
+# clients.csv, with the clock: one row per round and sampled client
+CLIENT_COLUMNS = ("round", "client", "download_bytes", "steps", "upload_bytes", "download_s", "compute_s", "upload_s",
+                  "finish_s", "arrived")
 LOCK_NAME = ".lock"
 CHECKPOINT_MAGIC = b"fedsparse checkpoint, sha256\n"  # then the digest of the rest, which torch.save writes
 DIGEST_SIZE = 32
@@ -147,11 +152,30 @@ def read_config(run_dir):
 
 
 def write_metrics(run_dir, rows):
+    """metrics.csv from the rows; with the simulated clock also its time columns, and clients.csv from the rows'
+    timings."""
+    timed = bool(rows) and "round_seconds" in rows[0]
+    write_csv(os.path.join(run_dir, "metrics.csv"), METRICS_COLUMNS + (TIME_COLUMNS if timed else ()), rows)
+    if timed:
+        write_csv(os.path.join(run_dir, "clients.csv"), CLIENT_COLUMNS, client_rows(rows))
+
+
+def client_rows(rows):
+    """clients.csv's rows: each round's timings (clock.Timing as a dict), its seconds to 6 decimals."""
+    for row in rows:
+        for timing in row["timings"]:
+            yield {"round": row["round"], **{key: round(value, 6) if isinstance(value, float) else value
+                                             for key, value in timing.items() if key != "arrived"},
+                   "finish_s": round(timing["download_s"] + timing["compute_s"] + timing["upload_s"], 6),
+                   "arrived": int(timing["arrived"])}
+
+
+def write_csv(path, columns, rows):
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=METRICS_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    write_atomically(os.path.join(run_dir, "metrics.csv"), text.getvalue().encode())
+    write_atomically(path, text.getvalue().encode())
 
 
 def read_metrics(run_dir):

@@ -1,0 +1,249 @@
+"""The simulated clock (clock.py): a client's time is the formula, checked by hand; the clock changes no other metric;
+deadlines and over-selection keep and drop the clients they should; sampling draws among the online; a dropped
+client keeps its whole diff; re-timing equals a run made with the other profile; bad profiles are one line."""
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import clock
+from client import Client
+from conftest import TINY, read_csv
+from utils import retime, run_files
+
+TIME_COLUMNS = set(run_files.TIME_COLUMNS)
+
+
+def write_profile(path, rows, header="client,uplink_mbps,downlink_mbps,latency_ms,slowness,availability"):
+    path.write_text(header + "\n" + "".join(",".join(map(str, row)) + "\n" for row in rows))
+    return str(path)
+
+
+def without(rows, columns):
+    return [{key: value for key, value in row.items() if key not in columns} for row in rows]
+
+
+def test_a_clients_time_is_the_formula(write_conf, tmp_path, run_main):
+    """4 clients of 500 examples (3000 synthetic, 1000 held by the server), batch 64: ceil(500 / 64) = 8 steps.
+    Client c: uplink 2 + c Mbit/s, downlink 8 Mbit/s, latency 20 ms, slowness 1.5, step 0.05 s."""
+    profile = write_profile(tmp_path / "p.csv", [(c, 2 + c, 8, 20, 1.5, 1) for c in range(4)])
+    out = tmp_path / "run"
+    status, _, err = run_main("-c", write_conf(clock="simulated", profile=profile, step_seconds=0.05), "--out", out)
+    assert status == 0, err
+    metrics, clients = read_csv(out / "metrics.csv"), read_csv(out / "clients.csv")
+    assert len(clients) == 2 * 3
+    for row in clients:
+        c, down, up = int(row["client"]), int(row["download_bytes"]), int(row["upload_bytes"])
+        assert int(row["steps"]) == 8
+        assert float(row["download_s"]) == pytest.approx(down * 8 / 8e6 + 0.020, abs=1e-6)
+        assert float(row["compute_s"]) == pytest.approx(8 * 0.05 * 1.5, abs=1e-6)
+        assert float(row["upload_s"]) == pytest.approx(up * 8 / ((2 + c) * 1e6) + 0.020, abs=1e-6)
+        assert float(row["finish_s"]) == pytest.approx(float(row["download_s"]) + 0.6 + float(row["upload_s"]),
+                                                       abs=2e-6)
+    elapsed = 0.0
+    for metric in metrics:  # a round waits for its slowest client; the bytes are the metrics' own
+        mine = [row for row in clients if row["round"] == metric["round"]]
+        assert " ".join(row["client"] for row in mine) == metric["clients"]
+        assert sum(int(row["upload_bytes"]) for row in mine) == int(metric["upload_bytes"])
+        assert sum(int(row["download_bytes"]) for row in mine) == int(metric["download_bytes"])
+        assert float(metric["round_seconds"]) == max(float(row["finish_s"]) for row in mine)
+        elapsed += float(metric["round_seconds"])
+        assert float(metric["sim_seconds"]) == pytest.approx(elapsed, abs=1e-5)
+        assert metric["dropped"] == "0"
+
+
+@pytest.mark.parametrize("extra", [{"profile": "mobile"}, {"profile": "mixed", "error_feedback": True,
+                                                           "sparsifier": "topk", "prop": 0.1}])
+def test_the_clock_changes_no_other_metric(write_conf, tmp_path, run_main, extra):
+    runs = {}
+    for clock_name in ("none", "simulated"):
+        overrides = {key: value for key, value in extra.items() if clock_name == "simulated" or key != "profile"}
+        out = tmp_path / clock_name
+        assert run_main("-c", write_conf(clock=clock_name, **overrides), "--out", out)[0] == 0
+        runs[clock_name] = read_csv(out / "metrics.csv")
+    assert set(runs["simulated"][0]) - set(runs["none"][0]) == TIME_COLUMNS
+    assert without(runs["simulated"], TIME_COLUMNS | {"seconds"}) == without(runs["none"], {"seconds"})
+    assert not (tmp_path / "none" / "clients.csv").exists()
+
+
+class Fixed:
+    """Profiles whose clients finish at the given seconds: all of it upload time, at 8 Mbit/s (a byte a
+    microsecond), no latency."""
+
+    def __init__(self, finishes):
+        self.profiles = clock.Profiles(np.full(len(finishes), 8.0), np.full(len(finishes), 8.0),
+                                       np.zeros(len(finishes)), np.ones(len(finishes)), np.ones(len(finishes)))
+        self.records = [(c, 0, 0, int(f * 1e6)) for c, f in enumerate(finishes)]
+
+    def play(self, keep, deadline=0.0, round_index=1):
+        conf = {"seed": 0, "step_seconds": 0.01, "deadline": deadline}
+        timings, seconds = clock.play(self.profiles, conf, round_index, self.records, keep)
+        return [t.client for t in timings if t.arrived], seconds
+
+
+def test_deadline_and_over_selection_keep_whom_they_should():
+    round_ = Fixed([3.0, 1.0, 2.0])
+    assert round_.play(keep=3) == ([0, 1, 2], 3.0)  # wait for all
+    assert round_.play(keep=2) == ([1, 2], 2.0)  # over-selection: the first two, the round ends with the second
+    assert round_.play(keep=3, deadline=2.5) == ([1, 2], 2.5)  # one missed the deadline: the round waited for it
+    assert round_.play(keep=1, deadline=2.5) == ([1], 1.0)
+    assert round_.play(keep=3, deadline=0.5) == ([], 0.5)  # none made it
+    assert round_.play(keep=3, deadline=3.0) == ([0, 1, 2], 3.0)  # finishing at the deadline is in time
+
+
+def test_ties_are_broken_by_a_seeded_order():
+    tied = Fixed([1.0, 1.0, 1.0, 1.0])
+    winners = [tied.play(keep=1, round_index=r)[0] for r in range(1, 41)]
+    assert winners == [tied.play(keep=1, round_index=r)[0] for r in range(1, 41)]  # the same every time
+    assert len({tuple(w) for w in winners}) == 4  # and not always the same client
+
+
+def test_over_selection_samples_ceil_of_k_times_its_factor():
+    def sampled(k, factor, clients=20):
+        conf = {"k": k, "over_select": factor, "no_models": clients}
+        return clock.Clock.sampled(type("C", (), {"conf": conf})())
+    assert sampled(2, 1.3) == 3 and sampled(10, 1.1) == 11 and sampled(10, 1.0) == 10 and sampled(10, 3.0) == 20
+
+
+def test_a_deadline_drops_late_clients_and_counts_their_bytes(write_conf, tmp_path, run_main):
+    """Client 3's uplink is 1000 times slower than the others': under a deadline between them, it never arrives."""
+    profile = write_profile(tmp_path / "p.csv", [(c, 0.01 if c == 3 else 10, 100, 0, 1, 1) for c in range(4)])
+    out = tmp_path / "run"
+    conf = write_conf(clock="simulated", profile=profile, deadline=5.0, global_epochs=6, error_feedback=True,
+                      sparsifier="topk", prop=0.1)
+    assert run_main("-c", conf, "--out", out)[0] == 0
+    metrics, clients = read_csv(out / "metrics.csv"), read_csv(out / "clients.csv")
+    assert {row["arrived"] for row in clients if row["client"] == "3"} == {"0"}
+    assert {row["arrived"] for row in clients if row["client"] != "3"} == {"1"}
+    for metric in metrics:
+        mine = [row for row in clients if row["round"] == metric["round"]]
+        late = [row for row in mine if row["client"] == "3"]
+        assert metric["clients"] == " ".join(row["client"] for row in mine if row["client"] != "3")
+        assert int(metric["dropped"]) == len(late)
+        assert int(metric["dropped_upload_bytes"]) == sum(int(row["upload_bytes"]) for row in late)
+        assert int(metric["dropped_download_bytes"]) == sum(int(row["download_bytes"]) for row in late)
+        assert float(metric["round_seconds"]) == (5.0 if late else max(float(r["finish_s"]) for r in mine))
+    assert any(row["client"] == "3" for row in clients)  # so the checks above checked a drop
+
+
+def test_a_deadline_no_client_meets_ends_the_run_with_exit_1(write_conf, tmp_path, run_main):
+    status, _, err = run_main("-c", write_conf(clock="simulated", deadline=0.001), "--out", tmp_path / "run")
+    assert status == 1
+    assert "no upload arrived in time: the deadline is 0.001 s" in err and "no round of" in err
+    assert "Traceback" not in err
+
+
+def test_a_dropped_client_keeps_its_whole_diff(synthetic, make_conf, tiny_model):
+    """With error feedback, a kept upload leaves diff - sent as the residual; a dropped one, all of the diff."""
+    from models import build
+    conf = make_conf(clock="simulated", over_select=2.0, error_feedback=True, sparsifier="topk", prop=0.1,
+                     residual_decay=0.5)
+    torch.manual_seed(0)
+    model = build("cnn", synthetic.image_shape, synthetic.num_classes)
+    state = {name: value.clone() for name, value in model.state_dict().items()}
+    client = Client(0, torch.arange(200), conf)
+    client.local_train(model, state, synthetic, 1)
+    diffs = [(model.state_dict()[name] - state[name]).flatten() for name in state
+             if torch.is_floating_point(state[name])]
+    kept_residual = client.residual
+    assert any((r != d * 0.5).any() for r, d in zip(kept_residual, diffs))  # what was sent left the residual
+    client.dropped()
+    assert all(torch.allclose(r, d * 0.5, atol=1e-7) for r, d in zip(client.residual, diffs))
+    assert client.residual_if_dropped is None
+
+
+def test_sampling_draws_among_the_online(write_conf, tmp_path, run_main):
+    """Client 2 is never online and client 1 half the time: 60 rounds never sample client 2, and sample client 1
+    less often than clients 0 and 3."""
+    profile = write_profile(tmp_path / "p.csv", [(0, 10, 10, 10, 1, 1), (1, 10, 10, 10, 1, 0.5),
+                                                 (2, 10, 10, 10, 1, 0), (3, 10, 10, 10, 1, 1)])
+    out = tmp_path / "run"
+    conf = write_conf(clock="simulated", profile=profile, global_epochs=60, no_models=4, k=2, batch_size=500)
+    assert run_main("-c", conf, "--out", out)[0] == 0
+    sampled = [row["client"] for row in read_csv(out / "clients.csv")]
+    assert sampled.count("2") == 0
+    assert 0 < sampled.count("1") < min(sampled.count("0"), sampled.count("3"))
+
+
+def test_presets_are_seeded_and_have_their_stated_medians():
+    a = clock.Profiles.preset("mobile", 100_000, 0, 1.0)
+    b = clock.Profiles.preset("mobile", 100_000, 0, 1.0)
+    assert np.array_equal(a.uplink, b.uplink) and not np.array_equal(a.uplink, clock.Profiles.preset(
+        "mobile", 100_000, 1, 1.0).uplink)
+    wifi = clock.Profiles.preset("wifi", 100_000, 0, 1.0)
+    assert np.median(wifi.uplink) == pytest.approx(40e6, rel=0.02)
+    assert np.median(wifi.downlink) == pytest.approx(90e6, rel=0.02)
+    assert np.median(a.latency) == pytest.approx(0.030, rel=0.02)
+    # the slow tail, by hand: 80% of uplinks are 10 Mbit/s * e^(0.8 z), 20% are 2 Mbit/s * e^(0.8 z)
+    below_4 = 0.8 * normal_cdf(math.log(0.4) / 0.8) + 0.2 * normal_cdf(math.log(2.0) / 0.8)
+    assert np.mean(a.uplink < 4e6) == pytest.approx(below_4, abs=0.005)
+    assert sum(x.nbytes for x in (a.uplink, a.downlink, a.latency, a.slowness, a.availability)) <= 10e6
+
+
+def normal_cdf(x):
+    return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+
+
+@pytest.mark.parametrize("rows, header, message", [
+    ([(0, 10, 10, 10, 1, 1)] * 1, None, "no row for client 1"),
+    ([(c, 10, 10, 10, 1, 1, 5) for c in range(4)], None, "7 cells, expected 6"),
+    ([(c, 10, 10, 10, 1, 1) for c in range(4)], "client,up,down,latency,slowness,availability", "the header must be"),
+    ([(c, "fast", 10, 10, 1, 1) for c in range(4)], None, "uplink_mbps 'fast' is not a number"),
+    ([(c, 0 if c == 2 else 10, 10, 10, 1, 1) for c in range(4)], None, "uplink_mbps must be finite and above 0"),
+    ([(c, 10, -1, 10, 1, 1) for c in range(4)], None, "downlink_mbps must be finite and above 0"),
+    ([(c, 10, "nan", 10, 1, 1) for c in range(4)], None, "downlink_mbps must be finite"),
+    ([(c, "inf", 10, 10, 1, 1) for c in range(4)], None, "uplink_mbps must be finite"),
+    ([(c, 10, 10, 10, 1, 1.5) for c in range(4)], None, "availability must be finite and in [0, 1]"),
+    ([(c % 3, 10, 10, 10, 1, 1) for c in range(4)], None, "client 0 appears twice"),
+    ([(c + 1, 10, 10, 10, 1, 1) for c in range(4)], None, "client 4 is not one of the run's 4"),
+])
+def test_a_bad_profile_csv_is_one_line(write_conf, tmp_path, run_main, rows, header, message):
+    path = tmp_path / "p.csv"
+    if header:
+        write_profile(path, rows, header)
+    else:
+        write_profile(path, rows)
+    status, out, err = run_main("-c", write_conf(clock="simulated", profile=str(path)), "--out", tmp_path / "run")
+    assert status == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"deadline": 10.0}, "'deadline' acts only on the simulated clock"),
+    ({"profile": "wifi"}, "'profile' acts only on the simulated clock"),
+    ({"clock": "simulated", "profile": "5g"}, "cannot read profile 5g"),
+    ({"clock": "simulated", "over_select": 0.5}, "'over_select' must be >= 1"),
+    ({"clock": "simulated", "step_seconds": 0}, "'step_seconds' must be > 0"),
+    ({"clock": "simulated", "availability": 1.5}, "'availability' must be >= 0 and <= 1"),
+    ({"clock": "simulated", "deadline": float("nan")}, "'deadline' must be >= 0"),
+])
+def test_bad_clock_keys_are_one_line(write_conf, tmp_path, run_main, overrides, message):
+    status, _, err = run_main("-c", write_conf(**overrides), "--out", tmp_path / "run")
+    assert status == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_retiming_equals_a_run_made_with_the_other_profile(write_conf, tmp_path, run_main):
+    runs = {}
+    for profile in ("mobile", "wifi"):
+        out = tmp_path / profile
+        assert run_main("-c", write_conf(clock="simulated", profile=profile), "--out", out)[0] == 0
+        runs[profile] = out
+    assert retime.main([str(runs["mobile"]), "--profile", "wifi", "--out", str(tmp_path / "retimed")]) == 0
+    made, retimed = (read_csv(runs["wifi"] / "metrics.csv"), read_csv(tmp_path / "retimed" / "metrics.csv"))
+    assert retimed == [{**row, "seconds": mobile["seconds"]} for row, mobile in
+                       zip(made, read_csv(runs["mobile"] / "metrics.csv"))]
+    assert read_csv(tmp_path / "retimed" / "clients.csv") == read_csv(runs["wifi"] / "clients.csv")
+    assert read_csv(runs["mobile"] / "metrics.csv")[-1]["sim_seconds"] != made[-1]["sim_seconds"]
+
+
+def test_retiming_refuses_a_run_whose_clients_depended_on_its_profile(write_conf, tmp_path, run_main, capsys):
+    out = tmp_path / "run"
+    assert run_main("-c", write_conf(clock="simulated", over_select=1.5), "--out", out)[0] == 0
+    assert retime.main([str(out), "--profile", "wifi"]) == 2
+    assert "could drop clients" in capsys.readouterr().err
+    plain = tmp_path / "plain"
+    assert run_main("-c", write_conf(), "--out", plain)[0] == 0
+    assert retime.main([str(plain), "--profile", "wifi"]) == 2
+    assert "without the simulated clock" in capsys.readouterr().err
