@@ -223,14 +223,21 @@ class Clock:
         return play(self.profiles, self.conf, round_index,
                     [(client, down, self.steps[client], up) for client, down, up in sizes], self.conf["k"])
 
+    def play_one(self, client, download_bytes, upload_bytes):
+        """The Timing of one client (FedBuff's, which starts and arrives on its own)."""
+        return time_client(self.profiles, self.conf, (client, download_bytes, self.steps[client], upload_bytes))
+
+
+def time_client(profiles, conf, record):
+    """The Timing of a client's `record`: (client, download bytes, local steps, upload bytes)."""
+    return Timing(*record, *map(float, profiles.times(*record, conf["step_seconds"])))
+
 
 def play(profiles, conf, round_index, records, keep):
     """Time a synchronous round. `records`: (client, download bytes, local steps, upload bytes) per sampled client;
     `keep`: how many to keep at most (k). Returns (the Timings, in the records' order, each marked kept or dropped;
     the round's seconds)."""
-    timings = [Timing(client, down, steps, up, *map(float, profiles.times(client, down, steps, up,
-                                                                          conf["step_seconds"])))
-               for client, down, steps, up in records]
+    timings = [time_client(profiles, conf, record) for record in records]
     ties = torch.randperm(len(timings), generator=generator(conf["seed"], "finish ties", round_index)).tolist()
     order = sorted(range(len(timings)), key=lambda i: (timings[i].finish_s, ties[i]))
     deadline = conf["deadline"] or math.inf

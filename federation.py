@@ -18,6 +18,7 @@ import torch
 import clock
 import codec
 import datasets
+import fedbuff
 import models
 from client import KEPT, check_kept, kept_numels, local_steps
 from server import Server
@@ -65,20 +66,22 @@ def run(conf, out, resume, transport_factory):
         transport = transport_factory(conf, dataset, shares, copy.deepcopy(server.model))
         timer = clock.Clock(conf, [local_steps(len(share), conf) for share in shares]) if conf["clock"] != "none" \
             else None
+        buffered = fedbuff.FedBuff(conf, server, transport, timer, sample_clients) if conf["mode"] == "async" else None
         rows = []
         if resume:
-            rows = restore(out, conf, server, transport, device)
+            rows = restore(out, conf, server, transport, device, buffered)
             run_files.write_metrics(out, rows)  # the checkpoint's rows: a kill -9 may have cut metrics.csv short
         run_files.write_config(out, conf)
         run_files.write_environment(out, device, len(rows) + 1)
         show_progress = sys.stdout.isatty()
         for round_index in range(len(rows) + 1, conf["global_epochs"] + 1):
-            rows.append(play_round(round_index, conf, server, transport, dataset, timer, show_progress))
-            if timer:
+            rows.append(play_step(round_index, server, buffered, dataset) if buffered else
+                        play_round(round_index, conf, server, transport, dataset, timer, show_progress))
+            if timer and not buffered:
                 rows[-1]["sim_seconds"] = clock.elapsed(rows[-2]["sim_seconds"] if len(rows) > 1 else 0.0,
                                                         rows[-1]["round_seconds"])
             with run_files.signals_held():  # a stop during the save waits for the round's line, so it is shown
-                save(out, conf, server, transport, rows)
+                save(out, conf, server, transport, rows, buffered)
                 print_row(rows[-1], conf["global_epochs"], show_progress)
     return rows
 
@@ -104,17 +107,63 @@ def play_round(round_index, conf, server, transport, dataset, timer=None, show_p
         print(f"round {round_index}: no upload arrived in time: the deadline is {conf['deadline']:g} s, the fastest "
               f"client needed {min(t.finish_s for t in timings):.4g} s", file=sys.stderr)
     arrived = [upload for upload in uploads if upload.client_id not in dropped]
+    received = receive(round_index, server, arrived)
+    accuracy, loss, kept = step_and_evaluate(round_index, server, dataset)
+    kept_clients = [client_id for client_id in chosen if client_id not in dropped]
+    row = metrics_row(round_index, server, received, kept_clients, [syncs[c] for c in kept_clients],
+                      [kind for _, kind in syncs.values()], accuracy, loss, kept, started)
+    if timer:
+        late = [timing for timing in timings if not timing.arrived]
+        row.update({"round_seconds": round(round_seconds, 6), "dropped": len(late),
+                    "dropped_download_bytes": sum(timing.download_bytes for timing in late),
+                    "dropped_upload_bytes": sum(timing.upload_bytes for timing in late),
+                    "timings": [dataclasses.asdict(timing) for timing in timings]})
+    return row
+
+
+def play_step(step_index, server, buffered, dataset):
+    """One server step of FedBuff (fedbuff.py): the next `buffer_size` uploads to arrive on the simulated clock, each
+    weighted by its staleness, are received, aggregated and evaluated as a round's are; returns its metrics row."""
+    started, before = time.perf_counter(), buffered.now
+    buffer, syncs = buffered.take_buffer(step_index)
+    received = receive(step_index, server, [flight.upload for flight in buffer], buffered.weights(buffer))
+    accuracy, loss, kept = step_and_evaluate(step_index, server, dataset)
+    row = metrics_row(step_index, server, received, [flight.upload.client_id for flight in buffer], syncs,
+                      [kind for _, kind in syncs], accuracy, loss, kept, started)
+    row.update(buffered.stepped(buffer, before))
+    return row
+
+
+@dataclasses.dataclass
+class Received:
+    """What a round's uploads brought: their bytes, how many were rejected, their clients' training losses, and the
+    diff entries the accepted ones carried."""
+    upload_bytes: int
+    rejected: int
+    losses: list
+    entries: int
+
+
+def receive(round_index, server, uploads, weights=None):
+    """Decode `uploads` into the server's sums (each scaled by its weight in `weights`, by client id: a stale upload's
+    under FedBuff); print why any was rejected."""
     upload_bytes, rejected = 0, 0
-    for upload in arrived:
-        problem = upload.problem or server.receive(upload.payload, upload.client_id)
+    for upload in uploads:
+        weight = weights[upload.client_id] if weights else 1.0
+        problem = upload.problem or server.receive(upload.payload, upload.client_id, weight)
         if upload.problem:  # nothing usable came back: what the client's model is now, the server cannot tell
             server.syncs.forget(upload.client_id)
         if problem:
             rejected += 1
             print(f"round {round_index}: rejected client {upload.client_id}'s upload: {problem}", file=sys.stderr)
         upload_bytes += len(upload.payload)
-    losses = [upload.train_loss for upload in arrived if upload.problem is None]
-    entries = server.received_entries
+    losses = [upload.train_loss for upload in uploads if upload.problem is None]
+    return Received(upload_bytes, rejected, losses, server.received_entries)
+
+
+def step_and_evaluate(round_index, server, dataset):
+    """Aggregate what was received (and roll the step back if the loss on the server's validation split blew up),
+    then score the model on the test split; returns (accuracy, loss, why the model stayed as it was or None)."""
     kept = server.aggregate(round_index)
     if kept:
         print(f"round {round_index}: the global model stays as it was: {kept}", file=sys.stderr)
@@ -124,27 +173,26 @@ def play_round(round_index, conf, server, transport, dataset, timer=None, show_p
             server.roll_back()
             print(f"round {round_index}: rolled back: {kept}", file=sys.stderr)
     accuracy, loss = server.evaluate(dataset.test_images, dataset.test_labels)
-    kept_clients = [client_id for client_id in chosen if client_id not in dropped]
-    download_bytes = sum(len(syncs[client_id][0]) for client_id in kept_clients)
-    kinds = [kind for _, kind in syncs.values()]
-    row = {
+    return accuracy, loss, kept
+
+
+def metrics_row(round_index, server, received, clients, downloads, kinds, accuracy, loss, kept, started):
+    """A round's metrics row: `clients` are those whose uploads arrived, `downloads` the (bytes, kind) syncs counted as
+    downloaded, `kinds` the kinds of every sync made."""
+    download_bytes = sum(len(sync) for sync, _ in downloads)
+    losses = received.losses
+    return {
         "round": round_index, "accuracy": round(accuracy, 6), "loss": round(loss, 6),
-        "train_loss": round(sum(losses) / len(losses), 6) if losses else float("nan"), "upload_bytes": upload_bytes,
-        "dense_upload_bytes": codec.dense_size(server.numels) * len(kept_clients), "download_bytes": download_bytes,
-        "total_bytes": upload_bytes + download_bytes,
-        "upload_fraction": round(entries / (sum(server.numels) * max(len(kept_clients), 1)), 6),
+        "train_loss": round(sum(losses) / len(losses), 6) if losses else float("nan"),
+        "upload_bytes": received.upload_bytes,
+        "dense_upload_bytes": codec.dense_size(server.numels) * len(clients), "download_bytes": download_bytes,
+        "total_bytes": received.upload_bytes + download_bytes,
+        "upload_fraction": round(received.entries / (sum(server.numels) * max(len(clients), 1)), 6),
         "syncs_replay": kinds.count("replay"), "syncs_changed": kinds.count("changed"),
         "syncs_dense": kinds.count("dense"),
-        "clients": " ".join(map(str, kept_clients)), "rejected": rejected,
+        "clients": " ".join(map(str, clients)), "rejected": received.rejected,
         "refused": int(kept is not None), "seconds": round(time.perf_counter() - started, 3),
     }
-    if timer:
-        late = [timing for timing in timings if not timing.arrived]
-        row.update({"round_seconds": round(round_seconds, 6), "dropped": len(late),
-                    "dropped_download_bytes": sum(timing.download_bytes for timing in late),
-                    "dropped_upload_bytes": sum(timing.upload_bytes for timing in late),
-                    "timings": [dataclasses.asdict(timing) for timing in timings]})
-    return row
 
 
 def blown_up(loss, num_classes):
@@ -164,8 +212,9 @@ def pick_device(asked):
     return torch.device("cuda" if asked != "cpu" and torch.cuda.is_available() else "cpu")
 
 
-def save(out, conf, server, transport, rows):
+def save(out, conf, server, transport, rows, buffered=None):
     run_files.save(out, {
+        "async": buffered.state() if buffered else None,
         "config": conf,
         "rows": rows,
         "model": server.model.state_dict(),
@@ -176,7 +225,7 @@ def save(out, conf, server, transport, rows):
     })
 
 
-def restore(out, conf, server, transport, device):
+def restore(out, conf, server, transport, device, buffered=None):
     """The saved rows; the server's model, momentum, download state and the clients' state are put back as they
     were. Whatever is restored is checked first: a digest of the file, then every tensor's size and finiteness (a
     NaN saved by a bug, or patched in with a digest made anew, would otherwise spoil every later round)."""
@@ -213,6 +262,8 @@ def restore(out, conf, server, transport, device):
             check_kept(f"the model of client {client_id}'s node", codec.decode(payload, server.numels,
                                                                                codec.DENSE_F32)[2], server.numels)
         transport.restore_client_state(clients)
+        if buffered:
+            buffered.restore(state["async"], len(state["rows"]))
         rows = list(state["rows"])
     except (AttributeError, KeyError, TypeError, RuntimeError, ValueError) as e:
         raise RunError(f"cannot resume {out}: checkpoint.pt is not from this run, or is damaged ({first_line(e)})") \

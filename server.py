@@ -49,10 +49,11 @@ class Server:
         """The global model's floating tensors, flattened in logical order (copies where memory is channels-last)."""
         return [t.flatten() for t in self.globals]
 
-    def receive(self, upload_bytes, client_id=None):
+    def receive(self, upload_bytes, client_id=None, scale=1.0):
         """Decode one upload of `client_id` into this round's sums (with a defense: keep it for the step); returns None,
         or why it was rejected. Its claimed example count weighs it, cut to the client's registered count: a client
-        may lower its weight, never raise it above its share's."""
+        may lower its weight, never raise it above its share's. Its values are multiplied by `scale` (FedBuff's
+        staleness weight; 1 in a synchronous round)."""
         try:
             claimed, positions, values = codec.decode(upload_bytes, self.numels, self.method)
         except codec.PayloadError as e:
@@ -64,7 +65,7 @@ class Server:
         num_samples = claimed if self.registered is None else min(claimed, self.registered[client_id])
         device = self.globals[0].device
         upload = robust.Decoded(num_samples, [None if kept is None else kept.to(device) for kept in positions],
-                                [value.to(device, torch.float64) for value in values])
+                                [value.to(device, torch.float64) * scale for value in values])
         if self.conf["defense"] == "none":
             self._add(upload)
         else:

@@ -11,6 +11,7 @@
 #   bash figures/reproduce.sh twoway       # downloads too: relay and compressed, two seeds, and 100 clients (runs/twoway)
 #   bash figures/reproduce.sh robust       # attacks against each defense, k=5 and k=2, dense and STC 4% (runs/robust)
 #   bash figures/reproduce.sh methods      # QSGD, PowerSGD and the hybrid, two seeds; 100-round runs (runs/methods)
+#   bash figures/reproduce.sh time         # time to accuracy on the simulated clock, re-timed under every preset
 #   bash figures/reproduce.sh figures      # draw the figures and print the tables from finished runs
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -175,6 +176,27 @@ if [ "$what" = all ] || [ "$what" = methods ]; then  # more method families, IID
       --set aggregation=mean
   done
   run_queue
+fi
+if [ "$what" = all ] || [ "$what" = time ]; then  # the simulated clock (runs/time/PRESET/seedS/METHOD)
+  clk=(--set clock=simulated --set profile=mobile)
+  for seed in 0 1; do  # the target's pair on two seeds
+    d=runs/time/mobile/seed$seed
+    job $d/dense    --set seed=$seed "${clk[@]}" --set sparsifier=none
+    job $d/stc-both --set seed=$seed "${clk[@]}" "${stc[@]}" --set prop=0.04 --set download=compressed
+  done
+  d=runs/time/mobile/seed0
+  job $d/int8   "${clk[@]}" --set sparsifier=none --set quantize=int8
+  job $d/qsgd   "${clk[@]}" --set sparsifier=none --set quantize=qsgd
+  job $d/stc-up "${clk[@]}" "${stc[@]}" --set prop=0.04
+  job $d/relay  "${clk[@]}" "${stc[@]}" --set prop=0.04 --set download=relay
+  run_queue
+  # nothing in these runs depends on the profile: re-timed, they are what a run under another preset would be
+  for run in runs/time/mobile/seed*/*; do
+    for preset in datacenter wifi mixed; do
+      out=${run/\/mobile\//\/$preset\/}
+      [ -f "$out/metrics.csv" ] || python -m utils.retime "$run" --profile $preset --out "$out"
+    done
+  done
 fi
 if [ "$what" = all ] || [ "$what" = figures ]; then  # every figure in figures/ is drawn here, and only here
   finished() {  # finished RUN...: whether every run has its rounds (30, or $rounds)

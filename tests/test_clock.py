@@ -1,16 +1,15 @@
 """The simulated clock (clock.py): a client's time is the formula, checked by hand; the clock changes no other metric;
 deadlines and over-selection keep and drop the clients they should; sampling draws among the online; a dropped
 client keeps its whole diff; re-timing equals a run made with the other profile; bad profiles are one line."""
-import csv
 import math
 
 import numpy as np
 import pytest
 import torch
+from conftest import read_csv
 
 import clock
 from client import Client
-from conftest import TINY, read_csv
 from utils import retime, run_files
 
 TIME_COLUMNS = set(run_files.TIME_COLUMNS)
@@ -205,7 +204,7 @@ def test_a_bad_profile_csv_is_one_line(write_conf, tmp_path, run_main, rows, hea
         write_profile(path, rows, header)
     else:
         write_profile(path, rows)
-    status, out, err = run_main("-c", write_conf(clock="simulated", profile=str(path)), "--out", tmp_path / "run")
+    status, _, err = run_main("-c", write_conf(clock="simulated", profile=str(path)), "--out", tmp_path / "run")
     assert status == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
 

@@ -74,6 +74,13 @@ KEYS = {
                       "(0: wait for every client)"),
     "over_select": (1.0, "clock: sample ceil(k * over_select) clients (at most every online one) and keep the first k "
                          "to finish; the rest are dropped (1: sample k)"),
+    "mode": ("sync", "sync: rounds of k clients | async: FedBuff (clock.py and fedbuff.py): `concurrency` clients "
+                     "train at once, the server steps each time `buffer_size` uploads have arrived, and global_epochs "
+                     "counts server steps (needs clock 'simulated')"),
+    "concurrency": (10, "mode=async: how many clients train at once (at most no_models)"),
+    "buffer_size": (2, "mode=async: uploads per server step (at most concurrency)"),
+    "staleness": ("inverse_sqrt", "mode=async: an upload made s server steps ago is weighted 1/sqrt(1 + s) "
+                                  "(inverse_sqrt), or 1 (none)"),
     "defense": ("none", "the server's robust step: none (the aggregation rule) | norm_bound (each upload clipped in L2 "
                         "norm, then the aggregation rule) | median | trimmed_mean (per entry, over the clients that "
                         "sent it, unweighted) | geometric_median (RFA; unsent = 0, weighted by example counts)"),
@@ -109,11 +116,14 @@ CHOICES = {
     "download_first_contact": ("seed", "dense"),
     "partition": ("iid", "dirichlet", "shards"),
     "clock": ("none", "simulated"),
+    "mode": ("sync", "async"),
+    "staleness": ("inverse_sqrt", "none"),
     "defense": robust.DEFENSES,
     "attack": robust.ATTACKS,
 }
 
 CLOCK_KEYS = ("profile", "step_seconds", "availability", "deadline", "over_select")  # what clock 'none' ignores
+ASYNC_KEYS = ("concurrency", "buffer_size", "staleness")  # what mode 'sync' ignores
 
 # key: (lowest, highest, whether the lowest is allowed)
 RANGES = {
@@ -141,6 +151,8 @@ RANGES = {
     "availability": (0, 1, True),
     "deadline": (0, math.inf, True),
     "over_select": (1, math.inf, True),
+    "concurrency": (1, math.inf, True),
+    "buffer_size": (1, math.inf, True),
     "clip_norm": (0, math.inf, True),
     "clip_multiple": (0, math.inf, False),
     "trim_fraction": (0, 0.5, True),  # 0.5 itself is refused below
@@ -209,9 +221,34 @@ def validate(overrides):
         clocked = [key for key in CLOCK_KEYS if conf[key] != DEFAULTS[key]]
         if clocked:
             raise ConfigError(f"config key '{clocked[0]}' acts only on the simulated clock: set clock to 'simulated'")
+    if conf["mode"] == "async":
+        check_async(conf)
+    else:
+        unused = [key for key in ASYNC_KEYS if conf[key] != DEFAULTS[key]]
+        if unused:
+            raise ConfigError(f"config key '{unused[0]}' acts only in mode 'async'")
     if conf["type"] == "cifar10":
         conf["type"] = "cifar"
     return conf
+
+
+def check_async(conf):
+    """FedBuff runs on the simulated clock, with what its staleness-weighted steps can carry."""
+    if conf["clock"] != "simulated":
+        raise ConfigError("mode 'async' orders its events on the simulated clock: set clock to 'simulated'")
+    if conf["concurrency"] > conf["no_models"]:
+        raise ConfigError(f"config key 'concurrency' ({conf['concurrency']}) must not exceed 'no_models' "
+                          f"({conf['no_models']})")
+    if conf["buffer_size"] > conf["concurrency"]:
+        raise ConfigError(f"config key 'buffer_size' ({conf['buffer_size']}) must not exceed 'concurrency' "
+                          f"({conf['concurrency']}): the buffer would never fill")
+    for key, why in (("deadline", "FedBuff waits for no round"), ("over_select", "FedBuff samples one client at a "
+                                                                                 "time")):
+        if conf[key] != DEFAULTS[key]:
+            raise ConfigError(f"config key '{key}' does not act in mode 'async' ({why})")
+    if conf["download"] == "relay":
+        raise ConfigError("mode 'async' cannot be used with download 'relay': a client replaying the uploads would "
+                          "need each one's staleness weight; use download 'compressed' or 'dense'")
 
 
 def load(path):

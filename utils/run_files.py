@@ -155,9 +155,12 @@ def write_metrics(run_dir, rows):
     """metrics.csv from the rows; with the simulated clock also its time columns, and clients.csv from the rows'
     timings."""
     timed = bool(rows) and "round_seconds" in rows[0]
-    write_csv(os.path.join(run_dir, "metrics.csv"), METRICS_COLUMNS + (TIME_COLUMNS if timed else ()), rows)
+    buffered = bool(rows) and "staleness" in rows[0]  # FedBuff's
+    write_csv(os.path.join(run_dir, "metrics.csv"),
+              METRICS_COLUMNS + (TIME_COLUMNS if timed else ()) + (("staleness",) if buffered else ()), rows)
     if timed:
-        write_csv(os.path.join(run_dir, "clients.csv"), CLIENT_COLUMNS, client_rows(rows))
+        write_csv(os.path.join(run_dir, "clients.csv"),
+                  CLIENT_COLUMNS + (("start_s", "staleness") if buffered else ()), client_rows(rows))
 
 
 def client_rows(rows):
