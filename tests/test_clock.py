@@ -246,3 +246,55 @@ def test_retiming_refuses_a_run_whose_clients_depended_on_its_profile(write_conf
     assert run_main("-c", write_conf(), "--out", plain)[0] == 0
     assert retime.main([str(plain), "--profile", "wifi"]) == 2
     assert "without the simulated clock" in capsys.readouterr().err
+
+
+# ---- FedBuff (mode async) -----------------------------------------------------------------------------------------
+
+def test_fedbuff_takes_uploads_in_order_of_arrival_weighted_by_staleness(write_conf, tmp_path, run_main):
+    """3 clients, all training at once, one upload per step; links so fast that a client's time is its compute:
+    11 steps of 1/11 s times slowness 1, 2.5 and 4.2. By hand: client 0 arrives at 1 s (started at 0, no step taken
+    since: staleness 0) and starts again, arriving at 2 s (staleness 0), again at 3 s; client 1, started at 0, arrives
+    at 2.5 s after 2 steps (staleness 2); client 0 at 3 s (started after step 2, one step since), at 4 s (0)."""
+    profile = write_profile(tmp_path / "p.csv", [(0, 1e6, 1e6, 0, 1, 1), (1, 1e6, 1e6, 0, 2.5, 1),
+                                                 (2, 1e6, 1e6, 0, 4.2, 1)])
+    out = tmp_path / "run"
+    conf = write_conf(clock="simulated", profile=profile, step_seconds=1 / 11, mode="async", no_models=3,
+                      concurrency=3, buffer_size=1, global_epochs=5)
+    status, _, err = run_main("-c", conf, "--out", out)
+    assert status == 0, err
+    metrics = read_csv(out / "metrics.csv")
+    assert [row["clients"] for row in metrics] == ["0", "0", "1", "0", "0"]
+    assert [float(row["sim_seconds"]) for row in metrics] == pytest.approx([1, 2, 2.5, 3, 4], abs=1e-3)
+    assert [float(row["staleness"]) for row in metrics] == [0, 0, 2, 1, 0]
+    starts = [float(row["start_s"]) for row in read_csv(out / "clients.csv")]
+    assert starts == pytest.approx([0, 1, 0, 2, 3], abs=1e-3)
+
+
+def test_a_stale_upload_is_weighted_by_its_staleness(tiny_model, make_conf):
+    """Two dense uploads of 1 and 3 from 10 and 30 examples, scaled 1 and 1/sqrt(3): masked_mean moves every entry
+    by (10 * 1 + 30 * 3 / sqrt(3)) / 40."""
+    from conftest import handmade_upload, lenient
+    from server import Server
+    server = lenient(Server(tiny_model, make_conf(), torch.device("cpu")))
+    before = torch.cat([p.detach().flatten() for p in tiny_model.parameters()]).clone()
+    assert server.receive(handmade_upload(10, [[1.0] * 6, [1.0] * 2]), None, 1.0) is None
+    assert server.receive(handmade_upload(30, [[3.0] * 6, [3.0] * 2]), None, 1 / math.sqrt(3)) is None
+    assert server.aggregate() is None
+    after = torch.cat([p.detach().flatten() for p in tiny_model.parameters()])
+    expected = (10 * 1 + 30 * 3 / math.sqrt(3)) / 40
+    assert torch.allclose(after - before, torch.full_like(before, expected), atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"mode": "async", "concurrency": 2}, "mode 'async' orders its events on the simulated clock"),
+    ({"mode": "async", "clock": "simulated", "concurrency": 2, "buffer_size": 3}, "'buffer_size' (3) must not exceed "
+                                                                                  "'concurrency' (2)"),
+    ({"mode": "async", "clock": "simulated", "concurrency": 5}, "'concurrency' (5) must not exceed 'no_models' (4)"),
+    ({"mode": "async", "clock": "simulated", "concurrency": 2, "deadline": 5.0}, "'deadline' does not act in mode"),
+    ({"mode": "async", "clock": "simulated", "concurrency": 2, "download": "relay"}, "cannot be used with download "
+                                                                                     "'relay'"),
+    ({"buffer_size": 3}, "'buffer_size' acts only in mode 'async'"),
+])
+def test_bad_async_settings_are_one_line(write_conf, tmp_path, run_main, overrides, message):
+    status, _, err = run_main("-c", write_conf(**overrides), "--out", tmp_path / "run")
+    assert status == 2 and message in err and len(err.strip().splitlines()) == 1, err

@@ -160,6 +160,9 @@ VARIANTS = {
     "dirichlet-roundmask-lambda": {"partition": "dirichlet", "mask": "round", "aggregation": "lambda", "prop": 0.3},
     "clock-deadline-overselect": {"clock": "simulated", "profile": "mixed", "availability": 0.9, "deadline": 0.35,
                                   "over_select": 1.5, "sparsifier": "topk", "prop": 0.1, "error_feedback": True},
+    "fedbuff-compressed-download": {"clock": "simulated", "mode": "async", "concurrency": 3, "buffer_size": 2,
+                                    "profile": "mixed", "download": "compressed", "error_feedback": True,
+                                    "sparsifier": "topk", "prop": 0.1},
 }
 
 
