@@ -190,6 +190,18 @@ if [ "$what" = all ] || [ "$what" = time ]; then  # the simulated clock (runs/ti
   job $d/stc-up "${clk[@]}" "${stc[@]}" --set prop=0.04
   job $d/relay  "${clk[@]}" "${stc[@]}" --set prop=0.04 --set download=relay
   run_queue
+  # policies whose clients depend on the profile, so each is its own run: a deadline of 10 s with 1.3x
+  # over-selection, and FedBuff (4 clients at once, a step per 2 uploads, 45 steps)
+  for preset in mobile mixed; do
+    d=runs/time-policies/$preset
+    for method in dense stc-both; do
+      if [ $method = dense ]; then m=(--set sparsifier=none); else m=("${stc[@]}" --set prop=0.04 --set download=compressed); fi
+      job $d/$method-deadline --set clock=simulated --set profile=$preset "${m[@]}" --set deadline=10 --set over_select=1.3
+      job $d/$method-fedbuff --rounds 45 --set clock=simulated --set profile=$preset "${m[@]}" --set mode=async \
+        --set concurrency=4 --set buffer_size=2
+    done
+  done
+  run_queue
   # nothing in these runs depends on the profile: re-timed, they are what a run under another preset would be
   for run in runs/time/mobile/seed*/*; do
     for preset in datacenter wifi mixed; do
