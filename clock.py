@@ -18,6 +18,7 @@ and availability (the probability it is online in a round), drawn once from a pr
 from a CSV with one row per client. PRESETS names where their numbers come from.
 """
 import csv
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -27,6 +28,11 @@ import torch
 from utils.seeding import derive_seed, generator
 
 CSV_COLUMNS = ("client", "uplink_mbps", "downlink_mbps", "latency_ms", "slowness", "availability")
+# a profile's values: 1 bit/s to 1 Pbit/s, up to a day of latency, a millionth to a million times the reference
+# device's speed: wide enough for any device, narrow enough that no time overflows
+BOUNDS = {"uplink_mbps": (1e-6, 1e9), "downlink_mbps": (1e-6, 1e9), "latency_ms": (0, 86_400_000),
+          "slowness": (1e-6, 1e6), "availability": (0, 1)}
+MOST_LINE = 1000  # characters in a line of a profile CSV: a row needs about 60
 
 
 class ProfileError(ValueError):
@@ -96,44 +102,54 @@ class Profiles:
 
     @classmethod
     def read_csv(cls, path, clients):
-        """The profiles in CSV `path`: the header CSV_COLUMNS and one row per client 0 .. clients-1, in any order.
-        ProfileError names the first line that is not so."""
-        values = np.full((clients, len(CSV_COLUMNS) - 1), np.nan)
-        seen = np.zeros(clients, dtype=bool)
+        """The profiles in CSV `path`: the header CSV_COLUMNS and one row per client 0 .. clients-1, in any order
+        (blank lines and a byte-order mark are allowed). ProfileError names the first line that is not so. Memory
+        stays proportional to the file's rows: a line is read at most MOST_LINE characters at a time, and the arrays
+        are made only once every client has its row."""
+        rows = {}
         try:
-            with open(path, newline="", encoding="utf-8") as f:
-                reader = csv.reader(f)
-                header = next(reader, None)
-                if header is None or [h.strip() for h in header] != list(CSV_COLUMNS):
-                    raise ProfileError(f"profile {path}: the header must be {','.join(CSV_COLUMNS)}, got "
-                                       f"{','.join(header or [])[:200]!r}")
-                for row in reader:
-                    line = reader.line_num
-                    if len(row) != len(CSV_COLUMNS):
-                        raise ProfileError(f"profile {path} line {line}: {len(row)} cells, expected "
-                                           f"{len(CSV_COLUMNS)}")
-                    client = parse_client(row[0], clients, f"profile {path} line {line}")
-                    if seen[client]:
-                        raise ProfileError(f"profile {path} line {line}: client {client} appears twice")
-                    seen[client] = True
-                    values[client] = [parse_number(cell, name, f"profile {path} line {line}")
-                                      for cell, name in zip(row[1:], CSV_COLUMNS[1:])]
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                header = None
+                for number, line in enumerate(iter(lambda: f.readline(MOST_LINE + 1), ""), 1):
+                    where = f"profile {path} line {number}"
+                    if len(line) > MOST_LINE:
+                        raise ProfileError(f"{where} is longer than {MOST_LINE} characters")
+                    if not line.strip():
+                        continue
+                    cells = [cell.strip() for cell in next(csv.reader([line]))]
+                    if header is None:
+                        header = cells
+                        if header != list(CSV_COLUMNS):
+                            raise ProfileError(f"profile {path}: the header must be {','.join(CSV_COLUMNS)}, got "
+                                               f"{','.join(header)[:200]!r}")
+                        continue
+                    if len(cells) != len(CSV_COLUMNS):
+                        raise ProfileError(f"{where}: {len(cells)} cells, expected {len(CSV_COLUMNS)}")
+                    client = parse_client(cells[0], clients, where)
+                    if client in rows:
+                        raise ProfileError(f"{where}: client {client} appears twice")
+                    rows[client] = [parse_number(cell, name, where) for cell, name in zip(cells[1:], CSV_COLUMNS[1:])]
         except OSError as e:
             raise ProfileError(f"cannot read profile {path}: {e.strerror or e}") from None
         except (UnicodeDecodeError, csv.Error) as e:
             raise ProfileError(f"profile {path} is not a CSV file of text ({e})") from None
-        if not seen.all():
-            raise ProfileError(f"profile {path} has no row for client {int(np.flatnonzero(~seen)[0])} (the run has "
-                               f"{clients} clients, 0 to {clients - 1})")
-        return cls(*values.T)
+        if header is None:
+            raise ProfileError(f"profile {path} is empty: it needs the header {','.join(CSV_COLUMNS)} and a row per "
+                               f"client")
+        if len(rows) < clients:
+            missing = next(c for c in range(clients) if c not in rows)
+            raise ProfileError(f"profile {path} has no row for client {missing} (the run has {clients} clients, 0 to "
+                               f"{clients - 1})")
+        return cls(*np.array([rows[c] for c in range(clients)], dtype=np.float64).T)
 
     @classmethod
     def for_run(cls, conf):
         """The run's profiles, or None when it has no clock. Raises ProfileError."""
         if conf["clock"] == "none":
             return None
-        if conf["profile"] in PRESETS or conf["profile"] == "mixed":
+        if is_preset(conf["profile"]):
             return cls.preset(conf["profile"], conf["no_models"], conf["seed"], conf["availability"])
+        check_csv_conf(conf)
         return cls.read_csv(conf["profile"], conf["no_models"])
 
     def online(self, seed, round_index):
@@ -152,6 +168,24 @@ class Profiles:
                 upload_bytes * 8 / self.uplink[client] + self.latency[client])
 
 
+def is_preset(profile):
+    return profile in PRESETS or profile == "mixed"
+
+
+def check_profile(conf):
+    """Refuse, before any data is loaded, a profile the run cannot use: a CSV that is not there or does not describe
+    the run's clients (read to check it: its memory is proportional to the file's rows, not to no_models)."""
+    if conf["clock"] != "none" and not is_preset(conf["profile"]):
+        check_csv_conf(conf)
+        Profiles.read_csv(conf["profile"], conf["no_models"])
+
+
+def check_csv_conf(conf):
+    if conf["availability"] != 1:
+        raise ProfileError(f"the profile {conf['profile']} gives each client's availability in its column: leave the "
+                           f"key 'availability' at 1")
+
+
 def parse_client(text, clients, where):
     try:
         client = int(text)
@@ -163,15 +197,14 @@ def parse_client(text, clients, where):
 
 
 def parse_number(text, name, where):
-    """A profile's value: positive and finite (latency may be 0, availability lies in [0, 1])."""
+    """A profile's value, within BOUNDS: what keeps every time finite."""
     try:
         value = float(text)
     except ValueError:
         raise ProfileError(f"{where}: {name} {text[:40]!r} is not a number") from None
-    low_ok = name in ("latency_ms", "availability")
-    if not math.isfinite(value) or value < 0 or (value == 0 and not low_ok) or (name == "availability" and value > 1):
-        bound = "in [0, 1]" if name == "availability" else "at least 0" if low_ok else "above 0"
-        raise ProfileError(f"{where}: {name} must be finite and {bound}, got {text[:40]!r}")
+    low, high = BOUNDS[name]
+    if not low <= value <= high:  # NaN fails too
+        raise ProfileError(f"{where}: {name} must be a number from {low:g} to {high:g}, got {text[:40]!r}")
     return value
 
 
@@ -213,6 +246,14 @@ class Clock:
     def online(self, round_index):
         return self.profiles.online(self.conf["seed"], round_index)
 
+    def source(self):
+        """What the checkpoint keeps of the profile, so that a resume can tell whether its CSV changed since: the
+        file's SHA-256 (None for a preset, which the seed determines)."""
+        if is_preset(self.conf["profile"]):
+            return None
+        with open(self.conf["profile"], "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+
     def sampled(self):
         """How many clients a round samples: ceil(k * over_select), at most every client."""
         wanted = math.ceil(round(self.conf["k"] * self.conf["over_select"], 9))  # 10 * 1.1 is 11.000000000000002
@@ -230,7 +271,10 @@ class Clock:
 
 def time_client(profiles, conf, record):
     """The Timing of a client's `record`: (client, download bytes, local steps, upload bytes)."""
-    return Timing(*record, *map(float, profiles.times(*record, conf["step_seconds"])))
+    times = [float(t) for t in profiles.times(*record, conf["step_seconds"])]
+    if not all(map(math.isfinite, times)):  # the bounds on profiles and step_seconds keep this from happening
+        raise ProfileError(f"client {record[0]}'s simulated time is not finite: {times}")
+    return Timing(*record, *times)
 
 
 def play(profiles, conf, round_index, records, keep):

@@ -51,19 +51,19 @@ class FedBuff:
         self.syncs = []  # (bytes, kind) of the clients started since the last step: the next row's downloads
 
     def take_buffer(self, step_index):
-        """Start clients up to `concurrency`, then take arrivals until `buffer_size` have come (starting a client in
-        place of each but the last); returns (the buffer's Flights, the syncs of the clients started since the last
-        step)."""
+        """Start clients up to `concurrency`, then take arrivals until `buffer_size` uploads have come (starting a
+        client in place of each but the last); returns (the buffer's Flights, those of clients whose node failed, which
+        count for nothing, the syncs of the clients started since the last step)."""
         self._fill(step_index)
-        buffer = []
+        buffer, failed = [], []
         while len(buffer) < self.conf["buffer_size"] and self.flights:
             flight = heapq.heappop(self.flights)
             self.now = flight.arrival_s
-            buffer.append(flight)
+            (failed if flight.upload.problem else buffer).append(flight)
             if len(buffer) < self.conf["buffer_size"]:
-                self._fill(step_index, {f.upload.client_id for f in buffer})
+                self._fill(step_index, {f.upload.client_id for f in buffer + failed})
         syncs, self.syncs = self.syncs, []
-        return buffer, syncs
+        return buffer, failed, syncs
 
     def weights(self, buffer):
         """Per client id in the buffer, its upload's staleness weight."""

@@ -69,7 +69,7 @@ def run(conf, out, resume, transport_factory):
         buffered = fedbuff.FedBuff(conf, server, transport, timer, sample_clients) if conf["mode"] == "async" else None
         rows = []
         if resume:
-            rows = restore(out, conf, server, transport, device, buffered)
+            rows = restore(out, conf, server, transport, device, timer, buffered)
             run_files.write_metrics(out, rows)  # the checkpoint's rows: a kill -9 may have cut metrics.csv short
         run_files.write_config(out, conf)
         run_files.write_environment(out, device, len(rows) + 1)
@@ -81,7 +81,7 @@ def run(conf, out, resume, transport_factory):
                 rows[-1]["sim_seconds"] = clock.elapsed(rows[-2]["sim_seconds"] if len(rows) > 1 else 0.0,
                                                         rows[-1]["round_seconds"])
             with run_files.signals_held():  # a stop during the save waits for the round's line, so it is shown
-                save(out, conf, server, transport, rows, buffered)
+                save(out, conf, server, transport, rows, timer, buffered)
                 print_row(rows[-1], conf["global_epochs"], show_progress)
     return rows
 
@@ -94,12 +94,15 @@ def play_round(round_index, conf, server, transport, dataset, timer=None, show_p
     started = time.perf_counter()
     chosen = sample_clients(conf, round_index, timer.online(round_index), timer.sampled()) if timer else \
         sample_clients(conf, round_index)
+    if not chosen:
+        print(f"round {round_index}: no client was online", file=sys.stderr)
     syncs = {client_id: server.sync(client_id) for client_id in chosen}  # (the bytes it downloads, their kind)
     progress = progress_printer(round_index) if show_progress else None
     uploads = transport.train(chosen, {c: sync for c, (sync, _) in syncs.items()}, server.global_state(), round_index,
                               progress)
+    timed = [upload for upload in uploads if upload.problem is None]  # a failed node's upload never arrives
     timings, round_seconds = timer.play(round_index, [(upload.client_id, len(syncs[upload.client_id][0]),
-                                                       len(upload.payload)) for upload in uploads]) if timer else ([], 0)
+                                                       len(upload.payload)) for upload in timed]) if timer else ([], 0)
     dropped = {timing.client for timing in timings if not timing.arrived}
     if clock.may_drop(conf):
         transport.drop(dropped)
@@ -125,8 +128,8 @@ def play_step(step_index, server, buffered, dataset):
     """One server step of FedBuff (fedbuff.py): the next `buffer_size` uploads to arrive on the simulated clock, each
     weighted by its staleness, are received, aggregated and evaluated as a round's are; returns its metrics row."""
     started, before = time.perf_counter(), buffered.now
-    buffer, syncs = buffered.take_buffer(step_index)
-    received = receive(step_index, server, [flight.upload for flight in buffer], buffered.weights(buffer))
+    buffer, failed, syncs = buffered.take_buffer(step_index)
+    received = receive(step_index, server, [flight.upload for flight in buffer + failed], buffered.weights(buffer))
     accuracy, loss, kept = step_and_evaluate(step_index, server, dataset)
     row = metrics_row(step_index, server, received, [flight.upload.client_id for flight in buffer], syncs,
                       [kind for _, kind in syncs], accuracy, loss, kept, started)
@@ -149,7 +152,7 @@ def receive(round_index, server, uploads, weights=None):
     under FedBuff); print why any was rejected."""
     upload_bytes, rejected = 0, 0
     for upload in uploads:
-        weight = weights[upload.client_id] if weights else 1.0
+        weight = weights.get(upload.client_id, 1.0) if weights else 1.0
         problem = upload.problem or server.receive(upload.payload, upload.client_id, weight)
         if upload.problem:  # nothing usable came back: what the client's model is now, the server cannot tell
             server.syncs.forget(upload.client_id)
@@ -212,8 +215,9 @@ def pick_device(asked):
     return torch.device("cuda" if asked != "cpu" and torch.cuda.is_available() else "cpu")
 
 
-def save(out, conf, server, transport, rows, buffered=None):
+def save(out, conf, server, transport, rows, timer=None, buffered=None):
     run_files.save(out, {
+        "profile": timer.source() if timer else None,
         "async": buffered.state() if buffered else None,
         "config": conf,
         "rows": rows,
@@ -225,7 +229,7 @@ def save(out, conf, server, transport, rows, buffered=None):
     })
 
 
-def restore(out, conf, server, transport, device, buffered=None):
+def restore(out, conf, server, transport, device, timer=None, buffered=None):
     """The saved rows; the server's model, momentum, download state and the clients' state are put back as they
     were. Whatever is restored is checked first: a digest of the file, then every tensor's size and finiteness (a
     NaN saved by a bug, or patched in with a digest made anew, would otherwise spoil every later round)."""
@@ -240,6 +244,9 @@ def restore(out, conf, server, transport, device, buffered=None):
         if differing:
             key = differing[0]
             raise ValueError(f"its {key} is {state['config'][key]!r}, config.json says {conf.get(key)!r}")
+        if timer and state["profile"] != timer.source():
+            raise RunError(f"cannot resume {out}: its profile {conf['profile']} changed since the run started (its "
+                           f"clients' links and speeds would not be the ones its rounds were timed with)")
         server.model.load_state_dict(state["model"])
         check_kept("its global model", server.flat_globals(), server.numels)
         if state["velocity"] is not None:

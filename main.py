@@ -69,7 +69,7 @@ def resolve(args):
     run_files.check_writable(out)
     federation.pick_device(conf["device"])
     models.check_name(conf["model_name"])
-    clock.Profiles.for_run(conf)  # a profile CSV that does not describe the run's clients
+    clock.check_profile(conf)
     if args.engine == "flower":
         check_actors(conf, args)
     return conf, out

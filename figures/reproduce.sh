@@ -202,8 +202,16 @@ if [ "$what" = all ] || [ "$what" = time ]; then  # the simulated clock (runs/ti
     done
   done
   run_queue
+  # ResNet-18 (step_seconds as python -m utils.step_seconds --model resnet18 measured it), 10 rounds: 2 cores take
+  # about an hour for the pair
+  for method in dense stc-both; do
+    if [ $method = dense ]; then m=(--set sparsifier=none); else m=("${stc[@]}" --set prop=0.04 --set download=compressed); fi
+    job runs/time/mobile/resnet18/$method --rounds 10 "${clk[@]}" "${m[@]}" --set model_name=resnet18 \
+      --set step_seconds=0.474
+  done
+  run_queue
   # nothing in these runs depends on the profile: re-timed, they are what a run under another preset would be
-  for run in runs/time/mobile/seed*/*; do
+  for run in runs/time/mobile/seed*/* runs/time/mobile/resnet18/*; do
     for preset in datacenter wifi mixed; do
       out=${run/\/mobile\//\/$preset\/}
       [ -f "$out/metrics.csv" ] || python -m utils.retime "$run" --profile $preset --out "$out"
@@ -273,6 +281,30 @@ if [ "$what" = all ] || [ "$what" = figures ]; then  # every figure in figures/ 
       finished runs/methods/seed$seed/$part/* && python -m utils.plot runs/methods/seed$seed/$part/* --table
     done
   done
+  for preset in mobile mixed wifi datacenter; do  # time to accuracy on the simulated clock (docs/time.md)
+    tm=runs/time/$preset
+    finished $tm/seed*/* && python -m utils.plot $tm/seed*/* --table --target 0.89
+  done
+  for preset in mobile mixed wifi datacenter; do
+    rounds=10 finished runs/time/$preset/resnet18/* && python -m utils.plot runs/time/$preset/resnet18/* --table --target 0.89
+  done
+  tm=runs/time/mobile/seed0
+  draw figures/time-mobile.png time --x time --bytes total \
+    --labels "dense FedAvg,int8,QSGD s=4,STC 4% up / dense down,STC 4% up / relay down,STC 4% both ways" \
+    --title "Fashion-MNIST, CNN, 10 clients, k=2, IID, mobile preset: accuracy against simulated time" \
+    -- $tm/dense $tm/int8 $tm/qsgd $tm/stc-up $tm/relay $tm/stc-both
+  for preset in mobile mixed; do
+    p=runs/time-policies/$preset
+    finished runs/time/$preset/seed0/dense runs/time/$preset/seed0/stc-both $p/*-deadline &&
+      rounds=45 finished $p/*-fedbuff &&
+      python -m utils.plot runs/time/$preset/seed0/dense runs/time/$preset/seed0/stc-both $p/*-deadline $p/*-fedbuff \
+        --table --target 0.89
+  done
+  draw figures/time-policies-mobile.png time --x time --bytes total \
+    --labels "dense: wait for all,dense: deadline 10 s + 1.3x over-selection,dense: FedBuff (4 at once; a step per 2),STC both ways: wait for all,STC both ways: deadline 10 s + 1.3x over-selection,STC both ways: FedBuff" \
+    --title "Fashion-MNIST, CNN, 10 clients, IID, mobile preset: synchronous rounds, a deadline, FedBuff" \
+    -- runs/time/mobile/seed0/dense runs/time-policies/mobile/dense-deadline runs/time-policies/mobile/dense-fedbuff \
+    runs/time/mobile/seed0/stc-both runs/time-policies/mobile/stc-both-deadline runs/time-policies/mobile/stc-both-fedbuff
   stretch=(runs/methods/stretch/hybrid0.008-int8 runs/methods/stretch/seed*/*)
   finished "${stretch[@]}" && python -m utils.plot "${stretch[@]}" --table
   l=runs/methods/long

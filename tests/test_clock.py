@@ -190,15 +190,20 @@ def normal_cdf(x):
     ([(c, 10, 10, 10, 1, 1, 5) for c in range(4)], None, "7 cells, expected 6"),
     ([(c, 10, 10, 10, 1, 1) for c in range(4)], "client,up,down,latency,slowness,availability", "the header must be"),
     ([(c, "fast", 10, 10, 1, 1) for c in range(4)], None, "uplink_mbps 'fast' is not a number"),
-    ([(c, 0 if c == 2 else 10, 10, 10, 1, 1) for c in range(4)], None, "uplink_mbps must be finite and above 0"),
-    ([(c, 10, -1, 10, 1, 1) for c in range(4)], None, "downlink_mbps must be finite and above 0"),
-    ([(c, 10, "nan", 10, 1, 1) for c in range(4)], None, "downlink_mbps must be finite"),
-    ([(c, "inf", 10, 10, 1, 1) for c in range(4)], None, "uplink_mbps must be finite"),
-    ([(c, 10, 10, 10, 1, 1.5) for c in range(4)], None, "availability must be finite and in [0, 1]"),
+    ([(c, 0 if c == 2 else 10, 10, 10, 1, 1) for c in range(4)], None, "uplink_mbps must be a number from 1e-06 to 1e+09, got '0'"),
+    ([(c, 10, -1, 10, 1, 1) for c in range(4)], None, "downlink_mbps must be a number from 1e-06 to 1e+09, got '-1'"),
+    ([(c, 10, "nan", 10, 1, 1) for c in range(4)], None, "downlink_mbps must be a number from 1e-06 to 1e+09, got 'nan'"),
+    ([(c, "inf", 10, 10, 1, 1) for c in range(4)], None, "uplink_mbps must be a number from 1e-06 to 1e+09, got 'inf'"),
+    ([(c, 10, 10, 10, 1, 1.5) for c in range(4)], None, "availability must be a number from 0 to 1"),
     ([(c % 3, 10, 10, 10, 1, 1) for c in range(4)], None, "client 0 appears twice"),
     ([(c + 1, 10, 10, 10, 1, 1) for c in range(4)], None, "client 4 is not one of the run's 4"),
+    ([(c, "1e-320", 10, 10, 1, 1) for c in range(4)], None, "uplink_mbps must be a number from 1e-06"),  # inf seconds
+    ([(c, 10, 10, 10, "1e300", 1) for c in range(4)], None, "slowness must be a number from 1e-06 to 1e+06"),
+    ([], None, "has no row for client 0"),
+    ([(0, 10, 10, 10, 1, 1)], "client," * 200_000, "line 1 is longer than 1000 characters"),  # bounded memory
 ])
 def test_a_bad_profile_csv_is_one_line(write_conf, tmp_path, run_main, rows, header, message):
+    """Each refused before any data is loaded or anything proportional to no_models is allocated."""
     path = tmp_path / "p.csv"
     if header:
         write_profile(path, rows, header)
@@ -217,8 +222,15 @@ def test_a_bad_profile_csv_is_one_line(write_conf, tmp_path, run_main, rows, hea
     ({"clock": "simulated", "step_seconds": 0}, "'step_seconds' must be > 0"),
     ({"clock": "simulated", "availability": 1.5}, "'availability' must be >= 0 and <= 1"),
     ({"clock": "simulated", "deadline": float("nan")}, "'deadline' must be >= 0"),
+    ({"clock": "simulated", "over_select": 1e308}, "'over_select' must be >= 1 and <= 1000000.0"),
+    ({"clock": "simulated", "step_seconds": 1e307}, "'step_seconds' must be > 0 and <= 1000000.0"),
+    ({"clock": "simulated", "profile": "/nonexistent/p.csv", "availability": 0.5}, "leave the key 'availability' at 1"),
+    ({"clock": "simulated", "no_models": 10**11, "k": 2}, "cannot read profile"),
 ])
 def test_bad_clock_keys_are_one_line(write_conf, tmp_path, run_main, overrides, message):
+    if overrides.get("no_models"):  # a preset for 10^11 clients is never drawn before the data says it cannot be
+        overrides = {**overrides, "profile": "mobile"}
+        message = "server_validation 1000 leaves"
     status, _, err = run_main("-c", write_conf(**overrides), "--out", tmp_path / "run")
     assert status == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
@@ -298,3 +310,79 @@ def test_a_stale_upload_is_weighted_by_its_staleness(tiny_model, make_conf):
 def test_bad_async_settings_are_one_line(write_conf, tmp_path, run_main, overrides, message):
     status, _, err = run_main("-c", write_conf(**overrides), "--out", tmp_path / "run")
     assert status == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_profile_csv_may_have_a_byte_order_mark_and_blank_lines(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("\ufeffclient,uplink_mbps,downlink_mbps,latency_ms,slowness,availability\r\n1,4,8,20,2,1\r\n\r\n"
+                    "0,2,16,0,1,0.5\r\n\n", encoding="utf-8")
+    profiles = clock.Profiles.read_csv(str(path), 2)
+    assert profiles.uplink.tolist() == [2e6, 4e6] and profiles.latency.tolist() == [0, 0.02]
+    assert profiles.availability.tolist() == [0.5, 1.0]
+
+
+def test_a_failed_node_never_arrives_first(write_conf, tmp_path, run_main, monkeypatch):
+    """An upload that came back as a failure (a silent or broken node) is timed as nothing: under over-selection it
+    must not take an honest client's place. Client 0's upload always fails here."""
+    from engines.inprocess import InProcess
+    train = InProcess.train
+
+    def failing_client_0(self, chosen, *args, **kwargs):
+        uploads = train(self, chosen, *args, **kwargs)
+        for upload in uploads:
+            if upload.client_id == 0:
+                upload.payload, upload.problem = b"", "the node failed (in this test)"
+        return uploads
+    monkeypatch.setattr(InProcess, "train", failing_client_0)
+    out = tmp_path / "run"
+    status, _, err = run_main("-c", write_conf(clock="simulated", over_select=1.5, global_epochs=6), "--out", out)
+    assert status == 0 and "the node failed (in this test)" in err
+    metrics, clients = read_csv(out / "metrics.csv"), read_csv(out / "clients.csv")
+    assert all(row["client"] != "0" for row in clients)  # never timed
+    for metric in metrics:  # two honest uploads arrived in every round, whether or not client 0 was sampled
+        assert len([row for row in clients if row["round"] == metric["round"] and row["arrived"] == "1"]) == 2
+    assert any("0" in metric["clients"].split() for metric in metrics)  # so client 0 was sampled and left out
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda rows: rows[:1] + rows[2:], "round 1 of metrics.csv and its clients in clients.csv do not match"),
+    (lambda rows: rows + ["2,99,1,1,1,0,0,0,0,1"], "its client or a count is out of range"),
+    (lambda rows: rows + ["2,-1,1,1,1,0,0,0,0,1"], "its client or a count is out of range"),
+    (lambda rows: [rows[0]] + [rows[1].replace(",8,", "," + "9" * 400 + ",", 1)] + rows[2:],
+     "its client or a count is out of range"),
+    (lambda rows: rows + ["9,1,1,1,1,0,0,0,0,1"], "clients.csv holds rounds that metrics.csv does not"),
+])
+def test_retiming_a_damaged_run_is_one_line(write_conf, tmp_path, run_main, capsys, damage, message):
+    out = tmp_path / "run"
+    assert run_main("-c", write_conf(clock="simulated"), "--out", out)[0] == 0
+    lines = (out / "clients.csv").read_text().splitlines()
+    (out / "clients.csv").write_text("\n".join([lines[0]] + damage(lines[1:])) + "\n")
+    assert retime.main([str(out), "--profile", "wifi", "--out", str(tmp_path / "retimed")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "retimed").exists()
+
+
+def test_retiming_refuses_async_runs_and_occupied_folders(write_conf, tmp_path, run_main, capsys):
+    runs = {}
+    for name, overrides in {"async": {"mode": "async", "concurrency": 2}, "a": {}, "b": {}}.items():
+        runs[name] = tmp_path / name
+        assert run_main("-c", write_conf(clock="simulated", **overrides), "--out", runs[name])[0] == 0
+    assert retime.main([str(runs["async"]), "--profile", "wifi"]) == 2
+    assert "run asynchronously" in capsys.readouterr().err
+    before = (runs["b"] / "metrics.csv").read_bytes()
+    assert retime.main([str(runs["a"]), "--profile", "wifi", "--out", str(runs["b"])]) == 2
+    assert "already holds a run's metrics.csv" in capsys.readouterr().err
+    assert (runs["b"] / "metrics.csv").read_bytes() == before
+
+
+def test_a_resume_refuses_a_profile_csv_changed_since_the_run_started(write_conf, tmp_path, run_main):
+    path = tmp_path / "p.csv"
+    write_profile(path, [(c, 10, 10, 10, 1, 1) for c in range(4)])
+    out = tmp_path / "run"
+    assert run_main("-c", write_conf(clock="simulated", profile=str(path), global_epochs=2), "--out", out)[0] == 0
+    write_profile(path, [(c, 10, 10, 10, 1, 0.5) for c in range(4)])
+    status, _, err = run_main("--out", out, "--resume", "--set", "global_epochs=3")
+    assert status == 2 and f"its profile {path} changed since the run started" in err
+    write_profile(path, [(c, 10, 10, 10, 1, 1) for c in range(4)])  # as it was: the run goes on
+    assert run_main("--out", out, "--resume", "--set", "global_epochs=3")[0] == 0

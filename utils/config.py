@@ -147,10 +147,10 @@ RANGES = {
     "alpha": (0, math.inf, False),
     "shards_per_client": (1, math.inf, True),
     "server_validation": (0, math.inf, True),
-    "step_seconds": (0, math.inf, False),
+    "step_seconds": (0, 1e6, False),  # with profiles' bounds (clock.BOUNDS), no simulated time overflows
     "availability": (0, 1, True),
     "deadline": (0, math.inf, True),
-    "over_select": (1, math.inf, True),
+    "over_select": (1, 1e6, True),
     "concurrency": (1, math.inf, True),
     "buffer_size": (1, math.inf, True),
     "clip_norm": (0, math.inf, True),

@@ -8,7 +8,6 @@ runs as a markdown table.
 --x time and --target read the simulated clock's columns (clock=simulated): accuracy against simulated seconds, and
 time to accuracy.
 """
-import argparse
 import csv
 import math
 import os
@@ -21,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 
 import codec  # noqa: E402
-from utils import config, run_files  # noqa: E402
+from utils import cli, config, run_files  # noqa: E402
 from utils.run_files import RunError  # noqa: E402
 
 MARKERS = "o*^sDvx+p<>h"
@@ -224,7 +223,7 @@ def time_split(run_dir):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(__doc__)
     parser.add_argument("runs", nargs="+", help="run folders holding config.json and metrics.csv")
     parser.add_argument("-o", "--output", help="figure file to write (PNG)")
     parser.add_argument("--title", help="figure title")
@@ -246,6 +245,9 @@ def main(argv=None):
             if not os.path.isfile(os.path.join(run_dir, name)):
                 print(f"error: {run_dir} is not a run folder (no {name})", file=sys.stderr)
                 return 2
+    if args.target is not None and not (0 < args.target <= 1 and args.table):
+        print("error: --target is an accuracy above 0 and at most 1, and goes with --table", file=sys.stderr)
+        return 2
     if not args.table and not args.output:
         print("error: give -o FILE.png or --table", file=sys.stderr)
         return 2

@@ -8,15 +8,15 @@ its local steps. When every client was online and none could be dropped (no dead
 writes DIR (default RUN-PROFILE) with the run's config.json under the new profile, and metrics.csv and clients.csv
 whose time columns are what a run made with that profile would have written (every other column is the run's).
 """
-import argparse
 import csv
 import os
 import sys
 
 import clock
-from utils import config, run_files
+from utils import cli, config, run_files
 
 INTEGER_COLUMNS = ("round", "client", "download_bytes", "steps", "upload_bytes")
+MOST_COUNT = 2**53  # a round, byte or step count beyond this is not one (and would not convert to a float exactly)
 
 
 class RetimeError(ValueError):
@@ -32,41 +32,39 @@ def retime(run_dir, profile, step_seconds=None):
     if conf["clock"] != "simulated":
         raise RetimeError(f"{run_dir} was made without the simulated clock: its clients' bytes were not logged "
                           f"(run it with --set clock=simulated)")
+    if conf["mode"] == "async" or clock.may_drop(conf) or not always_online(conf):
+        raise RetimeError(f"{run_dir} could drop clients, sample among those online or run asynchronously: which "
+                          f"clients trained, and when, depended on its profile")
     try:
         with open(os.path.join(run_dir, "metrics.csv"), newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))  # as written: every column but the time's is copied as it is
-        records = read_clients(run_dir)
-    except (OSError, ValueError) as e:
-        raise RetimeError(f"cannot read the run in {run_dir}: {e}") from None
-    if clock.may_drop(conf) or not profile_always_online(conf):
-        raise RetimeError(f"{run_dir} could drop clients or sample among those online: which clients trained depended "
-                          f"on its profile, so another profile would have trained others")
+        records = read_clients(run_dir, conf["no_models"])
+        check_consistent(rows, records)
+    except (OSError, ValueError, csv.Error) as e:
+        raise RetimeError(f"cannot re-time {run_dir}: {e}") from None
     new = config.validate({**conf, "profile": profile,
                            **({"step_seconds": step_seconds} if step_seconds is not None else {})})
-    profiles = clock.Profiles.for_run(new)
-    if profiles.online(new["seed"], 1) is not None:
+    if not always_online(new):
         raise RetimeError(f"profile {profile} has clients that are not always online: a run under it would sample "
                           f"others")
+    profiles = clock.Profiles.for_run(new)
     elapsed = 0.0
     for row in rows:
-        try:
-            round_index = int(row["round"])
-        except (TypeError, ValueError):
-            raise RetimeError(f"{run_dir}/metrics.csv has a row whose round is {row.get('round')!r}") from None
-        timings, seconds = clock.play(profiles, new, round_index, records.get(round_index, []), new["k"])
+        round_index = int(row["round"])
+        timings, seconds = clock.play(profiles, new, round_index, records[round_index], new["k"])
         elapsed = clock.elapsed(elapsed, round(seconds, 6))
         row.update({"round_seconds": round(seconds, 6), "sim_seconds": elapsed,
                     "timings": [timing.__dict__ for timing in timings]})
     return new, rows
 
 
-def profile_always_online(conf):
-    profiles = clock.Profiles.for_run(conf)
-    return profiles.online(conf["seed"], 1) is None
+def always_online(conf):
+    return clock.Profiles.for_run(conf).online(conf["seed"], 1) is None
 
 
-def read_clients(run_dir):
-    """clients.csv as {round: [(client, download bytes, steps, upload bytes), ...]} in the file's order."""
+def read_clients(run_dir, clients):
+    """clients.csv as {round: [(client, download bytes, steps, upload bytes), ...]} in the file's order; ValueError
+    names a line whose client is not one of the run's or whose counts are not counts."""
     records = {}
     with open(os.path.join(run_dir, "clients.csv"), newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
@@ -75,12 +73,33 @@ def read_clients(run_dir):
                 values = [int(row[column]) for column in INTEGER_COLUMNS]
             except (KeyError, TypeError, ValueError):
                 raise ValueError(f"clients.csv line {reader.line_num} is not a round's client") from None
+            if not 0 <= values[1] < clients or not all(0 <= v < MOST_COUNT for v in values):
+                raise ValueError(f"clients.csv line {reader.line_num}: its client or a count is out of range")
             records.setdefault(values[0], []).append(tuple(values[1:]))
     return records
 
 
+def check_consistent(rows, records):
+    """ValueError unless metrics.csv's rounds are 1, 2, ... and each round's clients and bytes in clients.csv are the
+    ones metrics.csv counted."""
+    if not rows:
+        raise ValueError("metrics.csv holds no round")
+    for number, row in enumerate(rows, 1):
+        try:
+            same = (int(row["round"]) == number and
+                    row["clients"].split() == [str(c) for c, _, _, _ in records.get(number, [])] and
+                    int(row["upload_bytes"]) == sum(up for _, _, _, up in records[number]) and
+                    int(row["download_bytes"]) == sum(down for _, down, _, _ in records[number]))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            same = False
+        if not same:
+            raise ValueError(f"round {number} of metrics.csv and its clients in clients.csv do not match")
+    if set(records) - set(range(1, len(rows) + 1)):
+        raise ValueError("clients.csv holds rounds that metrics.csv does not")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(__doc__)
     parser.add_argument("run", help="a finished run's folder, made with clock=simulated")
     parser.add_argument("--profile", required=True, help="a preset (datacenter, wifi, mobile, mixed) or a CSV path")
     parser.add_argument("--step-seconds", type=float, help="another step_seconds (default: the run's)")
@@ -89,8 +108,10 @@ def main(argv=None):
     out = args.out or f"{os.path.normpath(args.run)}-{os.path.splitext(os.path.basename(args.profile))[0]}"
     try:
         conf, rows = retime(args.run, args.profile, args.step_seconds)
-        if os.path.exists(os.path.join(out, "metrics.csv")) and os.path.samefile(out, args.run):
-            raise RetimeError("--out is the run itself: give another folder")
+        taken = [name for name in ("metrics.csv", "checkpoint.pt", "config.json") if os.path.exists(os.path.join(out,
+                                                                                                            name))]
+        if taken:
+            raise RetimeError(f"{out} already holds a run's {taken[0]}: give another --out, or remove it")
         os.makedirs(out, exist_ok=True)
         run_files.write_config(out, conf)
         run_files.write_metrics(out, rows)

@@ -7,7 +7,6 @@ the first steps (allocation, caches), and prints the median of the rest. Give th
 `--set step_seconds=...`: the clock then charges a client `steps * step_seconds * its slowness` for its training, and
 never reads the host's time itself. This is the only place that does.
 """
-import argparse
 import statistics
 import sys
 import time
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import models
+from utils import cli
 from utils.config import KEYS
 
 SHAPES = {"mnist": ((1, 28, 28), 10), "fashion-mnist": ((1, 28, 28), 10), "cifar": ((3, 32, 32), 10),
@@ -46,15 +46,15 @@ def measure(model_name, data_type, batch_size, steps, threads=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(__doc__)
     parser.add_argument("--model", default=KEYS["model_name"][0], help="a model_name (default: the config's)")
     parser.add_argument("--type", default=KEYS["type"][0], choices=sorted(SHAPES), help="the dataset's image shape")
     parser.add_argument("--batch-size", type=int, default=KEYS["batch_size"][0])
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's, this machine's cores)")
     parser.add_argument("--steps", type=int, default=200, help="timed steps (after 20 left out)")
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.steps < 1 or (args.threads is not None and args.threads < 1):
-        print("error: --batch-size, --steps and --threads must be at least 1", file=sys.stderr)
+    if not (1 <= args.batch_size <= 4096 and 1 <= args.steps <= 100_000 and 1 <= (args.threads or 1) <= 1024):
+        print("error: --batch-size must be 1 to 4096, --steps 1 to 100000, --threads 1 to 1024", file=sys.stderr)
         return 2
     try:
         models.check_name(args.model)
