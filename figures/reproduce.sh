@@ -217,6 +217,13 @@ if [ "$what" = all ] || [ "$what" = time ]; then  # the simulated clock (runs/ti
       [ -f "$out/metrics.csv" ] || python -m utils.retime "$run" --profile $preset --out "$out"
     done
   done
+  # how much depends on the phones' assumed slowness (3): phones as fast as this machine, and links alone
+  for run in runs/time/mobile/seed*/*; do
+    for variant in phone1x:0.003333 links-only:0.000001; do
+      out=${run/\/mobile\//\/mobile-${variant%%:*}\/}
+      [ -f "$out/metrics.csv" ] || python -m utils.retime "$run" --profile mobile --step-seconds ${variant#*:} --out "$out"
+    done
+  done
 fi
 if [ "$what" = all ] || [ "$what" = figures ]; then  # every figure in figures/ is drawn here, and only here
   finished() {  # finished RUN...: whether every run has its rounds (30, or $rounds)
@@ -281,7 +288,7 @@ if [ "$what" = all ] || [ "$what" = figures ]; then  # every figure in figures/ 
       finished runs/methods/seed$seed/$part/* && python -m utils.plot runs/methods/seed$seed/$part/* --table
     done
   done
-  for preset in mobile mixed wifi datacenter; do  # time to accuracy on the simulated clock (docs/time.md)
+  for preset in mobile mixed wifi datacenter mobile-phone1x mobile-links-only; do  # time to accuracy (docs/time.md)
     tm=runs/time/$preset
     finished $tm/seed*/* && python -m utils.plot $tm/seed*/* --table --target 0.89
   done
