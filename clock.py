@@ -157,15 +157,22 @@ class Profiles:
         always is."""
         if (self.availability >= 1).all():
             return None
-        draw = torch.rand(len(self.availability), generator=generator(seed, "online", round_index),
-                          dtype=torch.float64).numpy()
-        return np.flatnonzero(draw < self.availability)
+        return np.flatnonzero(self.draw_online(seed, round_index))
+
+    def draw_online(self, seed, round_index):
+        """Per client, whether a fresh draw puts it online in round `round_index` (with its availability)."""
+        return uniform(len(self.availability), seed, "online", round_index) < self.availability
 
     def times(self, client, download_bytes, steps, upload_bytes, step_seconds):
         """(download, compute, upload) seconds of `client` in a round."""
         return (download_bytes * 8 / self.downlink[client] + self.latency[client],
                 steps * step_seconds * self.slowness[client],
                 upload_bytes * 8 / self.uplink[client] + self.latency[client])
+
+
+def uniform(count, *stream):
+    """`count` seeded uniform draws in [0, 1), float64, from the named stream."""
+    return torch.rand(count, generator=generator(*stream), dtype=torch.float64).numpy()
 
 
 def is_preset(profile):
@@ -242,9 +249,25 @@ class Clock:
         self.conf = conf
         self.profiles = Profiles.for_run(conf)
         self.steps = steps  # per client, its local SGD steps in a round
+        self.spell = (0, None)  # with availability_memory: (the last round computed, who was online in it)
 
     def online(self, round_index):
-        return self.profiles.online(self.conf["seed"], round_index)
+        """The ids of the clients online in round `round_index`, or None when every client always is. With
+        `availability_memory` m, a client keeps last round's state with probability m and is drawn afresh otherwise:
+        online a share `availability` of the rounds still, in spells 1 / (1 - m) times longer. The states are
+        computed forward from round 1 (and kept for the next call), so a resumed run finds the same ones."""
+        memory, seed = self.conf["availability_memory"], self.conf["seed"]
+        if not memory or (self.profiles.availability >= 1).all():
+            return self.profiles.online(seed, round_index)
+        if self.spell[0] > round_index:
+            self.spell = (0, None)
+        last, state = self.spell
+        for r in range(last + 1, round_index + 1):
+            fresh = self.profiles.draw_online(seed, r)
+            state = fresh if state is None else np.where(uniform(len(fresh), seed, "online memory", r) < memory,
+                                                         state, fresh)
+        self.spell = (round_index, state)
+        return np.flatnonzero(state)
 
     def source(self):
         """What the checkpoint keeps of the profile, so that a resume can tell whether its CSV changed since: the

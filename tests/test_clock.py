@@ -386,3 +386,32 @@ def test_a_resume_refuses_a_profile_csv_changed_since_the_run_started(write_conf
     assert status == 2 and f"its profile {path} changed since the run started" in err
     write_profile(path, [(c, 10, 10, 10, 1, 1) for c in range(4)])  # as it was: the run goes on
     assert run_main("--out", out, "--resume", "--set", "global_epochs=3")[0] == 0
+
+
+def test_availability_memory_keeps_the_share_online_and_lengthens_the_spells():
+    """20,000 clients online 70% of the rounds, 300 rounds: with memory m = 0.8 a client's state persists, and by hand
+    an online spell lasts 1 / ((1 - m)(1 - p)) = 16.7 rounds on average (3.3 without memory), the share online stays
+    p, and a resumed clock (made anew, asked for a later round first) finds the same clients."""
+    def run(memory, rounds=300):
+        conf = {"clock": "simulated", "profile": "wifi", "no_models": 20_000, "seed": 0, "availability": 0.7,
+                "availability_memory": memory, "step_seconds": 0.01}
+        timer = clock.Clock(conf, [1] * 20_000)
+        states = np.zeros((rounds, 20_000), dtype=bool)
+        for r in range(1, rounds + 1):
+            states[r - 1, timer.online(r)] = True
+        return states, conf
+
+    for memory, spell in ((0.0, 1 / 0.3), (0.8, 1 / (0.2 * 0.3))):
+        states, conf = run(memory)
+        assert states[50:].mean() == pytest.approx(0.7, abs=0.005)
+        starts = (states[1:] & ~states[:-1]).sum()  # spells that begin after round 1
+        assert states[1:].sum() / starts == pytest.approx(spell, rel=0.05)
+    resumed = clock.Clock(conf, [1] * 20_000)
+    assert np.array_equal(resumed.online(120), np.flatnonzero(states[119]))
+    assert np.array_equal(resumed.online(7), np.flatnonzero(states[6]))  # and back again
+
+
+def test_availability_memory_of_one_is_refused(write_conf, tmp_path, run_main):
+    status, _, err = run_main("-c", write_conf(clock="simulated", availability=0.5, availability_memory=1.0),
+                              "--out", tmp_path / "run")
+    assert status == 2 and "'availability_memory' must be < 1" in err

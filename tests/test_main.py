@@ -158,7 +158,7 @@ VARIANTS = {
     "random": {},
     "topk-ef-momentum": {"sparsifier": "topk", "prop": 0.1, "error_feedback": True, "server_momentum": 0.5},
     "dirichlet-roundmask-lambda": {"partition": "dirichlet", "mask": "round", "aggregation": "lambda", "prop": 0.3},
-    "clock-deadline-overselect": {"clock": "simulated", "profile": "mixed", "availability": 0.9, "deadline": 0.35,
+    "clock-deadline-overselect": {"clock": "simulated", "profile": "mixed", "availability": 0.9, "availability_memory": 0.5, "deadline": 0.35,
                                   "over_select": 1.5, "sparsifier": "topk", "prop": 0.1, "error_feedback": True},
     "fedbuff-compressed-download": {"clock": "simulated", "mode": "async", "concurrency": 3, "buffer_size": 2,
                                     "profile": "mixed", "download": "compressed", "error_feedback": True,

@@ -70,6 +70,10 @@ KEYS = {
                            "utils.step_seconds)"),
     "availability": (1.0, "clock: the probability that a client is online in a round (a CSV profile's column "
                           "overrides it); sampling draws among the clients online"),
+    "availability_memory": (0.0, "clock: the on/off process of being online: each round a client keeps last round's "
+                                 "state with this probability, else it is drawn afresh with its availability (0: "
+                                 "independent rounds; 0.9: spells online and offline 10 times longer; the share of "
+                                 "rounds online stays the availability)"),
     "deadline": (0.0, "clock: seconds after which a client that has not finished is dropped: its upload is discarded "
                       "(0: wait for every client)"),
     "over_select": (1.0, "clock: sample ceil(k * over_select) clients (at most every online one) and keep the first k "
@@ -122,7 +126,7 @@ CHOICES = {
     "attack": robust.ATTACKS,
 }
 
-CLOCK_KEYS = ("profile", "step_seconds", "availability", "deadline", "over_select")  # what clock 'none' ignores
+CLOCK_KEYS = ("profile", "step_seconds", "availability", "availability_memory", "deadline", "over_select")  # what clock 'none' ignores
 ASYNC_KEYS = ("concurrency", "buffer_size", "staleness")  # what mode 'sync' ignores
 
 # key: (lowest, highest, whether the lowest is allowed)
@@ -149,6 +153,7 @@ RANGES = {
     "server_validation": (0, math.inf, True),
     "step_seconds": (0, 1e6, False),  # with profiles' bounds (clock.BOUNDS), no simulated time overflows
     "availability": (0, 1, True),
+    "availability_memory": (0, 1, True),  # 1 itself is refused below: every client would keep its first state
     "deadline": (0, math.inf, True),
     "over_select": (1, 1e6, True),
     "concurrency": (1, math.inf, True),
@@ -210,6 +215,9 @@ def validate(overrides):
     if conf["attack_until"] and conf["attack_until"] < conf["attack_from"]:
         raise ConfigError(f"config key 'attack_until' ({conf['attack_until']}) is before 'attack_from' "
                           f"({conf['attack_from']}): no round would be attacked")
+    if conf["availability_memory"] >= 1:
+        raise ConfigError(f"config key 'availability_memory' must be < 1 (at 1 a client would keep its first round's "
+                          f"state for ever), got {shown(conf['availability_memory'])}")
     if conf["trim_fraction"] >= 0.5:
         raise ConfigError(f"config key 'trim_fraction' must be < 0.5 (trimming half from each end leaves nothing), got "
                           f"{shown(conf['trim_fraction'])}")
