@@ -286,6 +286,7 @@ def test_a_stale_upload_is_weighted_by_its_staleness(tiny_model, make_conf):
     """Two dense uploads of 1 and 3 from 10 and 30 examples, scaled 1 and 1/sqrt(3): masked_mean moves every entry
     by (10 * 1 + 30 * 3 / sqrt(3)) / 40."""
     from conftest import handmade_upload, lenient
+
     from server import Server
     server = lenient(Server(tiny_model, make_conf(), torch.device("cpu")))
     before = torch.cat([p.detach().flatten() for p in tiny_model.parameters()]).clone()
@@ -299,12 +300,12 @@ def test_a_stale_upload_is_weighted_by_its_staleness(tiny_model, make_conf):
 
 @pytest.mark.parametrize("overrides, message", [
     ({"mode": "async", "concurrency": 2}, "mode 'async' orders its events on the simulated clock"),
-    ({"mode": "async", "clock": "simulated", "concurrency": 2, "buffer_size": 3}, "'buffer_size' (3) must not exceed "
-                                                                                  "'concurrency' (2)"),
+    ({"mode": "async", "clock": "simulated", "concurrency": 2, "buffer_size": 3},
+     "'buffer_size' (3) must not exceed 'concurrency' (2)"),
     ({"mode": "async", "clock": "simulated", "concurrency": 5}, "'concurrency' (5) must not exceed 'no_models' (4)"),
     ({"mode": "async", "clock": "simulated", "concurrency": 2, "deadline": 5.0}, "'deadline' does not act in mode"),
-    ({"mode": "async", "clock": "simulated", "concurrency": 2, "download": "relay"}, "cannot be used with download "
-                                                                                     "'relay'"),
+    ({"mode": "async", "clock": "simulated", "concurrency": 2, "download": "relay"},
+     "cannot be used with download 'relay'"),
     ({"buffer_size": 3}, "'buffer_size' acts only in mode 'async'"),
 ])
 def test_bad_async_settings_are_one_line(write_conf, tmp_path, run_main, overrides, message):
