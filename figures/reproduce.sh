@@ -218,9 +218,11 @@ if [ "$what" = all ] || [ "$what" = time ]; then  # the simulated clock (runs/ti
       [ -f "$out/metrics.csv" ] || python -m utils.retime "$run" --profile $preset --out "$out"
     done
   done
-  # how much depends on the phones' assumed slowness (3): phones as fast as this machine, and links alone
-  for run in runs/time/mobile/seed*/*; do
-    for variant in phone1x:0.003333 links-only:0.000001; do
+  # how much depends on the phones' assumed slowness (3): phones as fast as this machine (a third of the run's
+  # step_seconds), and links alone
+  for run in runs/time/mobile/seed*/* runs/time/mobile/resnet18/*; do
+    step=0.003333; [[ $run == *resnet18* ]] && step=0.158
+    for variant in phone1x:$step links-only:0.000001; do
       out=${run/\/mobile\//\/mobile-${variant%%:*}\/}
       [ -f "$out/metrics.csv" ] || python -m utils.retime "$run" --profile mobile --step-seconds ${variant#*:} --out "$out"
     done
@@ -293,7 +295,7 @@ if [ "$what" = all ] || [ "$what" = figures ]; then  # every figure in figures/ 
     tm=runs/time/$preset
     finished $tm/seed*/* && python -m utils.plot $tm/seed*/* --table --target 0.89
   done
-  for preset in mobile mixed wifi datacenter; do
+  for preset in mobile mixed wifi datacenter mobile-phone1x mobile-links-only; do
     rounds=5 finished runs/time/$preset/resnet18/* && python -m utils.plot runs/time/$preset/resnet18/* --table --target 0.85
   done
   tm=runs/time/mobile/seed0
