@@ -20,7 +20,7 @@ from a CSV with one row per client. PRESETS names where their numbers come from.
 import csv
 import hashlib
 import math
-from dataclasses import dataclass
+import dataclasses
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ class ProfileError(ValueError):
     """A profile the clock cannot use: an unknown preset, or a CSV that does not describe the run's clients."""
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Spread:
     """A log-normal distribution: `median`, and `sigma` of the log (0: every client gets the median). With `tail`, a
     share `tail` of the clients draws from `tail_median` instead (a heavy tail of slow links)."""
@@ -149,7 +149,9 @@ class Profiles:
             return None
         if is_preset(conf["profile"]):
             return cls.preset(conf["profile"], conf["no_models"], conf["seed"], conf["availability"])
-        check_csv_conf(conf)
+        if conf["availability"] != 1:
+            raise ProfileError(f"the profile {conf['profile']} gives each client's availability in its column: leave "
+                               f"the key 'availability' at 1")
         return cls.read_csv(conf["profile"], conf["no_models"])
 
     def online(self, seed, round_index):
@@ -183,14 +185,7 @@ def check_profile(conf):
     """Refuse, before any data is loaded, a profile the run cannot use: a CSV that is not there or does not describe
     the run's clients (read to check it: its memory is proportional to the file's rows, not to no_models)."""
     if conf["clock"] != "none" and not is_preset(conf["profile"]):
-        check_csv_conf(conf)
-        Profiles.read_csv(conf["profile"], conf["no_models"])
-
-
-def check_csv_conf(conf):
-    if conf["availability"] != 1:
-        raise ProfileError(f"the profile {conf['profile']} gives each client's availability in its column: leave the "
-                           f"key 'availability' at 1")
+        Profiles.for_run(conf)
 
 
 def parse_client(text, clients, where):
@@ -215,7 +210,7 @@ def parse_number(text, name, where):
     return value
 
 
-@dataclass
+@dataclasses.dataclass
 class Timing:
     """One client's round on the clock."""
     client: int
@@ -230,6 +225,10 @@ class Timing:
     @property
     def finish_s(self):
         return self.download_s + self.compute_s + self.upload_s
+
+    def row(self):
+        """As a row of clients.csv holds it (seconds unrounded), finish_s included."""
+        return {**dataclasses.asdict(self), "finish_s": self.finish_s}
 
 
 def elapsed(before, round_seconds):
@@ -250,6 +249,12 @@ class Clock:
         self.profiles = Profiles.for_run(conf)
         self.steps = steps  # per client, its local SGD steps in a round
         self.spell = (0, None)  # with availability_memory: (the last round computed, who was online in it)
+        # what the checkpoint keeps of the profile, so that a resume can tell whether its CSV changed since: the
+        # file's SHA-256 as this run read it (None for a preset, which the seed determines)
+        self.source = None
+        if not is_preset(conf["profile"]):
+            with open(conf["profile"], "rb") as f:
+                self.source = hashlib.sha256(f.read()).hexdigest()
 
     def online(self, round_index):
         """The ids of the clients online in round `round_index`, or None when every client always is. With
@@ -268,14 +273,6 @@ class Clock:
                                                          state, fresh)
         self.spell = (round_index, state)
         return np.flatnonzero(state)
-
-    def source(self):
-        """What the checkpoint keeps of the profile, so that a resume can tell whether its CSV changed since: the
-        file's SHA-256 (None for a preset, which the seed determines)."""
-        if is_preset(self.conf["profile"]):
-            return None
-        with open(self.conf["profile"], "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
 
     def sampled(self):
         """How many clients a round samples: ceil(k * over_select), at most every client."""

@@ -77,7 +77,7 @@ class FedBuff:
         return {"round_seconds": round(self.now - before, 6), "sim_seconds": round(self.now, 6), "dropped": 0,
                 "dropped_download_bytes": 0, "dropped_upload_bytes": 0,
                 "staleness": round(sum(staleness) / max(len(staleness), 1), 6),
-                "timings": [{**dataclasses.asdict(f.timing), "start_s": f.start_s, "staleness": s}
+                "timings": [{**f.timing.row(), "start_s": f.start_s, "staleness": s}
                             for f, s in zip(buffer, staleness)]}
 
     def _weight(self, staleness):
@@ -109,8 +109,7 @@ class FedBuff:
     def state(self):
         """What the checkpoint keeps: the clock, the steps, the starts, the uploads in flight."""
         return {"now": self.now, "steps": self.steps, "started": self.started,
-                "flights": [{**dataclasses.asdict(f), "timing": dataclasses.asdict(f.timing),
-                             "upload": dataclasses.asdict(f.upload)} for f in self.flights]}
+                "flights": [dataclasses.asdict(f) for f in self.flights]}
 
     def restore(self, state, steps):
         """Put back what state() saved after `steps` server steps; ValueError when it is not such a timeline."""

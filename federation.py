@@ -103,7 +103,8 @@ def play_round(round_index, conf, server, transport, dataset, timer=None, show_p
     timed = [upload for upload in uploads if upload.problem is None]  # a failed node's upload never arrives
     timings, round_seconds = timer.play(round_index, [(upload.client_id, len(syncs[upload.client_id][0]),
                                                        len(upload.payload)) for upload in timed]) if timer else ([], 0)
-    dropped = {timing.client for timing in timings if not timing.arrived}
+    late = [timing for timing in timings if not timing.arrived]
+    dropped = {timing.client for timing in late}
     if clock.may_drop(conf):
         transport.drop(dropped)
     if timings and len(dropped) == len(timings):
@@ -116,11 +117,10 @@ def play_round(round_index, conf, server, transport, dataset, timer=None, show_p
     row = metrics_row(round_index, server, received, kept_clients, [syncs[c] for c in kept_clients],
                       [kind for _, kind in syncs.values()], accuracy, loss, kept, started)
     if timer:
-        late = [timing for timing in timings if not timing.arrived]
         row.update({"round_seconds": round(round_seconds, 6), "dropped": len(late),
                     "dropped_download_bytes": sum(timing.download_bytes for timing in late),
                     "dropped_upload_bytes": sum(timing.upload_bytes for timing in late),
-                    "timings": [dataclasses.asdict(timing) for timing in timings]})
+                    "timings": [timing.row() for timing in timings]})
     return row
 
 
@@ -217,7 +217,7 @@ def pick_device(asked):
 
 def save(out, conf, server, transport, rows, timer=None, buffered=None):
     run_files.save(out, {
-        "profile": timer.source() if timer else None,
+        "profile": timer.source if timer else None,
         "async": buffered.state() if buffered else None,
         "config": conf,
         "rows": rows,
@@ -244,7 +244,7 @@ def restore(out, conf, server, transport, device, timer=None, buffered=None):
         if differing:
             key = differing[0]
             raise ValueError(f"its {key} is {state['config'][key]!r}, config.json says {conf.get(key)!r}")
-        if timer and state["profile"] != timer.source():
+        if timer and state["profile"] != timer.source:
             raise RunError(f"cannot resume {out}: its profile {conf['profile']} changed since the run started (its "
                            f"clients' links and speeds would not be the ones its rounds were timed with)")
         server.model.load_state_dict(state["model"])

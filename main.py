@@ -55,7 +55,8 @@ except KeyboardInterrupt as stop:
     print("\ninterrupted while starting: nothing was saved", file=sys.stderr)
     sys.exit(exit_status(stop))
 
-BAD_INPUT = (config.ConfigError, clock.ProfileError, datasets.DataError, models.ModelError, partition.PartitionError, RunError)
+BAD_INPUT = (config.ConfigError, clock.ProfileError, datasets.DataError, models.ModelError, partition.PartitionError,
+             RunError)
 
 
 def resolve(args):
@@ -192,8 +193,8 @@ def start(conf, out, resume, args):
     refused = sum(row.get("refused", 0) for row in rows)
     if rows and refused == len(rows):
         print(f"error: no round of {out} changed the global model: in every round the uploads were rejected or came "
-              f"after the deadline, or their aggregate was non-finite or changed no entry ({where_refusals_show(out, earlier, len(rows))})",
-              file=sys.stderr)
+              f"after the deadline, or their aggregate was non-finite or changed no entry "
+              f"({where_refusals_show(out, earlier, len(rows))})", file=sys.stderr)
         return 1
     if rows:
         sent, dense = run_files.upload_totals(rows)

@@ -126,8 +126,9 @@ CHOICES = {
     "attack": robust.ATTACKS,
 }
 
-CLOCK_KEYS = ("profile", "step_seconds", "availability", "availability_memory", "deadline", "over_select")  # what clock 'none' ignores
-ASYNC_KEYS = ("concurrency", "buffer_size", "staleness")  # what mode 'sync' ignores
+# what clock 'none' ignores, and what mode 'sync' ignores
+CLOCK_KEYS = ("profile", "step_seconds", "availability", "availability_memory", "deadline", "over_select")
+ASYNC_KEYS = ("concurrency", "buffer_size", "staleness")
 
 # key: (lowest, highest, whether the lowest is allowed)
 RANGES = {
@@ -225,19 +226,21 @@ def validate(overrides):
         raise ConfigError("download 'relay' cannot be used with server_momentum: a client replaying the uploads would "
                           "need the server's momentum too; use download 'compressed' (the server broadcasts its step) "
                           "or 'dense'")
-    if conf["clock"] == "none":
-        clocked = [key for key in CLOCK_KEYS if conf[key] != DEFAULTS[key]]
-        if clocked:
-            raise ConfigError(f"config key '{clocked[0]}' acts only on the simulated clock: set clock to 'simulated'")
+    clocked = conf["clock"] == "none" and first_set(conf, CLOCK_KEYS)
+    if clocked:
+        raise ConfigError(f"config key '{clocked}' acts only on the simulated clock: set clock to 'simulated'")
     if conf["mode"] == "async":
         check_async(conf)
-    else:
-        unused = [key for key in ASYNC_KEYS if conf[key] != DEFAULTS[key]]
-        if unused:
-            raise ConfigError(f"config key '{unused[0]}' acts only in mode 'async'")
+    elif first_set(conf, ASYNC_KEYS):
+        raise ConfigError(f"config key '{first_set(conf, ASYNC_KEYS)}' acts only in mode 'async'")
     if conf["type"] == "cifar10":
         conf["type"] = "cifar"
     return conf
+
+
+def first_set(conf, keys):
+    """The first of `keys` that is not at its default, or None."""
+    return next((key for key in keys if conf[key] != DEFAULTS[key]), None)
 
 
 def check_async(conf):
@@ -250,10 +253,9 @@ def check_async(conf):
     if conf["buffer_size"] > conf["concurrency"]:
         raise ConfigError(f"config key 'buffer_size' ({conf['buffer_size']}) must not exceed 'concurrency' "
                           f"({conf['concurrency']}): the buffer would never fill")
-    for key, why in (("deadline", "FedBuff waits for no round"), ("over_select", "FedBuff samples one client at a "
-                                                                                 "time")):
-        if conf[key] != DEFAULTS[key]:
-            raise ConfigError(f"config key '{key}' does not act in mode 'async' ({why})")
+    if first_set(conf, ("deadline", "over_select")):
+        raise ConfigError(f"config key '{first_set(conf, ('deadline', 'over_select'))}' does not act in mode 'async' "
+                          f"(FedBuff waits for no round, and samples one client at a time)")
     if conf["download"] == "relay":
         raise ConfigError("mode 'async' cannot be used with download 'relay': a client replaying the uploads would "
                           "need each one's staleness weight; use download 'compressed' or 'dense'")

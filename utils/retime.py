@@ -54,7 +54,7 @@ def retime(run_dir, profile, step_seconds=None):
         timings, seconds = clock.play(profiles, new, round_index, records[round_index], new["k"])
         elapsed = clock.elapsed(elapsed, round(seconds, 6))
         row.update({"round_seconds": round(seconds, 6), "sim_seconds": elapsed,
-                    "timings": [timing.__dict__ for timing in timings]})
+                    "timings": [timing.row() for timing in timings]})
     return new, rows
 
 

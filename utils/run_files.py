@@ -164,13 +164,11 @@ def write_metrics(run_dir, rows):
 
 
 def client_rows(rows):
-    """clients.csv's rows: each round's timings (clock.Timing as a dict), its seconds to 6 decimals."""
+    """clients.csv's rows: each round's timings (clock.Timing.row), its seconds to 6 decimals."""
     for row in rows:
         for timing in row["timings"]:
             yield {"round": row["round"], **{key: round(value, 6) if isinstance(value, float) else value
-                                             for key, value in timing.items() if key != "arrived"},
-                   "finish_s": round(timing["download_s"] + timing["compute_s"] + timing["upload_s"], 6),
-                   "arrived": int(timing["arrived"])}
+                                             for key, value in timing.items()}, "arrived": int(timing["arrived"])}
 
 
 def write_csv(path, columns, rows):
