@@ -23,6 +23,7 @@ import torch
 
 import codec
 from client import check_kept, kept_numels
+from codec.positions import true_positions
 from utils.seeding import derive_seed
 
 UNKNOWN = -1  # the version of a client whose model the server cannot vouch for
@@ -57,7 +58,9 @@ class Relay(Dense):
     help = "the round's accepted uploads are forwarded; each client aggregates them with the server's code (lossless)"
 
     def broadcast(self, update, accepted, round_index):
-        return update, list(accepted)
+        # each forwarded claiming the count the server weighed it by, so that a client replaying the round weighs it
+        # the same
+        return update, [codec.with_num_samples(payload, count) for payload, count in accepted]
 
     @staticmethod
     def replay(replica, message):
@@ -169,6 +172,7 @@ class Syncs:
         # per entry, the version that last changed it: what a client at version v lacks is where this exceeds v
         self.last_changed = [torch.zeros(n, dtype=torch.int32, device=device) for n in numels] if self.logs else None
         self.dense_cache = (None, None)
+        self.from_version = (None, {})  # (the version, {a client's version: its sync}): syncs made this version
         self.before = None  # what roll_back restores: the log and the changed entries' versions before the last round
 
     def record(self, message, changed):
@@ -186,6 +190,7 @@ class Syncs:
         """The last round's move was undone: it is logged as a round that kept the model as it was (an empty message),
         and its entries' versions are what they were."""
         self.dense_cache = (None, None)  # coded at this version from the model before it went back
+        self.from_version = (None, {})
         if not self.logs:
             return
         self.log, self.log_bytes, changed = self.before
@@ -211,6 +216,15 @@ class Syncs:
         if held == UNKNOWN or (held is None and self.first_contact == "dense"):
             return codec.encode_sync(codec.DENSE, self.dense(model)), "dense"
         held = held or 0  # first contact from the seed: the client builds the initial model itself, for free
+        if self.from_version[0] != self.version:
+            self.from_version = (self.version, {})
+        made = self.from_version[1]
+        if held not in made:  # the same for every client at `held`: cross-device, most clients are at 0
+            made[held] = self._sync_from(held, model)
+        return made[held]
+
+    def _sync_from(self, held, model):
+        """The cheapest sync from version `held` to now, and its kind."""
         if held == self.version:
             return b"", "replay"  # nothing to download
         missed = [message for version, message in self.log if version > held]
@@ -220,7 +234,7 @@ class Syncs:
         dense_sync = (1 + self.dense_size, "dense")
         if best is None or dense_sync[0] < best[0]:
             best = dense_sync
-        positions = [(last > held).nonzero().squeeze(1) for last in self.last_changed]
+        positions = [true_positions(last > held) for last in self.last_changed]
         changed_floor = 1 + codec.HEADER.size + 4 * sum(len(p) for p in positions)  # its values alone
         if changed_floor < best[0]:
             changed = codec.encode_sync(codec.CHANGED, codec.encode_entries(model(), positions))
@@ -258,7 +272,7 @@ class Syncs:
             if not 0 < version <= self.version:
                 raise ValueError(f"its message log holds round {version} of {self.version}")
             for payload in message:
-                if not all(torch.isfinite(v).all() for v in codec.decode(payload, self.numels, method)[2]):
+                if not codec.all_finite(codec.decode(payload, self.numels, method)[2]):
                     raise ValueError(f"round {version}'s message holds NaN or Inf")
         self.log_bytes = sum(replayed_size(message) for _, message in self.log)
         if self.logs:
@@ -292,7 +306,7 @@ def apply_sync(sync, replica, rounds_played):
         return
     _, positions, values = codec.decode(content, replica.numels,
                                         codec.DENSE_F32 if kind == codec.DENSE else codec.CHANGED_ENTRIES)
-    if not all(torch.isfinite(value).all() for value in values):
+    if not codec.all_finite(values):
         raise codec.PayloadError("the sync holds NaN or Inf")
     replica.overwrite(positions, values)
 

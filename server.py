@@ -39,7 +39,7 @@ class Server:
         self.total_weight = 0  # sum of n_i over accepted uploads
         self.accepted = 0
         self.received_entries = 0  # diff entries carried by accepted uploads
-        self.accepted_payloads = []  # what a relay download forwards
+        self.accepted_payloads = []  # (payload, the count it was weighed by) per accepted upload: what a relay forwards
         self.uploads = []  # with a defense: the round's decoded uploads, which it looks at together before summing
 
     def global_state(self):
@@ -60,19 +60,20 @@ class Server:
             return f"malformed payload ({e})"
         if claimed == 0:
             return "claims 0 training examples, so it has no weight"
-        if not all(torch.isfinite(v).all() for v in values):
+        if not codec.all_finite(values):
             return "holds NaN or Inf"
         num_samples = claimed if self.registered is None else min(claimed, self.registered[client_id])
         device = self.globals[0].device
-        upload = robust.Decoded(num_samples, [None if kept is None else kept.to(device) for kept in positions],
-                                [value.to(device, torch.float64) * scale for value in values])
+        values = [value.to(device, torch.float64) for value in values]
+        if scale != 1.0:
+            values = [value.mul_(scale) for value in values]
+        upload = robust.Decoded(num_samples, [None if kept is None else kept.to(device) for kept in positions], values)
         if self.conf["defense"] == "none":
             self._add(upload)
         else:
             self.uploads.append(upload)
         self.accepted += 1
-        # forwarded with the count it was weighed by, so that a client replaying the round weighs it the same
-        self.accepted_payloads.append(codec.with_num_samples(upload_bytes, num_samples))
+        self.accepted_payloads.append((upload_bytes, num_samples))
         self.received_entries += sum(len(v) for v in values)
         return None
 
@@ -85,7 +86,7 @@ class Server:
                 weight += upload.count
             else:
                 weighted_sum.index_add_(0, kept, value)
-                weight.index_add_(0, kept, torch.full_like(value, upload.count))
+                weight.index_add_(0, kept, weight.new_tensor(upload.count).expand(len(kept)))
         self.total_weight += upload.count
 
     def sync(self, client_id):
@@ -143,7 +144,7 @@ class Server:
         """Add `steps` (flat, one per tensor) to the global model unless that makes it, or `also_finite`, non-finite.
         Returns (None, per tensor which entries changed), or (why it stayed as it was, None)."""
         stepped = [g + u.view(g.shape) for g, u in zip(self.globals, steps)]
-        if not all(torch.isfinite(t).all() for t in stepped + list(also_finite)):
+        if not codec.all_finite(stepped + list(also_finite)):
             return "the aggregate would make the global model non-finite, so the model was kept", None
         # compared bit for bit: -0.0 and 0.0 differ for a client that must hold the same bits
         changed = [new.flatten().view(torch.int32) != old.flatten().view(torch.int32)

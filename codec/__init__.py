@@ -43,6 +43,9 @@ upload-format payload of the server's step (num_samples 0), and a sync (`encode_
 import struct
 from dataclasses import dataclass
 
+import numpy as np
+import torch
+
 from codec.positions import encode_positions
 from codec.quantizers import QUANTIZERS, Float32
 from codec.sparsifiers import SPARSIFIERS, Dense, TopK, entries
@@ -131,6 +134,13 @@ def memory_numels(conf, shapes):
     """Per tensor, the entries of the memory a sender keeps between encodes under `conf`'s sparsifier (for tensors of
     `shapes`); None when it keeps none."""
     return SPARSIFIERS[conf["sparsifier"]](conf).memory_numels(shapes)
+
+
+def all_finite(tensors):
+    """Whether every entry of `tensors` is finite. On the CPU through numpy, 14 times faster than torch's isfinite
+    and all (0.025 against 0.35 ms for 240,000 f32 values): the server checks every upload's values."""
+    return all(np.isfinite(t.detach().numpy()).all() if t.device.type == "cpu" else bool(torch.isfinite(t).all())
+               for t in tensors)
 
 
 SPARSIFIER_IDS = {cls.wire_id: cls for cls in SPARSIFIERS.values()}

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import codec
+import downloads
 import federation
 import models
 import robust
@@ -233,7 +234,8 @@ def test_claimed_counts_are_cut_to_the_registered_ones(tiny_model, make_conf):
     assert server.receive(handmade_upload(MAX_COUNT, [[5] * 6, [5, 5]]), client_id=1) is None  # cut to 3
     assert server.receive(handmade_upload(4, [[2] * 6, [2, 2]]), client_id=2) is None  # fewer than 10: kept
     # a relay forwards the counts the server used: the u32 at offset 3 of each payload
-    assert [struct.unpack_from("<I", payload, 3)[0] for payload in server.accepted_payloads] == [1, 3, 4]
+    _, forwarded = downloads.Relay(server.conf, []).broadcast(None, server.accepted_payloads, 1)
+    assert [struct.unpack_from("<I", payload, 3)[0] for payload in forwarded] == [1, 3, 4]
     server.aggregate()
     step = (1 * 1 + 3 * 5 + 4 * 2) / 8
     assert_close(flat_globals(server), moved_by([step] * 6, [step] * 2))
