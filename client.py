@@ -2,8 +2,8 @@
 
 What the upload carries and how it is coded is the compression method's business (codec/); with error feedback the
 client keeps what the server will not reconstruct (unsent entries and quantization error) and adds it to its next diff.
-A client also keeps its sparsifier's memory between uploads (PowerSGD's warm start). The transports save both in the
-checkpoint (KEPT).
+A client also keeps its sparsifier's memory between uploads (PowerSGD's warm start). Between its rounds both live in
+the run's client store (client_store.py, KEPT).
 """
 import math
 from dataclasses import dataclass
@@ -36,7 +36,7 @@ def check_kept(what, tensors, numels):
     for tensor, numel in zip(tensors, numels):
         if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.float32 or tensor.shape != (numel,):
             raise ValueError(f"{what} is not flat f32 tensors of {', '.join(map(str, numels))} entries")
-        if not torch.isfinite(tensor).all():
+        if not codec.all_finite([tensor]):
             raise ValueError(f"{what} holds NaN or Inf")
 
 
@@ -62,10 +62,6 @@ class Client:
         self.memory = None  # what the sparsifier carries from one upload to the next (PowerSGD's warm start)
         # under a deadline or over-selection: the residual to keep instead if the server discards the last upload
         self.residual_if_dropped = None
-
-    def dropped(self):
-        """The server discarded this client's last upload (it came too late): keep all of that diff."""
-        self.residual, self.residual_if_dropped = self.residual_if_dropped, None
 
     def mask_seed(self, round_index):
         """The seed of this client's random mask: drawn once (the chapter's fixed mask) or anew each round."""

@@ -7,6 +7,7 @@ model (what it downloads: downloads.py), ask the transport to train them and han
 uploads into the server's sums, aggregate (which moves the model by what the download method broadcasts), evaluate,
 and save the round to the run folder.
 """
+import contextlib
 import copy
 import dataclasses
 import math
@@ -20,7 +21,8 @@ import codec
 import datasets
 import fedbuff
 import models
-from client import KEPT, check_kept, kept_numels, local_steps
+from client import check_kept, kept_numels, local_steps
+from client_store import ClientStore, StoreError
 from server import Server
 from utils import partition, run_files
 from utils.run_files import RunError
@@ -60,16 +62,19 @@ def run(conf, out, resume, transport_factory):
     server = Server(models.build(conf["model_name"], dataset.image_shape, dataset.num_classes, conf["pretrained"]),
                     conf, device, registered=[len(share) for share in shares],
                     validation=dataset.train_split(validation) if len(validation) else None)
-    with run_files.locked(out):
+    # the clients' state: opened (and, unless resumed, emptied) at its first write, so after the check below
+    store = ClientStore(out, kept_numels(conf, [t.shape for t in server.globals]), conf["client_state_memory"],
+                        resume)
+    with run_files.locked(out), contextlib.closing(store):
         if not resume and run_files.holds_run(out):  # another run finished here since the command line was checked
             raise RunError(f"{out} already holds a run: continue it with --resume, or choose another --out")
-        transport = transport_factory(conf, dataset, shares, copy.deepcopy(server.model))
+        transport = transport_factory(conf, dataset, shares, copy.deepcopy(server.model), store)
         timer = clock.Clock(conf, [local_steps(len(share), conf) for share in shares]) if conf["clock"] != "none" \
             else None
         buffered = fedbuff.FedBuff(conf, server, transport, timer, sample_clients) if conf["mode"] == "async" else None
         rows = []
         if resume:
-            rows = restore(out, conf, server, transport, device, timer, buffered)
+            rows = restore(out, conf, server, transport, store, device, timer, buffered)
             run_files.write_metrics(out, rows)  # the checkpoint's rows: a kill -9 may have cut metrics.csv short
         run_files.write_config(out, conf)
         run_files.write_environment(out, device, len(rows) + 1)
@@ -81,7 +86,7 @@ def run(conf, out, resume, transport_factory):
                 rows[-1]["sim_seconds"] = clock.elapsed(rows[-2]["sim_seconds"] if len(rows) > 1 else 0.0,
                                                         rows[-1]["round_seconds"])
             with run_files.signals_held():  # a stop during the save waits for the round's line, so it is shown
-                save(out, conf, server, transport, rows, timer, buffered)
+                save(out, conf, server, transport, store, rows, timer, buffered)
                 print_row(rows[-1], conf["global_epochs"], show_progress)
     return rows
 
@@ -215,7 +220,9 @@ def pick_device(asked):
     return torch.device("cuda" if asked != "cpu" and torch.cuda.is_available() else "cpu")
 
 
-def save(out, conf, server, transport, rows, timer=None, buffered=None):
+def save(out, conf, server, transport, store, rows, timer=None, buffered=None):
+    """The round to the run folder: the clients' changed records to their store, then the checkpoint naming them."""
+    table = store.flush()
     run_files.save(out, {
         "profile": timer.source if timer else None,
         "async": buffered.state() if buffered else None,
@@ -226,13 +233,16 @@ def save(out, conf, server, transport, rows, timer=None, buffered=None):
         "download": server.download.state(),
         "syncs": server.syncs.state(),
         "clients": transport.client_state(),
+        "store": table,
     })
+    store.committed(table)
 
 
-def restore(out, conf, server, transport, device, timer=None, buffered=None):
+def restore(out, conf, server, transport, store, device, timer=None, buffered=None):
     """The saved rows; the server's model, momentum, download state and the clients' state are put back as they
-    were. Whatever is restored is checked first: a digest of the file, then every tensor's size and finiteness (a
-    NaN saved by a bug, or patched in with a digest made anew, would otherwise spoil every later round)."""
+    were. Whatever is restored is checked first: a digest of the file (and of each client's record in the store),
+    then every tensor's size and finiteness (a NaN saved by a bug, or patched in with a digest made anew, would
+    otherwise spoil every later round)."""
     try:
         state = run_files.load_checkpoint(out, device)
     except Exception as e:  # torch.load raises many kinds for a damaged file
@@ -240,7 +250,7 @@ def restore(out, conf, server, transport, device, timer=None, buffered=None):
                        f"({first_line(e)})") from None
     try:
         differing = [key for key, value in state.get("config", conf).items()
-                     if key != "global_epochs" and conf.get(key) != value]
+                     if key not in ("global_epochs", "client_state_memory") and conf.get(key) != value]
         if differing:
             key = differing[0]
             raise ValueError(f"its {key} is {state['config'][key]!r}, config.json says {conf.get(key)!r}")
@@ -255,16 +265,13 @@ def restore(out, conf, server, transport, device, timer=None, buffered=None):
         server.download.restore(state["download"])
         server.syncs.restore(state["syncs"], server.download.method)
         clients = state["clients"]
-        strangers = [c for part in clients.values() for c in part if not 0 <= int(c) < conf["no_models"]]
+        strangers = [c for c in clients["models"] if not 0 <= int(c) < conf["no_models"]]
+        strangers += [c for records in state["store"]["records"].values() for c in records
+                      if type(c) is not int or not 0 <= c < conf["no_models"]]
         strangers += [c for c in server.syncs.synced if not 0 <= c < conf["no_models"]]
         if strangers:
             raise ValueError(f"it holds the state of client {strangers[0]}, this run has {conf['no_models']} clients")
-        numels = kept_numels(conf, [t.shape for t in server.globals])
-        for name, key in KEPT.items():
-            for client_id, tensors in clients[key].items():
-                if numels[name] is None:
-                    raise ValueError(f"it holds client {client_id}'s {name}, which this run's clients do not keep")
-                check_kept(f"client {client_id}'s {name}", tensors, numels[name])
+        store.restore(state["store"])
         for client_id, payload in clients["models"].items():
             check_kept(f"the model of client {client_id}'s node", codec.decode(payload, server.numels,
                                                                                codec.DENSE_F32)[2], server.numels)
@@ -272,6 +279,8 @@ def restore(out, conf, server, transport, device, timer=None, buffered=None):
         if buffered:
             buffered.restore(state["async"], len(state["rows"]))
         rows = list(state["rows"])
+    except StoreError as e:
+        raise RunError(f"cannot resume {out}: {e}") from None
     except (AttributeError, KeyError, TypeError, RuntimeError, ValueError) as e:
         raise RunError(f"cannot resume {out}: checkpoint.pt is not from this run, or is damaged ({first_line(e)})") \
             from None

@@ -4,10 +4,12 @@
         (syncs: client id -> the bytes it downloads to hold global_state; downloads.apply_sync applies them)
     drop(dropped)  (under a deadline or over-selection, after every train: the ids whose uploads the server discarded,
         possibly none; those clients keep all of their diffs as their error-feedback residual, not what was sent)
-    client_state() -> what the clients keep between rounds, for the checkpoint: {"residuals": {id: error-feedback
-        residual}, "memories": {id: the sparsifier's memory, PowerSGD's warm start}, "models": {id: the model a node
-        holds, a dense payload}}
+    client_state() -> what the transport itself keeps for the checkpoint: {"models": {id: the model a node holds, a
+        dense payload}} (what clients keep between rounds, their residuals and warm starts, lives in the client store
+        given to the transport: client_store.py)
     restore_client_state(state)  (client ids already checked against the run's clients by federation.restore)
+
+A transport is built as transport_factory(conf, dataset, shares, workspace model, client store).
 
 inprocess: one process trains the clients one after another (the default).
 flower: Flower's simulation engine (Ray actors) and deployment engine (a SuperLink and SuperNodes).

@@ -14,10 +14,10 @@ server compares with its own model's, and trains client.Client.local_train on th
 
 A node keeps its model (under a relay or compressed download) and what its client keeps (client.KEPT: its
 error-feedback residual, its sparsifier's memory) in context.state between rounds. None of it is counted as traffic:
-what the client keeps also travels back beside the upload (checked on arrival), and the server keeps a copy of the
-model each node holds (one per round's version, shared), so that the run folder's checkpoint holds them and --resume
-continues exactly; after a resume the server hands them back with the client's next message, as a node that had kept
-them on disk would find them.
+what the client keeps also travels back beside the upload (checked on arrival) into the run's client store
+(client_store.py), and the server keeps a copy of the model each node holds (one per round's version, shared), so that
+the run folder holds them and --resume continues exactly; after a resume the server hands them back with the client's
+next message, as a node that had kept them on disk would find them.
 """
 import contextlib
 import copy
@@ -146,14 +146,14 @@ WORKSPACE_KEYS = ("type", "data_dir", "device", "no_models", "partition", "alpha
 class GridTransport:
     """Trains the sampled clients on their Flower nodes: one message each, replies gathered by client id."""
 
-    def __init__(self, grid, conf, shapes, settings, stop):
-        self.grid, self.conf = grid, conf
+    def __init__(self, grid, conf, shapes, settings, stop, store):
+        self.grid, self.conf, self.store = grid, conf, store
         self.timeout, self.threads, self.stop = settings["timeout"], settings["threads"], stop
         self.node_of = self._find_nodes()
         self.kept_numels = kept_numels(conf, shapes)
-        self.kept = {name: {} for name in KEPT}  # per thing a client keeps: client id -> its dense payload
         self.models = {}  # client id -> the model its node holds, a dense payload (one object per round, shared)
         self.to_restore = {}  # client id -> what to hand back after a resume with its next message
+        self.resumed = set()  # after a resume: the clients whose kept state (in the store) is not yet handed back
         self.if_dropped = {}  # client id -> the residual it keeps if the server discards its last upload
 
     def _find_nodes(self):
@@ -182,6 +182,12 @@ class GridTransport:
         task = {"round": round_index, "conf": json.dumps(self.conf), "threads": self.threads}
         messages = []
         for client_id in chosen:
+            if client_id in self.resumed:
+                self.resumed.discard(client_id)
+                for name in self.store.numels:
+                    kept = self.store.get(name, client_id)
+                    if kept is not None:
+                        self.to_restore.setdefault(client_id, {})[name] = codec.encode(codec.DENSE_F32, kept, 0).payload
             content = {**task, "sync": syncs[client_id], **self.to_restore.pop(client_id, {})}
             messages.append(self._message(self.node_of[client_id], "train", content))
         replies = self._exchange(messages, time.monotonic() + self.timeout)
@@ -206,9 +212,9 @@ class GridTransport:
         if record["checksum"] != expected_checksum:
             return Upload(client_id, b"", float("nan"), problem="the node's model after its sync is not the server's "
                           f"(checksum {record['checksum'][:16]}..., expected {expected_checksum[:16]}...)")
-        for name in KEPT:
+        for name, numels in self.kept_numels.items():
             if name in record:
-                self.kept[name][client_id] = record[name]
+                self.store.put(name, client_id, codec.decode(record[name], numels, codec.DENSE_F32)[2])
         if IF_DROPPED in record:
             self.if_dropped[client_id] = record[IF_DROPPED]
         # the payload's bytes are the server's to decode: it rejects a garbled one, and the round counts its bytes
@@ -255,21 +261,17 @@ class GridTransport:
         the node is handed back with its next message."""
         for client_id in dropped:
             if client_id in self.if_dropped:
-                self.kept["residual"][client_id] = self.if_dropped[client_id]
-                self.to_restore.setdefault(client_id, {})["residual"] = self.if_dropped[client_id]
+                residual = self.if_dropped[client_id]
+                self.store.put("residual", client_id,
+                               codec.decode(residual, self.kept_numels["residual"], codec.DENSE_F32)[2])
+                self.to_restore.setdefault(client_id, {})["residual"] = residual
         self.if_dropped = {}
 
     def client_state(self):
-        kept = {KEPT[name]: {str(c): codec.decode(payload, self.kept_numels[name], codec.DENSE_F32)[2]
-                             for c, payload in by_client.items()} for name, by_client in self.kept.items()}
-        return {**kept, "models": {str(c): payload for c, payload in self.models.items()}}
+        return {"models": {str(c): payload for c, payload in self.models.items()}}
 
     def restore_client_state(self, state):
-        for name, key in KEPT.items():
-            for client_id, tensors in state[key].items():
-                payload = codec.encode(codec.DENSE_F32, [t.cpu().float() for t in tensors], 0).payload
-                self.kept[name][int(client_id)] = payload
-                self.to_restore.setdefault(int(client_id), {})[name] = payload
+        self.resumed = set(range(self.conf["no_models"]))
         for client_id, payload in state["models"].items():
             self.models[int(client_id)] = bytes(payload)
             self.to_restore.setdefault(int(client_id), {})["model"] = self.models[int(client_id)]
@@ -302,9 +304,9 @@ class GridTransport:
 
 def serve(grid, settings, stop):
     """The ServerApp's work: federation.run with this grid as the transport; returns the metrics rows."""
-    def transport(conf, dataset, shares, workspace):
+    def transport(conf, dataset, shares, workspace, store):
         shapes = [t.shape for t in workspace.state_dict().values() if torch.is_floating_point(t)]
-        return GridTransport(grid, conf, shapes, settings, stop)
+        return GridTransport(grid, conf, shapes, settings, stop, store)
     return federation.run(settings["conf"], settings["out"], settings["resume"], transport)
 
 

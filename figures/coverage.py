@@ -12,6 +12,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import datasets  # noqa: E402
+from client_store import ClientStore  # noqa: E402
 import models  # noqa: E402
 from utils import config, run_files  # noqa: E402
 from utils.seeding import derive_seed  # noqa: E402
@@ -29,7 +30,10 @@ def main(run_dirs):
         initial = flat(models.build(conf["model_name"], data.image_shape, data.num_classes).state_dict())
         state = run_files.load_checkpoint(run_dir, "cpu")
         moved = flat(state["model"]) - initial
-        residuals = sorted(float(torch.cat(r).norm()) for r in state["clients"]["residuals"].values())
+        store = ClientStore(run_dir, state["store"]["numels"], 0, resume=True)
+        store.restore(state["store"])
+        residuals = sorted(float(torch.cat(store.get("residual", c)).norm()) for c in store.clients("residual"))
+        store.close()
         print(f"{run_dir}: entries moved {float((moved != 0).float().mean()):.1%}, distance moved "
               f"{float(moved.norm()):.2f}, residual norms " + (" ".join(f"{n:.2f}" for n in residuals) or "-"))
 

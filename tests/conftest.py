@@ -148,3 +148,19 @@ def dense_from(positions, values, numels):
             full[kept] = value
         out.append(full)
     return out
+
+
+def kept_records(run_dir):
+    """What a finished run's clients keep, {name: {client: flat f32 tensors}}, read from its client store's files at
+    the slots its checkpoint names (each record: the client's tensors, f32, one after another)."""
+    import numpy as np
+    from utils import run_files
+    table = run_files.load_checkpoint(str(run_dir), "cpu")["store"]
+    kept = {}
+    for name, records in table["records"].items():
+        numels = table["numels"][name]
+        values = np.fromfile(os.path.join(run_dir, "clients", {"residual": "residuals", "memory": "memories"}[name]
+                                          + ".bin"), dtype="<f4")
+        kept[name] = {c: list(torch.from_numpy(values[slot * sum(numels):(slot + 1) * sum(numels)].copy())
+                              .split(numels)) for c, (slot, _) in records.items()}
+    return kept

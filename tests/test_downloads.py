@@ -58,8 +58,8 @@ class Replicas(InProcess):
     """Each client keeps its own model, moved only by the bytes it downloads, and trains from it (not from the
     server's); after every sync the test compares it with the server's model bit for bit."""
 
-    def __init__(self, conf, dataset, shares, workspace, start_from_garbage=False):
-        super().__init__(conf, dataset, shares, workspace)
+    def __init__(self, conf, dataset, shares, workspace, store, start_from_garbage=False):
+        super().__init__(conf, dataset, shares, workspace, store)
         self.conf, self.initial = conf, copy.deepcopy(workspace)
         if start_from_garbage:  # a client that cannot know the initial model: its first sync must carry all of it
             with torch.no_grad():

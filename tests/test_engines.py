@@ -10,6 +10,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from types import SimpleNamespace
@@ -22,9 +23,10 @@ import downloads
 import engines
 import federation
 import main
-from conftest import ROOT, TINY, free_ports, read_csv, without_seconds
+from client import kept_numels
+from client_store import ClientStore
+from conftest import ROOT, TINY, free_ports, kept_records, read_csv, without_seconds
 from server import Server
-from utils import run_files
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0",
        "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
@@ -285,8 +287,9 @@ def one_round(flower, tiny_model, make_conf, behaviours, timeout=5.0, **override
                         **overrides})
     server = Server(tiny_model, conf, torch.device("cpu"))
     settings = {"timeout": timeout, "threads": 1}
-    transport = flower.GridTransport(FakeGrid(behaviours), conf, [t.shape for t in server.globals], settings,
-                                     flower.threading.Event())
+    shapes = [t.shape for t in server.globals]
+    store = ClientStore(tempfile.mkdtemp(), kept_numels(conf, shapes), 1024, False)
+    transport = flower.GridTransport(FakeGrid(behaviours), conf, shapes, settings, flower.threading.Event(), store)
     test_split = SimpleNamespace(test_images=torch.ones(4, 3), test_labels=torch.tensor([0, 1, 0, 1]), num_classes=2)
     return federation.play_round(1, conf, server, transport, test_split), server, transport
 
@@ -336,8 +339,8 @@ def test_a_reply_with_any_bad_field_is_left_out_and_the_round_saves(flower, tiny
                            (8, "another client"), (9, "payload is not bytes")):
         assert f"client {client}'s upload: the node's reply is malformed" in err and reason in err, (client, reason)
     # what the checkpoint saves: only the good reply's residual (a garbled one used to crash the save)
-    residuals = transport.client_state()["residuals"]
-    assert list(residuals) == ["0"] and all(torch.equal(r, torch.full_like(r, 0.25)) for r in residuals["0"])
+    assert transport.store.clients("residual") == {0}
+    assert all(torch.equal(r, torch.full_like(r, 0.25)) for r in transport.store.get("residual", 0))
 
 
 def test_a_reply_with_a_bad_warm_start_is_left_out_and_a_good_one_saved_and_handed_back(flower, tiny_model,
@@ -352,7 +355,7 @@ def test_a_reply_with_a_bad_warm_start_is_left_out_and_a_good_one_saved_and_hand
                           10, shapes=[(2, 3), (2,)]).payload  # the run's method, which its server alone decodes
     behaviours = {0: upload_reply(0, 1.0, payload=upload, memory=memory),
                   **{p: upload_reply(p, 1.0, **fields) for p, fields in bad_fields.items()}}
-    row, _, transport = one_round(flower, tiny_model, make_conf, behaviours, sparsifier="powersgd", rank=1)
+    row, server, transport = one_round(flower, tiny_model, make_conf, behaviours, sparsifier="powersgd", rank=1)
     err = capsys.readouterr().err
     assert row["rejected"] == len(bad_fields)
     for client, reason in ((1, "memory is missing: the powersgd sparsifier keeps one"), (2, "payload ends early"),
@@ -360,10 +363,17 @@ def test_a_reply_with_a_bad_warm_start_is_left_out_and_a_good_one_saved_and_hand
                                                                "(sparsifier topk and quantize none, where"),
                            (5, "memory is not bytes")):
         assert f"client {client}'s upload: the node's reply is malformed" in err and reason in err, (client, reason)
-    memories = transport.client_state()["memories"]
-    assert list(memories) == ["0"] and [m.tolist() for m in memories["0"]] == [[0.5] * 3, []]
+    assert transport.store.clients("memory") == {0}
+    assert [m.tolist() for m in transport.store.get("memory", 0)] == [[0.5] * 3, []]
     transport.restore_client_state(transport.client_state())  # as after a resume: handed back with the next message
-    assert transport.to_restore[0]["memory"] == memory
+    sent, answer = {}, behaviours[0]
+
+    def hand_back(message):
+        sent.update(message.content.config_records["task"])
+        return answer(message)
+    transport.grid.behaviours[0] = hand_back
+    transport.train([0], {0: server.sync(0)[0]}, server.global_state(), 2)
+    assert sent["memory"] == memory
     # a memory under a sparsifier that keeps none is as malformed
     row, _, _ = one_round(flower, tiny_model, make_conf, {0: upload_reply(0, 1.0, memory=memory)})
     assert row["rejected"] == 1 and "its memory is unexpected: the none sparsifier keeps none" in capsys.readouterr().err
@@ -387,24 +397,25 @@ def test_nodes_keep_residuals_and_warm_starts_across_rounds_and_a_resume(flower,
     conf = make_conf(global_epochs=4, error_feedback=True, **method)
     expected = federation.run(conf, str(tmp_path / "inprocess"), False, InProcess)
 
-    def grid_of_new_nodes(conf, dataset, shares, workspace):
+    def grid_of_new_nodes(conf, dataset, shares, workspace, store):
         contexts = [Context(run_id=1, node_id=1000 + p, node_config={"partition-id": p}, state=RecordDict(),
                             run_config={}) for p in range(conf["no_models"])]
         grid = FakeGrid({p: (lambda message, p=p: flower.train(message, contexts[p])) for p in range(len(contexts))})
         shapes = [t.shape for t in workspace.state_dict().values() if torch.is_floating_point(t)]
-        return flower.GridTransport(grid, conf, shapes, {"timeout": 60.0, "threads": 1}, flower.threading.Event())
+        return flower.GridTransport(grid, conf, shapes, {"timeout": 60.0, "threads": 1}, flower.threading.Event(),
+                                    store)
     out = str(tmp_path / "grid")
     federation.run({**conf, "global_epochs": 2}, out, False, grid_of_new_nodes)
     rows = federation.run(conf, out, True, grid_of_new_nodes)
     assert without_seconds(rows) == without_seconds(expected)
     # bit for bit, not only to the metrics' 6 decimals: an ulp of a warm start a round hid there
-    kept, grid_kept = (run_files.load_checkpoint(tmp_path / run, "cpu")["clients"]
-                       for run in ("inprocess", "grid"))
+    kept, grid_kept = (kept_records(tmp_path / run) for run in ("inprocess", "grid"))
     if conf["over_select"] > 1:
         assert sum(row["dropped"] for row in rows) == 4
-    for key in ("residuals", "memories"):
-        assert kept[key].keys() == grid_kept[key].keys()
-        assert all(torch.equal(a, b) for c in kept[key] for a, b in zip(kept[key][c], grid_kept[key][c])), key
+    assert kept.keys() == grid_kept.keys() and all(kept.values())
+    for name in kept:
+        assert kept[name].keys() == grid_kept[name].keys()
+        assert all(torch.equal(a, b) for c in kept[name] for a, b in zip(kept[name][c], grid_kept[name][c])), name
 
 
 def test_a_round_without_an_accepted_upload_keeps_the_global_model(flower, tiny_model, make_conf, capsys):
@@ -429,10 +440,10 @@ def test_missing_nodes_are_one_clear_error(flower, make_conf):
     conf, settings = make_conf(no_models=3, k=2), {"timeout": 0.5, "threads": 1}
     with pytest.raises(federation.RunError, match="only 2 of 3 nodes connected after 0.5 s"):
         flower.GridTransport(FakeGrid({0: garbage, 1: garbage}), conf, [(2, 3), (2,)], settings,
-                             flower.threading.Event())
+                             flower.threading.Event(), None)
     with pytest.raises(federation.RunError, match="no node holds partition-id 1"):  # three nodes, one misconfigured
         flower.GridTransport(FakeGrid({0: garbage, 2: garbage, 5: garbage}), conf, [(2, 3), (2,)], settings,
-                             flower.threading.Event())
+                             flower.threading.Event(), None)
 
 
 # ---- the simulation's flags: checked before Ray starts ------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import datasets
 import main
 import models
-from conftest import ROOT, TINY, read_csv, without_seconds
+from conftest import ROOT, TINY, kept_records, read_csv, without_seconds
 from server import Server
 from utils import config, run_files
 
@@ -222,7 +222,7 @@ def test_interrupt_then_resume_equals_uninterrupted(uninterrupted, tmp_path, mon
     state = run_files.load_checkpoint(out, "cpu")
     assert len(state["rows"]) == 2
     if VARIANTS[variant].get("error_feedback"):
-        residuals = state["clients"]["residuals"]
+        residuals = kept_records(out)["residual"]
         assert residuals and all(r.abs().sum() > 0 for rs in residuals.values() for r in rs)
     if VARIANTS[variant].get("server_momentum"):
         assert state["velocity"] is not None
@@ -238,7 +238,7 @@ def test_resume_needs_the_saved_residuals_and_velocity(uninterrupted, tmp_path):
     assert call_main("-c", conf, "--out", out) == 0
     path = out / "checkpoint.pt"
     state = run_files.load_checkpoint(path.parent, "cpu")
-    state["clients"]["residuals"], state["velocity"] = {}, None
+    state["store"]["records"]["residual"], state["velocity"] = {}, None
     run_files.write_checkpoint(path.parent, state)
     assert call_main("--out", out, "--resume", "--set", "global_epochs=4") == 0
     resumed = without_seconds(read_csv(out / "metrics.csv"))

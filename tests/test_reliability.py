@@ -2,12 +2,14 @@
 interrupted or stopped runs lose nothing, two runs never share a folder, SIGTERM is a clean stop."""
 import fcntl
 import gzip
+import hashlib
 import json
 import math
 import os
 import shlex
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -238,9 +240,7 @@ def finished_run(tmp_path_factory):
 
 
 def copy_run(run_dir, target):
-    target.mkdir()
-    for name in ("config.json", "environment.json", "metrics.csv", "checkpoint.pt"):
-        (target / name).write_bytes((run_dir / name).read_bytes())
+    shutil.copytree(run_dir, target, ignore=shutil.ignore_patterns(run_files.LOCK_NAME))
     return target
 
 
@@ -424,8 +424,10 @@ def test_a_bad_checkpoint_is_one_line(finished_run, tmp_path, run_main, checkpoi
 
 
 def folder_bytes(folder):
-    """Every file of a run folder and its bytes, but the lock any run takes (created empty where it is missing)."""
-    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.name != run_files.LOCK_NAME}
+    """Every file of a run folder (its client store's too) and its bytes, but the lock any run takes (created empty
+    where it is missing)."""
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*"))
+            if path.is_file() and path.name != run_files.LOCK_NAME}
 
 
 @pytest.mark.parametrize("where", ["the global model", "the server momentum", "a client's residual"])
@@ -433,26 +435,43 @@ def folder_bytes(folder):
 def test_a_damaged_checkpoint_is_refused_in_one_line_and_the_folder_left_as_it_was(momentum_run, tmp_path, run_main,
                                                                                   where, damage):
     """One bit of a tensor's bytes flipped in the file (an exponent bit: a weight of 4e36, as a disk error makes): the
-    digest written with the checkpoint refuses it. A NaN saved with a digest made anew (a bug, or a hand edit):
-    every restored tensor is checked finite."""
+    digest written with the checkpoint (or with the client's record in the store) refuses it. A NaN saved with a digest
+    made anew (a bug, or a hand edit): every restored tensor is checked finite."""
     out = copy_run(momentum_run, tmp_path / "run")
     state = run_files.load_checkpoint(out, "cpu")
-    tensor = {"the global model": state["model"]["3.weight"], "the server momentum": state["velocity"][0],
-              "a client's residual": next(iter(state["clients"]["residuals"].values()))[0]}[where]
-    if damage == "one flipped bit":
-        data = bytearray((out / "checkpoint.pt").read_bytes())
-        at = bytes(data).find(bytes(tensor.untyped_storage())[:64])  # torch.save stores a storage's bytes as is
-        assert at > 0
-        data[at + 3] ^= 0x40  # the first f32's highest exponent bit
-        (out / "checkpoint.pt").write_bytes(bytes(data))
-        reason = "its content does not match the SHA-256 digest written with it"
+    store = out / "clients" / "residuals.bin"  # the client store, whose records the checkpoint names
+    client, (slot, _) = next(iter(state["store"]["records"]["residual"].items()))
+    record = 4 * sum(state["store"]["numels"]["residual"])
+    if where == "a client's residual":
+        named = "clients/residuals.bin"
+        data = bytearray(store.read_bytes())
+        if damage == "one flipped bit":
+            data[slot * record + 3] ^= 0x40  # the first f32's highest exponent bit
+            reason = f"client {client}'s residual does not match the SHA-256 digest saved with it"
+        else:
+            data[slot * record:slot * record + 4] = struct.pack("<f", math.nan)
+            state["store"]["records"]["residual"][client] = (slot, hashlib.sha256(
+                data[slot * record:(slot + 1) * record]).digest())
+            run_files.write_checkpoint(out, state)
+            reason = "holds NaN or Inf"
+        store.write_bytes(bytes(data))
     else:
-        tensor[(0,) * tensor.dim()] = math.nan
-        run_files.write_checkpoint(out, state)
-        reason = "holds NaN or Inf"
+        tensor = {"the global model": state["model"]["3.weight"], "the server momentum": state["velocity"][0]}[where]
+        named = "checkpoint.pt"
+        if damage == "one flipped bit":
+            data = bytearray((out / "checkpoint.pt").read_bytes())
+            at = bytes(data).find(bytes(tensor.untyped_storage())[:64])  # torch.save stores a storage's bytes as is
+            assert at > 0
+            data[at + 3] ^= 0x40  # the first f32's highest exponent bit
+            (out / "checkpoint.pt").write_bytes(bytes(data))
+            reason = "its content does not match the SHA-256 digest written with it"
+        else:
+            tensor[(0,) * tensor.dim()] = math.nan
+            run_files.write_checkpoint(out, state)
+            reason = "holds NaN or Inf"
     before = folder_bytes(out)
     status, out_text, err = run_main("--out", out, "--resume", "--set", "global_epochs=4")
-    assert status == 2 and one_error_line(err) and "checkpoint.pt" in err and reason in err, err
+    assert status == 2 and one_error_line(err) and named in err and reason in err, err
     assert "round " not in out_text and folder_bytes(out) == before
 
 

@@ -15,6 +15,7 @@ import federation
 import models
 import robust
 from client import Client
+from client_store import ClientStore
 from conftest import TINY, handmade_upload, lenient, without_seconds
 from engines.inprocess import InProcess
 from server import Server
@@ -44,8 +45,8 @@ def hostile_payload(kind, conf, numels, honest):
 class Hostile(InProcess):
     """In round 1 the first sampled client's upload is replaced by a hostile one."""
 
-    def __init__(self, conf, dataset, shares, workspace, kind):
-        super().__init__(conf, dataset, shares, workspace)
+    def __init__(self, conf, dataset, shares, workspace, store, kind):
+        super().__init__(conf, dataset, shares, workspace, store)
         self.conf, self.kind = conf, kind
 
     def train(self, chosen, syncs, global_state, round_index, progress=None):
@@ -71,7 +72,7 @@ def assert_close(got, expected):
 
 # ---- the safe default: rollback ---------------------------------------------------------------------------------
 
-def test_a_round_made_non_finite_by_one_upload_is_rolled_back(make_conf, synthetic, capsys):
+def test_a_round_made_non_finite_by_one_upload_is_rolled_back(make_conf, synthetic, capsys, tmp_path):
     conf = make_conf()
     validation, shares = partition.server_and_clients(synthetic.train_labels, conf)
     model = models.build("cnn", synthetic.image_shape, synthetic.num_classes)
@@ -79,7 +80,7 @@ def test_a_round_made_non_finite_by_one_upload_is_rolled_back(make_conf, synthet
     server = Server(model, conf, CPU, registered=[len(share) for share in shares],
                     validation=synthetic.train_split(validation))
     accuracy, loss = server.evaluate(synthetic.test_images, synthetic.test_labels)
-    transport = Hostile(conf, synthetic, shares, copy.deepcopy(model), "1e30")
+    transport = Hostile(conf, synthetic, shares, copy.deepcopy(model), ClientStore(str(tmp_path), {}, 0, False), "1e30")
     row = federation.play_round(1, conf, server, transport, synthetic)
     assert "round 1: rolled back: the validation loss after it was not finite" in capsys.readouterr().err
     assert row["refused"] == 1 and row["rejected"] == 0  # accepted (finite), then undone

@@ -298,14 +298,14 @@ def test_coverage_reads_a_finished_runs_checkpoint(make_conf, tmp_path, capsys):
     import federation
     import figures.coverage as coverage
     import torch
+    from conftest import kept_records
     from engines.inprocess import InProcess
-    from utils import run_files
     conf = make_conf(sparsifier="topk", topk_scope="model", prop=0.01, error_feedback=True, global_epochs=2)
     federation.run(conf, str(tmp_path / "run"), False, InProcess)
     capsys.readouterr()
     coverage.main([str(tmp_path / "run")])
     line = capsys.readouterr().out.strip()
-    residuals = run_files.load_checkpoint(str(tmp_path / "run"), "cpu")["clients"]["residuals"]
+    residuals = kept_records(tmp_path / "run")["residual"]
     norms = sorted(float(torch.cat(r).norm()) for r in residuals.values())
     assert line.endswith("residual norms " + " ".join(f"{n:.2f}" for n in norms)) and len(norms) >= 2
     moved = float(line.split("entries moved ")[1].split("%")[0])

@@ -56,6 +56,8 @@ KEYS = {
     "partition": ("iid", "iid | dirichlet (label mix per client ~ Dirichlet(alpha)) | shards (few labels per client)"),
     "alpha": (0.5, "Dirichlet concentration for partition='dirichlet': small is skewed, large is near IID"),
     "shards_per_client": (2, "partition='shards': how many labels (one shard each) every client holds"),
+    "client_state_memory": (1024, "MB of clients' error-feedback residuals and warm starts held in memory, the most "
+                                  "recently sampled; the rest are read from the run folder's clients/ when sampled"),
     "server_validation": (1000, "training examples the server holds out of every client's share (seeded) for its own "
                                 "decisions: a round after which their loss blew up is rolled back; 0 holds none, and "
                                 "then only a non-finite step is refused. The test split never steers training"),
@@ -152,6 +154,7 @@ RANGES = {
     "alpha": (0, math.inf, False),
     "shards_per_client": (1, math.inf, True),
     "server_validation": (0, math.inf, True),
+    "client_state_memory": (0, math.inf, True),
     "step_seconds": (0, 1e6, False),  # with profiles' bounds (clock.BOUNDS), no simulated time overflows
     "availability": (0, 1, True),
     "availability_memory": (0, 1, True),  # 1 itself is refused below: every client would keep its first state

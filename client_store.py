@@ -1,0 +1,189 @@
+"""What clients keep from one round to the next (client.KEPT: the error-feedback residual, the sparsifier's memory),
+for thousands of clients: the most recently sampled in memory, up to `client_state_memory` MB, and every one in a file
+of the run folder (clients/residuals.bin, clients/memories.bin), which the checkpoint names record by record.
+
+    store.get("residual", client_id) -> flat f32 tensors on the CPU, or None
+    store.put("residual", client_id, tensors)
+    table = store.flush()   # at each save: what changed since the last one, written to free slots and synced to disk
+    store.committed(table)  # once the checkpoint holding `table` (per client: its slot and its record's SHA-256) is
+                            # on disk, the slots it no longer names are free
+    store.restore(table)    # on resume: every record checked against its digest, size and finiteness
+
+Why files of fixed-size slots, read and written whole with pread and pwrite, rather than memory-mapped arrays or a
+database: a record is always one client's tensors of one kind, of one size; a slot the last checkpoint names is never
+written (a changed record goes to a free slot), so a stop at any moment leaves that checkpoint's records as they were,
+with no journal; and a page read through a file sits in the kernel's cache, not in this process's resident memory,
+where a memory-mapped store's touched pages count and the budget would bound nothing. A save writes the records of the
+clients that trained since the last one, not every client's.
+"""
+import collections
+import hashlib
+import heapq
+import os
+
+import numpy as np
+import torch
+
+from client import KEPT, check_kept
+
+FOLDER = "clients"  # in the run folder
+
+
+class StoreError(ValueError):
+    """A record the checkpoint names is missing from the store, or not what was saved."""
+
+
+class ClientStore:
+    def __init__(self, run_dir, numels, memory_mb, resume):
+        """`numels`: per thing a client keeps (client.KEPT), the entries of its tensors, or None when clients keep
+        none of it (client.kept_numels). A run that is not `resume`d starts its files empty."""
+        self.folder = os.path.join(run_dir, FOLDER)
+        self.numels = {name: list(n) for name, n in numels.items() if n is not None}
+        self.record_bytes = {name: 4 * sum(n) for name, n in self.numels.items()}
+        self.budget = memory_mb * 2**20
+        self.cached = collections.OrderedDict()  # (name, client) -> its tensors, the least recently used first
+        self.cached_bytes = 0
+        self.dirty = set()  # cached records changed since they were last written
+        self.saved = {name: {} for name in self.numels}  # client -> (slot, digest): what the last checkpoint names
+        self.written = {name: {} for name in self.numels}  # client -> (slot, digest): written since, not yet named
+        self.free = {name: [] for name in self.numels}  # a heap of the slots below `ends` that no record holds
+        self.ends = {name: 0 for name in self.numels}  # slots in the file
+        self.files = {}  # name -> its open file descriptor
+        self.fresh = not resume
+        self.unsynced = set()  # files written since their last fsync
+
+    def get(self, name, client_id):
+        """`client_id`'s `name` (flat f32 tensors on the CPU, shared: not to be changed in place), or None."""
+        key = (name, client_id)
+        if key in self.cached:
+            self.cached.move_to_end(key)
+            return self.cached[key]
+        where = self.written[name].get(client_id) or self.saved[name].get(client_id)
+        if where is None:
+            return None
+        tensors = self._read(name, where[0])
+        self._cache(key, tensors)
+        return tensors
+
+    def put(self, name, client_id, tensors):
+        """Keep `tensors` as `client_id`'s `name` from now on."""
+        tensors = [t.detach().to("cpu", torch.float32) for t in tensors]
+        superseded = self.written[name].pop(client_id, None)
+        if superseded:  # never named by a checkpoint: free at once
+            heapq.heappush(self.free[name], superseded[0])
+        self._cache((name, client_id), tensors)
+        self.dirty.add((name, client_id))
+        self._evict()
+
+    def clients(self, name):
+        """The ids of the clients that keep a `name`."""
+        return set(self.saved[name]) | set(self.written[name]) | {c for n, c in self.cached if n == name}
+
+    def flush(self):
+        """Write every changed record, sync the files to disk, and return the table a checkpoint holds: per name, per
+        client, (slot, SHA-256 digest of its record)."""
+        for key in sorted(self.dirty):
+            self._write(key, self.cached[key])
+        self.dirty.clear()
+        for name in sorted(self.unsynced):
+            os.fsync(self.files[name])
+        self.unsynced.clear()
+        return {"numels": self.numels,
+                "records": {name: {**self.saved[name], **self.written[name]} for name in self.numels}}
+
+    def committed(self, table):
+        """The checkpoint holding `table` (flush's) is on disk: the slots only the previous one named are free."""
+        for name, records in table["records"].items():
+            for client_id, (slot, _) in self.saved[name].items():
+                if records.get(client_id, (None,))[0] != slot:
+                    heapq.heappush(self.free[name], slot)
+            self.saved[name], self.written[name] = dict(records), {}
+
+    def restore(self, table):
+        """Take the records a checkpoint's `table` names, each read back and checked: StoreError when one is missing,
+        differs from its digest (changed or damaged after it was saved), or holds NaN or Inf; ValueError when the
+        table is not one this run's store wrote."""
+        for name in sorted(set(table["numels"]) | set(self.numels)):
+            theirs, ours = table["numels"].get(name), self.numels.get(name)
+            if theirs != ours:
+                raise ValueError(f"its clients keep a {name}, which this run's clients do not keep" if ours is None else
+                                 f"its clients keep no {name}, which this run's clients keep" if theirs is None else
+                                 f"its clients' {name} has tensors of {theirs} entries, this run's {ours}")
+        for name, records in table["records"].items():
+            where = f"{FOLDER}/{KEPT[name]}.bin"
+            slots = [slot for slot, _ in records.values()]
+            if len(set(slots)) != len(slots) or any(type(slot) is not int or slot < 0 for slot in slots):
+                raise ValueError(f"its table of {where} names a slot twice, or one that is not a slot")
+            for client_id, (slot, digest) in sorted(records.items()):
+                data = self._read_bytes(name, slot)
+                if data is None:
+                    raise StoreError(f"{where} is missing or shorter than checkpoint.pt says (client {client_id})")
+                if hashlib.sha256(data).digest() != digest:
+                    raise StoreError(f"{where}: client {client_id}'s {name} does not match the SHA-256 digest saved "
+                                     f"with it: it was changed or damaged after it was saved")
+                try:
+                    check_kept(f"client {client_id}'s {name}", self._tensors(name, data), self.numels[name])
+                except ValueError as e:
+                    raise StoreError(f"{where}: {e}") from None
+            self.saved[name] = dict(records)
+            self.ends[name] = max(slots, default=-1) + 1
+            self.free[name] = sorted(set(range(self.ends[name])) - set(slots))
+
+    def close(self):
+        for descriptor in self.files.values():
+            os.close(descriptor)
+        self.files = {}
+
+    def _cache(self, key, tensors):
+        if key in self.cached:
+            self.cached_bytes -= self.record_bytes[key[0]]
+        self.cached[key] = tensors
+        self.cached.move_to_end(key)
+        self.cached_bytes += self.record_bytes[key[0]]
+
+    def _evict(self):
+        """Let the least recently used records go until the cache fits the budget; a changed one is written first."""
+        while self.cached_bytes > self.budget and self.cached:
+            key, tensors = self.cached.popitem(last=False)
+            self.cached_bytes -= self.record_bytes[key[0]]
+            if key in self.dirty:
+                self._write(key, tensors)
+                self.dirty.discard(key)
+
+    def _write(self, key, tensors):
+        name, client_id = key
+        slot = heapq.heappop(self.free[name]) if self.free[name] else self.ends[name]
+        self.ends[name] = max(self.ends[name], slot + 1)
+        buffers = [t.contiguous().numpy() for t in tensors]
+        digest = hashlib.sha256()
+        for buffer in buffers:
+            digest.update(buffer)
+        written = os.pwritev(self._file(name), buffers, slot * self.record_bytes[name])
+        if written != self.record_bytes[name]:
+            raise OSError(f"wrote {written} of {self.record_bytes[name]} bytes")
+        self.unsynced.add(name)
+        superseded = self.written[name].get(client_id)
+        if superseded:
+            heapq.heappush(self.free[name], superseded[0])
+        self.written[name][client_id] = (slot, digest.digest())
+
+    def _read(self, name, slot):
+        data = self._read_bytes(name, slot)
+        if data is None:
+            raise OSError(f"{FOLDER}/{KEPT[name]}.bin ends before slot {slot}")
+        return self._tensors(name, data)
+
+    def _read_bytes(self, name, slot):
+        """The record in `slot`, or None where the file ends before it."""
+        data = bytearray(self.record_bytes[name])
+        return data if os.preadv(self._file(name), [data], slot * self.record_bytes[name]) == len(data) else None
+
+    def _tensors(self, name, data):
+        return list(torch.from_numpy(np.frombuffer(data, dtype=np.float32)).split(self.numels[name]))
+
+    def _file(self, name):
+        if name not in self.files:
+            os.makedirs(self.folder, exist_ok=True)
+            flags = os.O_RDWR | os.O_CREAT | (os.O_TRUNC if self.fresh else 0)
+            self.files[name] = os.open(os.path.join(self.folder, f"{KEPT[name]}.bin"), flags, 0o644)
+        return self.files[name]

@@ -1,0 +1,121 @@
+"""The client store (client_store.py): what clients keep, in memory up to a budget and in files under the run folder,
+saved record by record; a run behaves bit for bit as with everything in memory, and its checkpoint does not grow."""
+import os
+
+import pytest
+import torch
+
+import federation
+from client_store import ClientStore, StoreError
+from conftest import kept_records, without_seconds
+from engines.inprocess import InProcess
+from utils import run_files
+
+NUMELS = {"residual": [3, 2], "memory": None}  # a client keeps a residual of two tensors, 5 floats: 20 bytes a record
+
+
+def residual(value):
+    return [torch.full((3,), float(value)), torch.full((2,), -float(value))]
+
+
+def assert_holds(store, client_id, value):
+    assert [t.tolist() for t in store.get("residual", client_id)] == [[value] * 3, [-value] * 2]
+
+
+def test_what_is_put_is_got_back_whether_held_in_memory_or_read_from_the_file(tmp_path):
+    store = ClientStore(str(tmp_path), NUMELS, 40 / 2**20, False)  # a budget of 40 bytes: two records
+    for client_id in range(5):
+        store.put("residual", client_id, residual(client_id + 0.5))
+    assert len(store.cached) == 2 and store.cached_bytes == 40  # clients 3 and 4; 0, 1 and 2 went to the file
+    assert os.path.getsize(tmp_path / "clients" / "residuals.bin") == 3 * 20
+    for client_id in (0, 4, 2, 1, 3):
+        assert_holds(store, client_id, client_id + 0.5)
+    assert store.get("residual", 7) is None and store.clients("residual") == set(range(5))
+    store.close()
+
+
+def test_a_save_writes_only_what_changed_and_never_a_slot_the_last_checkpoint_names(tmp_path):
+    """A stop after the store's write but before the checkpoint's (kill -9 between them) leaves the last checkpoint's
+    records as they were: they resume as saved."""
+    store = ClientStore(str(tmp_path), NUMELS, 1, False)
+    for client_id in range(3):
+        store.put("residual", client_id, residual(client_id))
+    first = store.flush()
+    store.committed(first)
+    path = tmp_path / "clients" / "residuals.bin"
+    saved = path.read_bytes()
+    assert len(saved) == 3 * 20 and sorted(slot for slot, _ in first["records"]["residual"].values()) == [0, 1, 2]
+    store.put("residual", 1, residual(9))  # client 1 trained again
+    second = store.flush()  # ... and the checkpoint naming `second` never reached the disk
+    after = path.read_bytes()
+    assert after[:60] == saved and len(after) == 4 * 20  # a new slot; the saved three untouched
+    store.close()
+    for table, expected in ((first, [0, 1, 2]), (second, [0, 9, 2])):
+        resumed = ClientStore(str(tmp_path), NUMELS, 1, True)
+        resumed.restore(table)
+        for client_id, value in enumerate(expected):
+            assert_holds(resumed, client_id, value)
+        resumed.close()
+
+
+def test_slots_are_reused_so_the_file_holds_at_most_the_clients_and_one_rounds_changes(tmp_path):
+    store = ClientStore(str(tmp_path), NUMELS, 0, False)  # nothing held in memory
+    for round_index in range(20):
+        for client_id in (round_index % 4, (round_index + 1) % 4):
+            store.put("residual", client_id, residual(round_index))
+        store.committed(store.flush())
+    assert os.path.getsize(tmp_path / "clients" / "residuals.bin") <= (4 + 2) * 20
+    for client_id, last_round in ((0, 19), (1, 17), (2, 18), (3, 19)):
+        assert_holds(store, client_id, last_round)
+    store.close()
+
+
+def test_a_damaged_store_is_refused_on_restore(tmp_path):
+    store = ClientStore(str(tmp_path), NUMELS, 1, False)
+    store.put("residual", 0, residual(1))
+    table = store.flush()
+    store.close()
+    path = tmp_path / "clients" / "residuals.bin"
+    path.write_bytes(path.read_bytes()[:10])  # cut short
+    resumed = ClientStore(str(tmp_path), NUMELS, 1, True)
+    with pytest.raises(StoreError, match=r"clients/residuals.bin is missing or shorter than checkpoint.pt says "
+                                         r"\(client 0\)"):
+        resumed.restore(table)
+    resumed.close()
+
+
+def run(make_conf, tmp_path, name, rounds, resume=False, **overrides):
+    conf = make_conf(**{"no_models": 8, "k": 3, "global_epochs": rounds, "sparsifier": "topk", "prop": 0.1,
+                        "error_feedback": True, **overrides})
+    return federation.run(conf, str(tmp_path / name), resume, InProcess)
+
+
+def test_a_run_with_no_client_state_in_memory_is_the_run_with_all_of_it(make_conf, tmp_path):
+    """A budget of 0: every residual and warm start is written at once and read back when its client is sampled
+    again; metrics, and every record kept, equal those of the run that holds all of them in memory."""
+    for method in ({}, {"sparsifier": "powersgd", "rank": 1}):
+        held = run(make_conf, tmp_path, f"held{len(method)}", 6, **method)
+        stored = run(make_conf, tmp_path, f"stored{len(method)}", 6, client_state_memory=0, **method)
+        assert without_seconds(stored) == without_seconds(held)
+        kept, kept_stored = (kept_records(tmp_path / f"{how}{len(method)}") for how in ("held", "stored"))
+        assert kept.keys() == kept_stored.keys() == ({"residual", "memory"} if method else {"residual"})
+        for name in kept:
+            assert kept[name].keys() == kept_stored[name].keys() and len(kept[name]) == 7  # of 8 clients
+            assert all(torch.equal(a, b) for c in kept[name] for a, b in zip(kept[name][c], kept_stored[name][c]))
+
+
+def test_the_checkpoint_does_not_grow_with_the_rounds_and_a_resume_is_exact(make_conf, tmp_path):
+    """Each round's save writes the global state and the records of that round's clients: checkpoint.pt stays the
+    size it was after round 2 but for the metrics rows, while the residuals it used to hold grew with every client
+    that had trained. A run stopped after 3 rounds and resumed with another budget ends as the run of 8 rounds."""
+    straight = run(make_conf, tmp_path, "straight", 8)
+    sizes = []
+    for rounds in range(2, 9):
+        run(make_conf, tmp_path, "stepwise", rounds, resume=rounds > 2, client_state_memory=0)
+        sizes.append(os.path.getsize(run_files.checkpoint_path(str(tmp_path / "stepwise"))))
+    rows_bytes = len(repr(straight[-1]))  # a metrics row, pickled about as long as it prints
+    assert max(sizes) - min(sizes) < 6 * 2 * rows_bytes, sizes
+    residual_bytes = 4 * sum(t.numel() for t in kept_records(tmp_path / "straight")["residual"][0])
+    assert max(sizes) - min(sizes) < residual_bytes  # less than one client's residual more, after 6 more rounds
+    assert without_seconds(run_files.read_metrics(str(tmp_path / "stepwise"))) == \
+        without_seconds(run_files.read_metrics(str(tmp_path / "straight")))
