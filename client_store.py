@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from client import KEPT, check_kept
+from utils.run_files import SaveError
 
 FOLDER = "clients"  # in the run folder
 
@@ -86,7 +87,16 @@ class ClientStore:
             self._write(key, self.cached[key])
         self.dirty.clear()
         for name in sorted(self.unsynced):
-            os.fsync(self.files[name])
+            try:
+                os.fsync(self.files[name])
+            except OSError as e:
+                raise SaveError(f"cannot write {self._path(name)}: {e.strerror or e}") from None
+            # on disk now, its pages leave the kernel's page cache: kept, they fill it as the file grows, and writing
+            # slows down as the kernel reclaims them (6000 clients of the CNN, a 1000 MB budget: a save took 0.19 s
+            # until the file passed 2.4 GB, 0.45 s after; dropped, 0.21 s throughout). A record read back is a client's
+            # beyond the budget, read once when it is sampled
+            if hasattr(os, "posix_fadvise"):  # Linux
+                os.posix_fadvise(self.files[name], 0, 0, os.POSIX_FADV_DONTNEED)
         self.unsynced.clear()
         return {"numels": self.numels,
                 "records": {name: {**self.saved[name], **self.written[name]} for name in self.numels}}
@@ -114,8 +124,12 @@ class ClientStore:
             slots = [slot for slot, _ in records.values()]
             if len(set(slots)) != len(slots) or any(type(slot) is not int or slot < 0 for slot in slots):
                 raise ValueError(f"its table of {where} names a slot twice, or one that is not a slot")
+            try:
+                size = os.fstat(self._file(name)).st_size if records else 0
+            except (OSError, SaveError) as e:
+                raise StoreError(f"cannot read {where}: {e}") from None
             for client_id, (slot, digest) in sorted(records.items()):
-                data = self._read_bytes(name, slot)
+                data = self._read_bytes(name, slot) if (slot + 1) * self.record_bytes[name] <= size else None
                 if data is None:
                     raise StoreError(f"{where} is missing or shorter than checkpoint.pt says (client {client_id})")
                 if hashlib.sha256(data).digest() != digest:
@@ -158,9 +172,12 @@ class ClientStore:
         digest = hashlib.sha256()
         for buffer in buffers:
             digest.update(buffer)
-        written = os.pwritev(self._file(name), buffers, slot * self.record_bytes[name])
+        try:
+            written = os.pwritev(self._file(name), buffers, slot * self.record_bytes[name])
+        except OSError as e:
+            raise SaveError(f"cannot write {self._path(name)}: {e.strerror or e}") from None
         if written != self.record_bytes[name]:
-            raise OSError(f"wrote {written} of {self.record_bytes[name]} bytes")
+            raise SaveError(f"cannot write {self._path(name)}: {written} of {self.record_bytes[name]} bytes written")
         self.unsynced.add(name)
         superseded = self.written[name].get(client_id)
         if superseded:
@@ -176,14 +193,29 @@ class ClientStore:
     def _read_bytes(self, name, slot):
         """The record in `slot`, or None where the file ends before it."""
         data = bytearray(self.record_bytes[name])
-        return data if os.preadv(self._file(name), [data], slot * self.record_bytes[name]) == len(data) else None
+        try:
+            read = os.preadv(self._file(name), [data], slot * self.record_bytes[name])
+        except OSError as e:
+            raise StoreError(f"cannot read {FOLDER}/{KEPT[name]}.bin: {e.strerror or e}") from None
+        return data if read == len(data) else None
 
     def _tensors(self, name, data):
         return list(torch.from_numpy(np.frombuffer(data, dtype=np.float32)).split(self.numels[name]))
 
+    def _path(self, name):
+        return os.path.join(self.folder, f"{KEPT[name]}.bin")
+
     def _file(self, name):
+        """The open file of `name`'s records. A fresh run's is made anew (a file or link left there is removed, never
+        written through); a resumed run's must be a file, not a link."""
         if name not in self.files:
-            os.makedirs(self.folder, exist_ok=True)
-            flags = os.O_RDWR | os.O_CREAT | (os.O_TRUNC if self.fresh else 0)
-            self.files[name] = os.open(os.path.join(self.folder, f"{KEPT[name]}.bin"), flags, 0o644)
+            path = self._path(name)
+            try:
+                os.makedirs(self.folder, exist_ok=True)
+                if self.fresh and os.path.lexists(path):
+                    os.unlink(path)
+                flags = os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT | os.O_EXCL if self.fresh else 0)
+                self.files[name] = os.open(path, flags, 0o644)
+            except OSError as e:
+                raise SaveError(f"cannot open {path}: {e.strerror or e}") from None
         return self.files[name]

@@ -257,6 +257,9 @@ def restore(out, conf, server, transport, store, device, timer=None, buffered=No
         if timer and state["profile"] != timer.source:
             raise RunError(f"cannot resume {out}: its profile {conf['profile']} changed since the run started (its "
                            f"clients' links and speeds would not be the ones its rounds were timed with)")
+        if "store" not in state:
+            raise RunError(f"cannot resume {out}: its checkpoint.pt was written before clients' state moved to the "
+                           f"client store (clients/); finish it with the fedsparse that started it")
         server.model.load_state_dict(state["model"])
         check_kept("its global model", server.flat_globals(), server.numels)
         if state["velocity"] is not None:

@@ -119,3 +119,35 @@ def test_the_checkpoint_does_not_grow_with_the_rounds_and_a_resume_is_exact(make
     assert max(sizes) - min(sizes) < residual_bytes  # less than one client's residual more, after 6 more rounds
     assert without_seconds(run_files.read_metrics(str(tmp_path / "stepwise"))) == \
         without_seconds(run_files.read_metrics(str(tmp_path / "straight")))
+
+
+def test_a_table_naming_a_slot_past_the_file_or_a_file_that_cannot_be_read_is_refused(tmp_path):
+    store = ClientStore(str(tmp_path), NUMELS, 1, False)
+    store.put("residual", 0, residual(1))
+    table = store.flush()
+    store.close()
+    digest = table["records"]["residual"][0][1]
+    for slot in (1, 2**62):  # past the end; an offset no file can have
+        resumed = ClientStore(str(tmp_path), NUMELS, 1, True)
+        with pytest.raises(StoreError, match="missing or shorter than checkpoint.pt says"):
+            resumed.restore({**table, "records": {"residual": {0: (slot, digest)}}})
+        resumed.close()
+    path = tmp_path / "clients" / "residuals.bin"
+    path.unlink()
+    os.mkfifo(path)  # opens, but cannot be read at an offset
+    resumed = ClientStore(str(tmp_path), NUMELS, 1, True)
+    with pytest.raises(StoreError, match="clients/residuals.bin"):
+        resumed.restore(table)
+    resumed.close()
+
+
+def test_a_fresh_run_never_writes_through_a_link_left_in_its_folder(tmp_path):
+    (tmp_path / "clients").mkdir()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    (tmp_path / "clients" / "residuals.bin").symlink_to(victim)
+    store = ClientStore(str(tmp_path), NUMELS, 0, False)
+    store.put("residual", 0, residual(1))
+    store.committed(store.flush())
+    store.close()
+    assert victim.read_bytes() == b"precious" and not (tmp_path / "clients" / "residuals.bin").is_symlink()
