@@ -17,7 +17,7 @@ GOLDEN_SECTION = (math.sqrt(5) - 1) / 2  # phi - 1, from the optimal Golomb para
 
 def true_positions(mask):
     """The sorted flat positions where the bool tensor `mask` is True. On the CPU through numpy, which finds them
-    five times faster than torch's nonzero (0.27 against 1.4 ms for the CNN's 431,080 entries)."""
+    five times faster than torch's nonzero (0.27 against 1.4 ms for 455,000 entries, about the CNN's)."""
     if mask.device.type != "cpu":
         return mask.flatten().nonzero().squeeze(1)
     return torch.from_numpy(np.flatnonzero(mask.numpy()))

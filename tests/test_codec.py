@@ -406,3 +406,30 @@ def test_every_method_runs_from_the_command_line(write_conf, tmp_path, sparsifie
         assert int(row["upload_bytes"]) >= per_value * entries * 0.99  # at least the values' own bytes
     if (sparsifier, quantize) != ("none", "none"):
         assert int(row["upload_bytes"]) < int(row["dense_upload_bytes"])
+
+
+@pytest.mark.parametrize("case", ["normal", "heavy tails", "tie at the boundary", "zeros past the count", "NaN",
+                                  "a tenth", "a quarter"])
+def test_the_largest_entries_are_the_set_torch_topk_chooses(case):
+    """codec.sparsifiers.largest finds the top entries among candidates above a sampled threshold; against
+    torch.topk over every entry (the plainer method), on the CNN's size, the same positions in every case, the
+    fallback's included (ties at the boundary, NaN)."""
+    from codec.sparsifiers import largest
+    generator = torch.Generator().manual_seed(7)
+    values = torch.randn(431_080, generator=generator).abs()
+    count = 17_244
+    if case == "heavy tails":
+        values = values ** 6
+    elif case == "tie at the boundary":
+        boundary = values.topk(count).values[-1]
+        values[values.topk(count + 40).indices[-40:]] = boundary  # 40 more entries equal the count-th largest
+    elif case == "zeros past the count":
+        values[count // 2:] = 0.0  # fewer nonzero entries than asked: the rest is a tie at zero
+    elif case == "NaN":
+        values[[5, 70_000]] = math.nan
+    elif case == "a tenth":
+        count = 43_108
+    elif case == "a quarter":
+        count = 107_770
+    expected = values.topk(count, sorted=False).indices.sort().values
+    assert torch.equal(largest(values, count), expected)
