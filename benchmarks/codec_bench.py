@@ -3,7 +3,9 @@ factor, code positions and values) and decode, per method, best of a few repeats
 
     python benchmarks/codec_bench.py [--prop 0.01] [--repeats 5]
 
-The last line is machine-readable: the slowest method's encode and decode times in seconds, with the sizes.
+The cache of drawn random masks (codec/sparsifiers.py, MASKS) is off: every encode and decode draws its mask, as a
+client and a server on different machines do. The last line is machine-readable: the slowest method's encode and
+decode times in seconds, with the sizes.
 """
 import argparse
 import os
@@ -17,6 +19,9 @@ import torch  # noqa: E402
 
 import codec  # noqa: E402
 import models  # noqa: E402
+from codec import sparsifiers  # noqa: E402
+
+sparsifiers.MASKS = sparsifiers.NewestFirst(0)  # holds nothing: each repeat draws its mask
 
 METHODS = {  # label: the config keys that choose the method
     "top-k per tensor, f32": {"sparsifier": "topk", "topk_scope": "tensor", "quantize": "none"},
