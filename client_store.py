@@ -120,7 +120,7 @@ class ClientStore:
                                  f"its clients keep no {name}, which this run's clients keep" if theirs is None else
                                  f"its clients' {name} has tensors of {theirs} entries, this run's {ours}")
         for name, records in table["records"].items():
-            where = f"{FOLDER}/{KEPT[name]}.bin"
+            where = self._named(name)
             slots = [slot for slot, _ in records.values()]
             if len(set(slots)) != len(slots) or any(type(slot) is not int or slot < 0 for slot in slots):
                 raise ValueError(f"its table of {where} names a slot twice, or one that is not a slot")
@@ -179,15 +179,12 @@ class ClientStore:
         if written != self.record_bytes[name]:
             raise SaveError(f"cannot write {self._path(name)}: {written} of {self.record_bytes[name]} bytes written")
         self.unsynced.add(name)
-        superseded = self.written[name].get(client_id)
-        if superseded:
-            heapq.heappush(self.free[name], superseded[0])
-        self.written[name][client_id] = (slot, digest.digest())
+        self.written[name][client_id] = (slot, digest.digest())  # put freed any earlier written slot
 
     def _read(self, name, slot):
         data = self._read_bytes(name, slot)
         if data is None:
-            raise OSError(f"{FOLDER}/{KEPT[name]}.bin ends before slot {slot}")
+            raise OSError(f"{self._named(name)} ends before slot {slot}")
         return self._tensors(name, data)
 
     def _read_bytes(self, name, slot):
@@ -196,11 +193,16 @@ class ClientStore:
         try:
             read = os.preadv(self._file(name), [data], slot * self.record_bytes[name])
         except OSError as e:
-            raise StoreError(f"cannot read {FOLDER}/{KEPT[name]}.bin: {e.strerror or e}") from None
+            raise StoreError(f"cannot read {self._named(name)}: {e.strerror or e}") from None
         return data if read == len(data) else None
 
     def _tensors(self, name, data):
         return list(torch.from_numpy(np.frombuffer(data, dtype=np.float32)).split(self.numels[name]))
+
+    @staticmethod
+    def _named(name):
+        """`name`'s file as the run folder names it, for messages."""
+        return f"{FOLDER}/{KEPT[name]}.bin"
 
     def _path(self, name):
         return os.path.join(self.folder, f"{KEPT[name]}.bin")
