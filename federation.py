@@ -51,7 +51,7 @@ def run(conf, out, resume, transport_factory):
     sampled clients and returns their uploads (engines/inprocess.py is the default)."""
     device = pick_device(conf["device"])
     dataset = datasets.load(conf["type"], conf["data_dir"], device)
-    validation, shares = partition.server_and_clients(dataset.train_labels, conf)
+    validation, shares = partition.server_and_clients(dataset, conf)
     print(f"data: {conf['type']} from {dataset.source}, {len(dataset.train_labels)} train ({len(validation)} held by "
           f"the server for validation) / {len(dataset.test_labels)} test; partition {conf['partition']}: "
           f"{partition.summary(shares, dataset.train_labels)}")
@@ -59,7 +59,7 @@ def run(conf, out, resume, transport_factory):
         print("note: with a fixed random mask, error feedback never sends what the mask leaves out (only quantization "
               "error is fed back); set mask to 'round' to send it", file=sys.stderr)
     torch.manual_seed(derive_seed(conf["seed"], "init"))
-    server = Server(models.build(conf["model_name"], dataset.image_shape, dataset.num_classes, conf["pretrained"]),
+    server = Server(models.for_data(conf["model_name"], dataset, conf["pretrained"]),
                     conf, device, registered=[len(share) for share in shares],
                     validation=dataset.train_split(validation) if len(validation) else None)
     # the clients' state: opened (and, unless resumed, emptied) at its first write, so after the check below
@@ -180,7 +180,7 @@ def step_and_evaluate(round_index, server, dataset):
         if kept:
             server.roll_back()
             print(f"round {round_index}: rolled back: {kept}", file=sys.stderr)
-    accuracy, loss = server.evaluate(dataset.test_images, dataset.test_labels)
+    accuracy, loss = server.evaluate(dataset.test_inputs, dataset.test_labels)
     return accuracy, loss, kept
 
 

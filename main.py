@@ -70,6 +70,7 @@ def resolve(args):
     run_files.check_writable(out)
     federation.pick_device(conf["device"])
     models.check_name(conf["model_name"])
+    datasets.check_name(conf["type"])
     clock.check_profile(conf)
     if args.engine == "flower":
         check_actors(conf, args)

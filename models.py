@@ -1,6 +1,10 @@
-"""Models: a small CNN for 28x28 and 32x32 images (the default), and torchvision's ResNets and VGGs adapted to them."""
+"""Models: a small CNN for 28x28 and 32x32 images (the default), torchvision's ResNets and VGGs adapted to them, or a
+user's own, named "package.module:function": the function takes the input shape and the number of classes and
+returns an nn.Module."""
 import torch
 from torch import nn
+
+from utils import user_code
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 VGGS = ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")
@@ -24,33 +28,71 @@ def small_cnn(in_channels, image_size, num_classes):
 
 
 def check_name(name):
-    if name not in MODEL_NAMES:
-        raise ModelError(f"unknown model_name '{name}' (choose from {', '.join(MODEL_NAMES)})")
+    """Refuse an unknown model before any data is loaded (a user's function is looked up, not yet called)."""
+    try:
+        if user_code.is_spec(name):
+            user_code.find(name, "model_name")
+        elif name not in MODEL_NAMES:
+            raise ModelError(f"unknown model_name '{name}' (choose from {', '.join(MODEL_NAMES)}, or name your own "
+                             f"as package.module:function)")
+    except user_code.UserCodeError as e:
+        raise ModelError(str(e)) from None
 
 
-def build(name, image_shape, num_classes, pretrained=False):
-    """Model `name` for images of `image_shape` (C, H, W) and `num_classes` outputs, on the CPU, channels-last."""
+def build(name, input_shape, num_classes, pretrained=False, input_dtype=torch.float32):
+    """Model `name` for inputs of `input_shape` (images: C, H, W) and `num_classes` outputs, on the CPU,
+    channels-last."""
     # channels-last convolutions train ~20% and evaluate ~3x faster on a CPU (benchmarks/bench.py), and suit cuDNN
-    model = _build(name, image_shape, num_classes, pretrained).to(memory_format=torch.channels_last)
-    _check_fits(model, name, image_shape)
+    model = _build(name, input_shape, num_classes, pretrained).to(memory_format=torch.channels_last)
+    _check_fits(model, name, input_shape, input_dtype, num_classes)
     return model
 
 
+def for_data(name, dataset, pretrained=False):
+    """Model `name` for the inputs and classes of `dataset` (datasets.Dataset)."""
+    return build(name, dataset.input_shape, dataset.num_classes, pretrained, dataset.train_inputs.dtype)
+
+
+def channels_last(inputs):
+    """A batch of images (4-D) in the channels-last layout the models use; other inputs as they are."""
+    return inputs.contiguous(memory_format=torch.channels_last) if inputs.dim() == 4 else inputs
+
+
 @torch.no_grad()
-def _check_fits(model, name, image_shape):
-    """One image through the model, so that images too small for its pooling fail here with one clear line."""
+def _check_fits(model, name, input_shape, input_dtype, num_classes):
+    """One input through the model, so that inputs it cannot take (images too small for its pooling, a head of the
+    wrong width) fail here with one clear line."""
     model.eval()  # BatchNorm in training mode refuses a batch of one
+    shape = "x".join(map(str, input_shape))
     try:
-        model(torch.zeros(1, *image_shape).contiguous(memory_format=torch.channels_last))
-    except RuntimeError as e:
-        raise ModelError(f"model {name} cannot take images of shape {'x'.join(map(str, image_shape))}: "
-                         f"{' '.join(str(e).split())[:200]}") from None
+        output = model(channels_last(torch.zeros(1, *input_shape, dtype=input_dtype)))
+    except Exception as e:  # RuntimeError from torch, anything from a user's forward
+        raise ModelError(f"model {name} cannot take inputs of shape {shape}: {user_code.failure(e)}") from None
     finally:
         model.train()
+    if not isinstance(output, torch.Tensor) or tuple(output.shape) != (1, num_classes):
+        got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise ModelError(f"model {name} must return (batch, {num_classes}) logits for inputs of shape {shape}, it "
+                         f"returned {got}")
+    if not any(torch.is_floating_point(p) for p in model.parameters()):
+        raise ModelError(f"model {name} has no floating-point parameters to train")
 
 
-def _build(name, image_shape, num_classes, pretrained):
-    in_channels, image_size = image_shape[0], image_shape[1]
+def _build(name, input_shape, num_classes, pretrained):
+    if user_code.is_spec(name):
+        if pretrained:
+            raise ModelError(f"model {name} is your own: pretrained applies to torchvision's models only")
+        try:
+            model = user_code.call(name, "model_name", tuple(input_shape), num_classes)
+        except user_code.UserCodeError as e:
+            raise ModelError(str(e)) from None
+        if not isinstance(model, nn.Module):
+            raise ModelError(f"model_name '{name}' returned {type(model).__name__}, not a torch.nn.Module")
+        return model
+    if len(input_shape) != 3:
+        raise ModelError(f"model {name} takes images (channels, height, width); the data's inputs have shape "
+                         f"{'x'.join(map(str, input_shape))}: name a model of your own for them")
+    in_channels, image_size = input_shape[0], input_shape[1]
     if name == "cnn":
         if pretrained:
             raise ModelError("model 'cnn' has no pretrained weights; set pretrained to false")

@@ -42,7 +42,7 @@ from utils.seeding import generator  # noqa: E402
 
 def schedule(conf, dataset):
     """The clients' index shares and each round's sampled clients, exactly as the simulator draws them."""
-    _, shares = partition.server_and_clients(dataset.train_labels, conf)
+    _, shares = partition.server_and_clients(dataset, conf)
     return shares, [federation.sample_clients(conf, r) for r in range(1, conf["global_epochs"] + 1)]
 
 
@@ -56,7 +56,7 @@ def time_simulator(conf, dataset_load_seconds):
 def time_plain(conf, dataset, shares, rounds):
     """One model, SGD over in-memory tensors, the same steps and evaluations, nothing federated."""
     torch.manual_seed(0)
-    model = models.build(conf["model_name"], dataset.image_shape, dataset.num_classes).to(dataset.train_images.device)
+    model = models.for_data(conf["model_name"], dataset).to(dataset.train_inputs.device)
     started = time.perf_counter()
     for round_index, chosen in enumerate(rounds, 1):
         for client_id in chosen:
@@ -71,7 +71,7 @@ def time_plain(conf, dataset, shares, rounds):
         model.eval()
         with torch.no_grad():
             for start in range(0, len(dataset.test_labels), EVAL_BATCH_SIZE):
-                model(dataset.test_images[start:start + EVAL_BATCH_SIZE]).argmax(1)
+                model(dataset.test_inputs[start:start + EVAL_BATCH_SIZE]).argmax(1)
     return time.perf_counter() - started
 
 
@@ -96,7 +96,7 @@ def time_chapter(conf, dataset, shares, rounds, root):
     """The chapter's structure: a model and a DataLoader per client, masks stored per client, dict-of-diffs."""
     train_set, test_set = torchvision_fashion_mnist(root)
     torch.manual_seed(0)
-    global_model = models.build(conf["model_name"], dataset.image_shape, dataset.num_classes)
+    global_model = models.for_data(conf["model_name"], dataset)
     global_model = global_model.to(memory_format=torch.contiguous_format)  # the chapter's models use the default
     clients = []
     for client_id, share in enumerate(shares):

@@ -108,10 +108,9 @@ class Workspace:
         self.key = {key: conf[key] for key in WORKSPACE_KEYS}
         self.device = federation.pick_device(conf["device"])
         self.dataset = datasets.load(conf["type"], conf["data_dir"], self.device)
-        _, self.shares = partition.server_and_clients(self.dataset.train_labels, conf)
+        _, self.shares = partition.server_and_clients(self.dataset, conf)
         torch.manual_seed(derive_seed(conf["seed"], "init"))  # as the server draws its model: the same buffers
-        self.model = models.build(conf["model_name"], self.dataset.image_shape, self.dataset.num_classes,
-                                  conf["pretrained"]).to(self.device)
+        self.model = models.for_data(conf["model_name"], self.dataset, conf["pretrained"]).to(self.device)
         self.template = {name: value.clone() for name, value in self.model.state_dict().items()}
         self.shapes = [v.shape for v in self.template.values() if torch.is_floating_point(v)]
         self.numels = [v.numel() for v in self.template.values() if torch.is_floating_point(v)]

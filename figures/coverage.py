@@ -27,7 +27,7 @@ def main(run_dirs):
         conf = config.validate(run_files.read_config(run_dir))
         data = datasets.load(conf["type"], conf["data_dir"], "cpu")
         torch.manual_seed(derive_seed(conf["seed"], "init"))  # as main.run draws the initial weights
-        initial = flat(models.build(conf["model_name"], data.image_shape, data.num_classes).state_dict())
+        initial = flat(models.for_data(conf["model_name"], data).state_dict())
         state = run_files.load_checkpoint(run_dir, "cpu")
         moved = flat(state["model"]) - initial
         store = ClientStore(run_dir, state["store"]["numels"], 0, resume=True)

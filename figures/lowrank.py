@@ -46,8 +46,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     conf = config.validate(run_files.read_config(args.run_dir))
     data = datasets.load(conf["type"], conf["data_dir"], torch.device("cpu"))
-    _, shares = partition.server_and_clients(data.train_labels, conf)
-    model = models.build(conf["model_name"], data.image_shape, data.num_classes)
+    _, shares = partition.server_and_clients(data, conf)
+    model = models.for_data(conf["model_name"], data)
     global_state = run_files.load_checkpoint(args.run_dir, "cpu")["model"]
     Client(args.client, shares[args.client], conf).local_train(model, global_state, data, args.round)
     diffs = {name: (model.state_dict()[name] - value).double().numpy()

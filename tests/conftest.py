@@ -92,7 +92,7 @@ def offline(monkeypatch):
     """torchvision's downloads fail at once, as on a machine without internet."""
     def refuse(self, *args, **kwargs):
         raise RuntimeError("no internet in this test")
-    for name in datasets.TORCHVISION_CLASS_NAMES:
+    for name in datasets.BUILTINS:
         monkeypatch.setattr(datasets.torchvision_class(name), "download", refuse)
 
 

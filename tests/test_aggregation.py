@@ -169,7 +169,7 @@ def test_malformed_upload_is_rejected(tiny_model, make_conf):
 @pytest.mark.parametrize("rule", ["masked_mean", "mean", "lambda"])
 def test_prop_zero_leaves_the_model_unchanged(make_conf, synthetic, rule):
     conf = make_conf(prop=0.0, aggregation=rule, sparsifier="random")
-    model = models.build("cnn", synthetic.image_shape, synthetic.num_classes)
+    model = models.build("cnn", synthetic.input_shape, synthetic.num_classes)
     before = copy.deepcopy(model.state_dict())
     server = Server(model, conf, CPU)
     workspace = copy.deepcopy(model)
@@ -186,7 +186,7 @@ def test_prop_zero_leaves_the_model_unchanged(make_conf, synthetic, rule):
 def test_prop_one_masked_mean_is_fedavg(make_conf, synthetic, sparsifier):
     """Uploading everything, the new global model is the sample-weighted mean of the local models."""
     conf = make_conf(prop=1.0, aggregation="masked_mean", sparsifier=sparsifier, lr=0.05)
-    model = models.build("cnn", synthetic.image_shape, synthetic.num_classes)
+    model = models.build("cnn", synthetic.input_shape, synthetic.num_classes)
     server = Server(model, conf, CPU)
     workspace = copy.deepcopy(model)
     shares = [torch.arange(0, 64), torch.arange(64, 256), torch.arange(256, 416)]  # 64, 192, 160 samples

@@ -202,7 +202,7 @@ def test_error_feedback_changes_what_is_sent(make_conf):
 
 def test_error_feedback_through_local_train(make_conf, synthetic):
     conf = make_conf(sparsifier="topk", prop=0.05, error_feedback=True)
-    server_model = models.build("cnn", synthetic.image_shape, synthetic.num_classes)
+    server_model = models.build("cnn", synthetic.input_shape, synthetic.num_classes)
     workspace = copy.deepcopy(server_model)
     global_state = server_model.state_dict()
     global_flat = flat_float_state(server_model)
@@ -222,7 +222,7 @@ def test_error_feedback_through_local_train(make_conf, synthetic):
 
 def test_local_train_upload(make_conf, synthetic):
     conf = make_conf(sparsifier="none", lr=0.05, batch_size=32)
-    model = models.build("cnn", synthetic.image_shape, synthetic.num_classes)
+    model = models.build("cnn", synthetic.input_shape, synthetic.num_classes)
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     indices = torch.arange(100, 300)
     steps = []
@@ -245,9 +245,9 @@ def test_local_train_upload(make_conf, synthetic):
 
 def test_local_train_lowers_loss_on_own_data(make_conf, synthetic):
     conf = make_conf(sparsifier="none", lr=0.05, local_epochs=3)
-    model = models.build("cnn", synthetic.image_shape, synthetic.num_classes)
+    model = models.build("cnn", synthetic.input_shape, synthetic.num_classes)
     indices = torch.arange(300)
-    images, labels = synthetic.train_images[indices], synthetic.train_labels[indices]
+    images, labels = synthetic.train_inputs[indices], synthetic.train_labels[indices]
 
     def loss_of(m):
         with torch.no_grad():

@@ -140,7 +140,7 @@ def test_a_dropped_client_keeps_its_whole_diff(synthetic, make_conf, tiny_model)
     conf = make_conf(clock="simulated", over_select=2.0, error_feedback=True, sparsifier="topk", prop=0.1,
                      residual_decay=0.5)
     torch.manual_seed(0)
-    model = build("cnn", synthetic.image_shape, synthetic.num_classes)
+    model = build("cnn", synthetic.input_shape, synthetic.num_classes)
     state = {name: value.clone() for name, value in model.state_dict().items()}
     client = Client(0, torch.arange(200), conf)
     client.local_train(model, state, synthetic, 1)

@@ -125,8 +125,8 @@ def test_clients_replaying_relayed_uploads_apply_the_servers_defense(make_conf, 
     assert without_seconds(rows) != without_seconds(undefended)  # the defense changed the run
 
 
-def small_batchnorm_net(image_shape, num_classes, pretrained=False):
-    return torch.nn.Sequential(torch.nn.Conv2d(image_shape[0], 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+def small_batchnorm_net(input_shape, num_classes, pretrained=False):
+    return torch.nn.Sequential(torch.nn.Conv2d(input_shape[0], 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, num_classes))
 
 

@@ -290,7 +290,7 @@ def one_round(flower, tiny_model, make_conf, behaviours, timeout=5.0, **override
     shapes = [t.shape for t in server.globals]
     store = ClientStore(tempfile.mkdtemp(), kept_numels(conf, shapes), 1024, False)
     transport = flower.GridTransport(FakeGrid(behaviours), conf, shapes, settings, flower.threading.Event(), store)
-    test_split = SimpleNamespace(test_images=torch.ones(4, 3), test_labels=torch.tensor([0, 1, 0, 1]), num_classes=2)
+    test_split = SimpleNamespace(test_inputs=torch.ones(4, 3), test_labels=torch.tensor([0, 1, 0, 1]), num_classes=2)
     return federation.play_round(1, conf, server, transport, test_split), server, transport
 
 

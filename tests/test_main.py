@@ -103,7 +103,7 @@ def test_checkpoint_holds_the_final_model(e2e_run):
     model.load_state_dict(state["model"])
     data = datasets.load("synthetic", "unused", torch.device("cpu"))
     with torch.no_grad():
-        logits = model(data.test_images)
+        logits = model(data.test_inputs)
     accuracy = (logits.argmax(1) == data.test_labels).float().mean().item()
     loss = F.cross_entropy(logits, data.test_labels).item()
     final = read_csv(out / "metrics.csv")[-1]

@@ -10,11 +10,11 @@ from main import main
 
 def test_fashion_mnist_loads_normalized():
     data = datasets.load("fashion-mnist", "/nonexistent-data-dir", torch.device("cpu"))
-    assert data.image_shape == (1, 28, 28) and data.num_classes == 10
+    assert data.input_shape == (1, 28, 28) and data.num_classes == 10
     assert len(data.train_labels) == 60000 and len(data.test_labels) == 10000
     assert torch.equal(torch.bincount(data.train_labels), torch.full((10,), 6000))
     # normalized with the training set's mean and std
-    assert abs(data.train_images.mean().item()) < 0.01 and abs(data.train_images.std().item() - 1) < 0.01
+    assert abs(data.train_inputs.mean().item()) < 0.01 and abs(data.train_inputs.std().item() - 1) < 0.01
 
 
 def test_short_fashion_mnist_run_learns(tmp_path):

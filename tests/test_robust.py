@@ -74,12 +74,12 @@ def assert_close(got, expected):
 
 def test_a_round_made_non_finite_by_one_upload_is_rolled_back(make_conf, synthetic, capsys, tmp_path):
     conf = make_conf()
-    validation, shares = partition.server_and_clients(synthetic.train_labels, conf)
-    model = models.build("cnn", synthetic.image_shape, synthetic.num_classes)
+    validation, shares = partition.server_and_clients(synthetic, conf)
+    model = models.build("cnn", synthetic.input_shape, synthetic.num_classes)
     before = {name: value.clone() for name, value in model.state_dict().items()}
     server = Server(model, conf, CPU, registered=[len(share) for share in shares],
                     validation=synthetic.train_split(validation))
-    accuracy, loss = server.evaluate(synthetic.test_images, synthetic.test_labels)
+    accuracy, loss = server.evaluate(synthetic.test_inputs, synthetic.test_labels)
     transport = Hostile(conf, synthetic, shares, copy.deepcopy(model), ClientStore(str(tmp_path), {}, 0, False), "1e30")
     row = federation.play_round(1, conf, server, transport, synthetic)
     assert "round 1: rolled back: the validation loss after it was not finite" in capsys.readouterr().err
@@ -130,15 +130,15 @@ def test_the_rollback_reads_the_validation_split_and_never_the_test_split(make_c
     """Test images that score a huge loss steer nothing: the run is the honest run's bit for bit. Validation images
     that do make every round roll back."""
     conf = make_conf()
-    validation, _ = partition.server_and_clients(synthetic.train_labels, conf)
+    validation, _ = partition.server_and_clients(synthetic, conf)
     honest = federation.run(conf, str(tmp_path / "honest"), False, InProcess)
-    monkeypatch.setattr(federation.datasets, "load", lambda *args: scaled(synthetic, "test_images", slice(None)))
+    monkeypatch.setattr(federation.datasets, "load", lambda *args: scaled(synthetic, "test_inputs", slice(None)))
     scored = federation.run(conf, str(tmp_path / "test"), False, InProcess)
     assert min(row["loss"] for row in scored) > 100 * math.log(10)  # the old, test-split rule rolled each round back
     assert [row["refused"] for row in scored] == [0, 0, 0] and "rolled back" not in capsys.readouterr().err
     unscored = {"accuracy": None, "loss": None}
     assert [row | unscored for row in without_seconds(scored)] == [row | unscored for row in without_seconds(honest)]
-    monkeypatch.setattr(federation.datasets, "load", lambda *args: scaled(synthetic, "train_images", validation))
+    monkeypatch.setattr(federation.datasets, "load", lambda *args: scaled(synthetic, "train_inputs", validation))
     steered = federation.run(conf, str(tmp_path / "validation"), False, InProcess)
     assert [row["refused"] for row in steered] == [1, 1, 1]
     assert "rolled back: the validation loss after it was" in capsys.readouterr().err

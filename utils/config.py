@@ -7,14 +7,19 @@ import math
 import reprlib
 
 import codec
+import datasets
 import downloads
 import robust
+from utils import user_code
 
 # key: (default, meaning). The chapter's keys come first, with the chapter's meaning.
 KEYS = {
-    "model_name": ("cnn", "model: 'cnn' (small CNN) or a torchvision name (resnet18, resnet50, vgg16, ...)"),
+    "model_name": ("cnn", "model: 'cnn' (small CNN), a torchvision name (resnet18, resnet50, vgg16, ...) or your own, "
+                          "'package.module:function' (docs/own-model-and-data.md)"),
     "no_models": (10, "number of clients the training set is split across"),
-    "type": ("fashion-mnist", "dataset: mnist | fashion-mnist | cifar (CIFAR-10; also 'cifar10') | synthetic"),
+    "type": ("fashion-mnist", "dataset: mnist | fashion-mnist | kmnist | emnist (balanced, 47 classes) | cifar "
+                              "(CIFAR-10; also 'cifar10') | cifar100 | svhn | synthetic | your own, "
+                              "'package.module:function' (docs/own-model-and-data.md)"),
     "global_epochs": (20, "number of federated rounds"),
     "local_epochs": (1, "passes a sampled client makes over its own data each round"),
     "k": (2, "clients sampled per round"),
@@ -53,7 +58,8 @@ KEYS = {
                                       "its next step"),
     "download_first_contact": ("seed", "relay/compressed: a client's first model is built from the shared seed (free) "
                                        "| dense (it downloads the dense model at its first sync)"),
-    "partition": ("iid", "iid | dirichlet (label mix per client ~ Dirichlet(alpha)) | shards (few labels per client)"),
+    "partition": ("iid", "iid | dirichlet (label mix per client ~ Dirichlet(alpha)) | shards (few labels per client) | "
+                         "natural (the clients your own data names, its train_clients)"),
     "alpha": (0.5, "Dirichlet concentration for partition='dirichlet': small is skewed, large is near IID"),
     "shards_per_client": (2, "partition='shards': how many labels (one shard each) every client holds"),
     "client_state_memory": (1024, "MB of clients' error-feedback residuals and warm starts held in memory, the most "
@@ -108,7 +114,7 @@ KEYS = {
 DEFAULTS = {key: default for key, (default, _) in KEYS.items()}
 
 CHOICES = {
-    "type": ("mnist", "fashion-mnist", "cifar", "cifar10", "synthetic"),
+    "type": (*datasets.BUILTINS, "cifar10", "synthetic"),
     "device": ("auto", "cpu", "cuda"),
     "aggregation": ("masked_mean", "mean", "lambda"),
     "sparsifier": tuple(codec.SPARSIFIERS),
@@ -120,13 +126,15 @@ CHOICES = {
     "download_quantize": tuple(codec.QUANTIZERS),
     "download_topk_scope": ("tensor", "model"),
     "download_first_contact": ("seed", "dense"),
-    "partition": ("iid", "dirichlet", "shards"),
+    "partition": ("iid", "dirichlet", "shards", "natural"),
     "clock": ("none", "simulated"),
     "mode": ("sync", "async"),
     "staleness": ("inverse_sqrt", "none"),
     "defense": robust.DEFENSES,
     "attack": robust.ATTACKS,
 }
+
+USER_CODE_KEYS = ("model_name", "type")  # keys that may name a function of the user's
 
 # what clock 'none' ignores, and what mode 'sync' ignores
 CLOCK_KEYS = ("profile", "step_seconds", "availability", "availability_memory", "deadline", "over_select")
@@ -203,7 +211,11 @@ def validate(overrides):
         _check_type(key, value)
         if type(DEFAULTS[key]) is float:
             conf[key] = value = float(value)
-        if key in CHOICES and value not in CHOICES[key]:
+        if key in USER_CODE_KEYS and user_code.is_spec(value):
+            if not user_code.SPEC.fullmatch(value):
+                raise ConfigError(f"config key '{key}' names your own function as package.module:function, got "
+                                  f"{shown(value)}")
+        elif key in CHOICES and value not in CHOICES[key]:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(CHOICES[key])}, got {shown(value)}")
         if key in RANGES:
             low, high, low_allowed = RANGES[key]

@@ -1,5 +1,5 @@
 """Splitting the training set into the server's validation slice and disjoint client shares: iid, dirichlet (label
-skew) or shards (few labels each)."""
+skew), shards (few labels each) or natural (the clients the data names for its examples)."""
 import numpy as np
 import torch
 
@@ -10,19 +10,21 @@ class PartitionError(ValueError):
     """The data cannot be split as asked (for instance, fewer examples than clients)."""
 
 
-def server_and_clients(labels, conf):
-    """(the server's validation slice, the clients' shares): `server_validation` training examples drawn at random
-    (seeded) for the server's own decisions, and the rest split by `split`; every index tensor is CPU int64, sorted for
-    the slice. With no slice the shares are split's of every example."""
-    held = conf["server_validation"]
-    if held == 0:
-        return torch.zeros(0, dtype=torch.long), split(labels, conf)
-    if len(labels) - held < conf["no_models"]:
+def server_and_clients(dataset, conf):
+    """(the server's validation slice, the clients' shares) of `dataset`'s training examples: `server_validation`
+    examples drawn at random (seeded) for the server's own decisions, and the rest split by `split`, or as the data
+    names its clients (partition 'natural'); every index tensor is CPU int64, sorted for the slice."""
+    labels, held = dataset.train_labels.cpu(), conf["server_validation"]
+    if held and len(labels) - held < conf["no_models"]:
         raise PartitionError(f"server_validation {held} leaves {max(0, len(labels) - held)} of the {len(labels)} "
                              f"training examples for {conf['no_models']} clients: lower it")
     order = torch.randperm(len(labels), generator=generator(conf["seed"], "server validation"))
     validation, rest = order[:held].sort().values, order[held:].sort().values
-    return validation, [rest[share] for share in split(labels.cpu()[rest], conf)]
+    if conf["partition"] == "natural":
+        return validation, natural(dataset.train_clients, conf["no_models"], validation)
+    if held == 0:
+        return validation, split(labels, conf)
+    return validation, [rest[share] for share in split(labels[rest], conf)]
 
 
 def split(labels, conf):
@@ -37,6 +39,26 @@ def split(labels, conf):
     if conf["partition"] == "dirichlet":
         return _dirichlet(labels, clients, conf["alpha"], draw)
     return _shards(labels, clients, conf["shards_per_client"], draw)
+
+
+def natural(owners, clients, validation):
+    """Each client's share: the examples the data names it for (client i: the i-th smallest id in train_clients),
+    less those in the server's `validation` slice."""
+    if owners is None:
+        raise PartitionError("partition 'natural' needs data that names a client per training example (train_clients "
+                             "in the dict of your own data, see docs/own-model-and-data.md)")
+    named = int(owners.max()) + 1
+    if named != clients:
+        raise PartitionError(f"partition 'natural': the data names {named} clients; set no_models to {named}")
+    kept = torch.ones(len(owners), dtype=torch.bool)
+    kept[validation] = False
+    shares = [share[kept[share]] for share in torch.argsort(owners, stable=True).split(
+        torch.bincount(owners, minlength=clients).tolist())]
+    empty = next((client for client, share in enumerate(shares) if len(share) == 0), None)
+    if empty is not None:
+        raise PartitionError(f"partition 'natural': server_validation leaves client {empty} no training example: lower "
+                             f"it, or set it to 0")
+    return shares
 
 
 def _dirichlet(labels, clients, alpha, draw):
