@@ -1,6 +1,6 @@
 """The round loop, whatever carries the clients' uploads: an engine's transport (engines/).
 
-    rows = federation.run(conf, out, resume, transport_factory)
+    rows = federation.run(conf, out, resume, transport_factory)    (docs/python.md: from a notebook)
 
 Each round (`play_round`): sample k clients (`sample_clients`, the one sampling rule), synchronize each with the global
 model (what it downloads: downloads.py), ask the transport to train them and hand back their uploads, decode the
@@ -30,7 +30,7 @@ from utils.seeding import derive_seed, generator
 
 CLEAR_LINE = "\r\033[K"  # carriage return + erase line: replaces the progress line on a terminal
 # a validation loss above this many times a uniform guess's (ln classes) gives the true class e^-23 (1e-10) on average
-# for 10 classes: only a blown-up step does that. The highest test loss of any honest run in README's results is 2.57
+# for 10 classes: only a blown-up step does that. The highest test loss of any honest run in the results is 2.57
 # (a guess's 2.30); one client's noise of 100 times its update's std took a CNN to 218 and left it dead (accuracy 0.10
 # from then on) under the 100 times this bound was before
 BLOWN_UP = 10
@@ -47,7 +47,7 @@ def sample_clients(conf, round_index, online=None, count=None):
 def run(conf, out, resume, transport_factory):
     """Train `conf` into folder `out` (continuing it when `resume`); returns the metrics rows.
 
-    transport_factory(conf, dataset, shares, model) builds the engine's transport: the object that trains the
+    transport_factory(conf, dataset, shares, model, store) builds the engine's transport: the object that trains the
     sampled clients and returns their uploads (engines/inprocess.py is the default)."""
     device = pick_device(conf["device"])
     dataset = datasets.load(conf["type"], conf["data_dir"], device)

@@ -115,7 +115,7 @@ def trimmed(fraction):
         cut = (fraction * senders).floor().long()
         rank = torch.arange(ordered.shape[1], device=ordered.device)
         kept = (rank >= cut.unsqueeze(1)) & (rank < (senders - cut).unsqueeze(1))
-        # summed over a client per row, as the README's runs were: torch sums another layout in another order
+        # summed over a client per row, as docs/robustness.md's runs were: torch sums another layout in another order
         total = torch.where(kept, ordered, 0.0).t().contiguous().sum(0)
         return total / (senders - 2 * cut).clamp(min=1)
     return mean

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs everything fedsparse needs: the pinned pip requirements (requirements.lock, the exact versions the README's
-# results were made with; requirements.txt keeps the ranges for an environment of your own) into a virtual
+# Installs everything fedsparse needs: the pinned pip requirements (requirements.lock, the exact versions the results
+# (README.md, docs/) were made with; requirements.txt keeps the ranges for an environment of your own) into a virtual
 # environment and, on Debian or Ubuntu without Fashion-MNIST, the package dataset-fashion-mnist, so that the default
 # conf runs offline. Elsewhere, or without the rights to install packages, torchvision downloads the data on the first
 # run instead (online).

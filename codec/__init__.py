@@ -2,9 +2,9 @@
 upload, `decode` (the server's side) the only code that reads one, and an upload's size is the length of its bytes.
 
 A method is a sparsifier times a quantizer, each one class registered by its config name in SPARSIFIERS
-(codec/sparsifiers.py) or QUANTIZERS (codec/quantizers.py); config choices, plot labels and the README's table of
-methods derive from these registries. A sparsifier turns the diffs into coefficients, groups of values, and the
-receiver's decoded groups back into the diff it reconstructs: most select entries (a group per tensor: its kept
+(codec/sparsifiers.py) or QUANTIZERS (codec/quantizers.py); config choices, plot labels and the tables of
+docs/compression.md derive from these registries. A sparsifier turns the diffs into coefficients, groups of values,
+and the receiver's decoded groups back into the diff it reconstructs: most select entries (a group per tensor: its kept
 entries), PowerSGD factors matrices (two groups per factored tensor: its factors). The quantizer writes the groups'
 values. Sparse Ternary Compression (Sattler et al. 2019) is TopK over the whole model times Ternary, with error
 feedback. To add a method, write one class and register it. Kept positions are coded in codec/positions.py; the

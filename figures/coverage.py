@@ -1,4 +1,4 @@
-"""How much of the model finished runs have trained: a diagnostic for top-k's gap to dense (README, Results).
+"""How much of the model finished runs have trained: a diagnostic for top-k's gap to dense (docs/results.md).
 
     python figures/coverage.py RUN_DIR [RUN_DIR ...]
 

@@ -1,5 +1,5 @@
 """How much of a client's update a rank-r factorization keeps, against the largest entries: a diagnostic for
-PowerSGD's gap to STC (README, Results).
+PowerSGD's gap to STC (docs/results.md).
 
     python figures/lowrank.py RUN_DIR [--round 30] [--client 0]
 

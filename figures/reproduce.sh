@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Re-runs the experiments behind README.md's results and figures: 30-round runs of the default conf, two
+# Re-runs the experiments behind the results and figures of README.md and docs/: 30-round runs of the default conf, two
 # single-threaded runs at a time (on 2 cores that finishes sooner than one 2-thread run after another; another thread
 # count can change the last digits). A finished run is skipped, an interrupted one resumed; each run's output goes to
 # output.log in its folder.
