@@ -5,7 +5,11 @@ fashion-mnist and kmnist are also read from gzipped IDX files, such as those the
 installs under /usr/share/datasets/fashion-mnist. `synthetic` is generated: small, deterministic, offline. A user's
 own data is named "package.module:function": the function returns a dict of tensors (see USER_KEYS).
 """
+import functools
 import gzip
+import hashlib
+import inspect
+import math
 import numbers
 import os
 import zlib
@@ -38,7 +42,8 @@ class Builtin:
 
 BUILTINS = {
     "mnist": Builtin("MNIST", "MNIST", 10, (1, 28, 28), (0.1307,), (0.3081,),
-                     "run once online, or put the IDX files there", idx=True, system_dirs=("/usr/share/datasets/mnist",)),
+                     "run once online, or put the IDX files there", idx=True,
+                     system_dirs=("/usr/share/datasets/mnist",)),
     "fashion-mnist": Builtin("FashionMNIST", "FashionMNIST", 10, (1, 28, 28), (0.2860,), (0.3530,),
                              "install the Debian package dataset-fashion-mnist, or run once online", idx=True,
                              system_dirs=("/usr/share/datasets/fashion-mnist",)),
@@ -90,6 +95,16 @@ class Dataset:
     @property
     def input_shape(self):
         return tuple(self.train_inputs.shape[1:])
+
+    @functools.cached_property
+    def digest(self):
+        """A digest of every example, label and client id: a resumed run checks that its data did not change."""
+        digest = hashlib.blake2b(repr((self.num_classes, self.train_inputs.dtype)).encode(), digest_size=16)
+        for tensor in (self.train_inputs, self.train_labels, self.test_inputs, self.test_labels, self.train_clients):
+            if tensor is not None:
+                digest.update(repr(tuple(tensor.shape)).encode())
+                digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+        return digest.hexdigest()
 
     def train_split(self, indices):
         """(inputs, labels) of the training examples at `indices` (CPU int64), as they are stored: not augmented."""
@@ -145,8 +160,9 @@ def load(name, data_dir, device):
         if len(labels) == 0:
             raise DataError(f"the {split} split of {name} in {source} holds no examples")
         if tuple(images.shape[1:]) != builtin.input_shape:
-            raise DataError(f"the {split} images of {name} in {source} have shape "
-                            f"{'x'.join(map(str, images.shape[1:]))}; expected {'x'.join(map(str, builtin.input_shape))}")
+            shapes = ("x".join(map(str, shape)) for shape in (images.shape[1:], builtin.input_shape))
+            raise DataError(f"the {split} images of {name} in {source} have shape {next(shapes)}; expected "
+                            f"{next(shapes)}")
         _check_labels(labels, builtin.num_classes, f"the {split} labels of {name} in {source}")
     mean, std = (torch.tensor(v) for v in (builtin.mean, builtin.std))
     for split, (images, labels) in splits.items():
@@ -175,6 +191,8 @@ def _user_data(spec, device):
         raise DataError(str(e)) from None
     where = f"type '{spec}'"
     if not isinstance(data, dict):
+        if inspect.iscoroutine(data):
+            data.close()  # an async function's result: never awaited, and closed, so Python does not warn of it
         raise DataError(f"{where} returned {type(data).__name__}; it must return a dict with {', '.join(USER_KEYS)}")
     missing = [key for key in USER_KEYS if key not in data]
     unknown = sorted(map(str, set(data) - set(USER_KEYS) - set(USER_OPTIONAL_KEYS)))
@@ -205,13 +223,13 @@ def _user_data(spec, device):
             raise DataError(f"{where}: train_clients has {len(ids)} entries for {len(splits['train'][1])} "
                             f"training examples")
         clients = torch.unique(ids, return_inverse=True)[1]  # ids in increasing order become clients 0, 1, ...
-    return _to_dataset(spec, splits, int(num_classes), False, None, spec, device, clients)
+    return _to_dataset(spec, splits, int(num_classes), False, None, user_code.source(spec), device, clients)
 
 
 def _user_inputs(value, what):
     """Inputs as a tensor: floating point as float32 (finite), integers (token ids, say) as int64."""
     tensor = _user_tensor(value, what)
-    if tensor.dim() < 2 or len(tensor) == 0:
+    if tensor.dim() < 2 or tensor.numel() == 0:
         raise DataError(f"{what} must hold at least one example of at least one value: (N, ...), got shape "
                         f"{tuple(tensor.shape)}")
     if tensor.is_floating_point():
@@ -238,9 +256,14 @@ def _user_tensor(value, what):
     if isinstance(value, np.ndarray):
         if value.dtype.kind not in "biuf":
             raise DataError(f"{what} is a numpy array of {value.dtype}; give numbers")
-        value = torch.from_numpy(np.ascontiguousarray(value))
+        if value.dtype == np.uint64 and value.size and value.max() > np.iinfo(np.int64).max:
+            raise DataError(f"{what} holds values past 2^63 - 1")
+        value = torch.from_numpy(np.array(value, dtype=value.dtype.newbyteorder("="), order="C"))  # a native copy
     if not isinstance(value, torch.Tensor):
         raise DataError(f"{what} must be a torch tensor or a numpy array, got {type(value).__name__}")
+    if value.layout != torch.strided or value.is_meta or value.is_nested or value.is_quantized:
+        raise DataError(f"{what} must be a dense tensor with its values (not sparse, nested, quantized or on the meta "
+                        f"device)")
     return value.detach().cpu().contiguous()
 
 
@@ -254,6 +277,9 @@ def _find(name, data_dir):
         except RuntimeError as e:
             if "not found" not in str(e):  # torchvision's word for missing files; anything else means damaged ones
                 raise _damaged(name, data_dir, e) from None
+            if "corrupted" in str(e):  # where it checks the files' MD5 (CIFAR, SVHN), missing and damaged read alike
+                looked[0] = (f"{os.path.join(data_dir, builtin.folder)} (there, but torchvision finds its files "
+                             f"missing or damaged: delete the folder to download again)")
         except Exception as e:  # torchvision reading garbage raises AssertionError, KeyError, ValueError, ...
             raise _damaged(name, data_dir, e) from None
     idx_dirs = [os.path.join(data_dir, name), data_dir, *builtin.system_dirs] if builtin.idx else []
@@ -331,11 +357,11 @@ def _read_idx(path):
     dims = raw[3]
     if len(raw) < 4 + 4 * dims:
         raise DataError(f"{path} is truncated: its header is cut short")
-    shape = np.frombuffer(raw, dtype=">u4", count=dims, offset=4).astype(np.int64)
-    expected = 4 + 4 * dims + int(np.prod(shape))
+    shape = [int(n) for n in np.frombuffer(raw, dtype=">u4", count=dims, offset=4)]
+    expected = 4 + 4 * dims + math.prod(shape)  # Python's integers: sizes that multiply past 2^64 do not wrap
     if len(raw) != expected:
         raise DataError(f"{path} is truncated or damaged: {len(raw)} bytes, its header promises {expected}")
-    return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape.tolist()).copy())
+    return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape).copy())
 
 
 def _synthetic(split):

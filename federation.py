@@ -74,7 +74,7 @@ def run(conf, out, resume, transport_factory):
         buffered = fedbuff.FedBuff(conf, server, transport, timer, sample_clients) if conf["mode"] == "async" else None
         rows = []
         if resume:
-            rows = restore(out, conf, server, transport, store, device, timer, buffered)
+            rows = restore(out, conf, server, transport, store, device, dataset.digest, timer, buffered)
             run_files.write_metrics(out, rows)  # the checkpoint's rows: a kill -9 may have cut metrics.csv short
         run_files.write_config(out, conf)
         run_files.write_environment(out, device, len(rows) + 1)
@@ -86,7 +86,7 @@ def run(conf, out, resume, transport_factory):
                 rows[-1]["sim_seconds"] = clock.elapsed(rows[-2]["sim_seconds"] if len(rows) > 1 else 0.0,
                                                         rows[-1]["round_seconds"])
             with run_files.signals_held():  # a stop during the save waits for the round's line, so it is shown
-                save(out, conf, server, transport, store, rows, timer, buffered)
+                save(out, conf, server, transport, store, rows, dataset.digest, timer, buffered)
                 print_row(rows[-1], conf["global_epochs"], show_progress)
     return rows
 
@@ -220,10 +220,11 @@ def pick_device(asked):
     return torch.device("cuda" if asked != "cpu" and torch.cuda.is_available() else "cpu")
 
 
-def save(out, conf, server, transport, store, rows, timer=None, buffered=None):
+def save(out, conf, server, transport, store, rows, data_digest, timer=None, buffered=None):
     """The round to the run folder: the clients' changed records to their store, then the checkpoint naming them."""
     table = store.flush()
     run_files.save(out, {
+        "data": data_digest,
         "profile": timer.source if timer else None,
         "async": buffered.state() if buffered else None,
         "config": conf,
@@ -238,7 +239,7 @@ def save(out, conf, server, transport, store, rows, timer=None, buffered=None):
     store.committed(table)
 
 
-def restore(out, conf, server, transport, store, device, timer=None, buffered=None):
+def restore(out, conf, server, transport, store, device, data_digest, timer=None, buffered=None):
     """The saved rows; the server's model, momentum, download state and the clients' state are put back as they
     were. Whatever is restored is checked first: a digest of the file (and of each client's record in the store),
     then every tensor's size and finiteness (a NaN saved by a bug, or patched in with a digest made anew, would
@@ -254,6 +255,9 @@ def restore(out, conf, server, transport, store, device, timer=None, buffered=No
         if differing:
             key = differing[0]
             raise ValueError(f"its {key} is {state['config'][key]!r}, config.json says {conf.get(key)!r}")
+        if state.get("data", data_digest) != data_digest:  # checkpoints from before the digest have none
+            raise RunError(f"cannot resume {out}: its data ({conf['type']}) changed since the run started: its "
+                           f"examples, labels or clients are not the ones its rounds were played on")
         if timer and state["profile"] != timer.source:
             raise RunError(f"cannot resume {out}: its profile {conf['profile']} changed since the run started (its "
                            f"clients' links and speeds would not be the ones its rounds were timed with)")

@@ -49,7 +49,7 @@ try:  # torch takes seconds to import: Ctrl-C meanwhile is a clean stop, not a t
     import federation
     import models
     from engines.inprocess import InProcess
-    from utils import config, partition, run_files
+    from utils import config, partition, run_files, user_code
     from utils.run_files import RunError
 except KeyboardInterrupt as stop:
     print("\ninterrupted while starting: nothing was saved", file=sys.stderr)
@@ -190,7 +190,16 @@ def train_rounds(conf, out, resume, args):
 def start(conf, out, resume, args):
     """Run one config into `out`; returns its exit status (1 when no round changed the global model)."""
     earlier = saved_rounds(out) if resume else 0
-    rows = train_rounds(conf, out, resume, args)
+    try:
+        rows = train_rounds(conf, out, resume, args)
+    except (*BAD_INPUT, run_files.SaveError):
+        raise
+    except (Exception, SystemExit) as e:  # a model or data of the user's that fails only on some inputs, say
+        own = [key for key in ("model_name", "type") if user_code.is_spec(conf[key])]
+        if not own:
+            raise
+        raise models.ModelError(f"the run failed in training or evaluation, with {' and '.join(own)} of your own "
+                                f"({', '.join(conf[key] for key in own)}): {user_code.failure(e)}") from None
     refused = sum(row.get("refused", 0) for row in rows)
     if rows and refused == len(rows):
         print(f"error: no round of {out} changed the global model: in every round the uploads were rejected or came "

@@ -9,6 +9,7 @@ from utils import user_code
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 VGGS = ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")
 MODEL_NAMES = ("cnn",) + RESNETS + VGGS
+TRAVELLING_DTYPES = (torch.float32, torch.float64)  # a model's floating-point state the codec carries
 
 
 class ModelError(Exception):
@@ -42,8 +43,10 @@ def check_name(name):
 def build(name, input_shape, num_classes, pretrained=False, input_dtype=torch.float32):
     """Model `name` for inputs of `input_shape` (images: C, H, W) and `num_classes` outputs, on the CPU,
     channels-last."""
+    model = _build(name, input_shape, num_classes, pretrained)
+    _check_parameters(model, name)
     # channels-last convolutions train ~20% and evaluate ~3x faster on a CPU (benchmarks/bench.py), and suit cuDNN
-    model = _build(name, input_shape, num_classes, pretrained).to(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last)
     _check_fits(model, name, input_shape, input_dtype, num_classes)
     return model
 
@@ -58,24 +61,48 @@ def channels_last(inputs):
     return inputs.contiguous(memory_format=torch.channels_last) if inputs.dim() == 4 else inputs
 
 
-@torch.no_grad()
+def _check_parameters(model, name):
+    """What travels is float32 or float64 (the codec writes f32 and reads back into the model's dtype), and is there
+    before the first input: a lazy module's parameters are not."""
+    state = list(model.state_dict().values()) + list(model.parameters())
+    if any(isinstance(v, nn.parameter.UninitializedParameter | nn.parameter.UninitializedBuffer) for v in state):
+        raise ModelError(f"model {name} has lazy (uninitialized) parameters: size them from the input shape the "
+                         f"function is given")
+    odd = sorted({str(v.dtype) for v in state if v.is_floating_point() and v.dtype not in TRAVELLING_DTYPES})
+    if odd:
+        raise ModelError(f"model {name} has parameters or buffers of {', '.join(odd)}: its floating-point state must "
+                         f"be float32 or float64 (compute in lower precision inside forward if you like)")
+    if not any(p.is_floating_point() and p.requires_grad for p in model.parameters()):
+        raise ModelError(f"model {name} has no floating-point parameters to train")
+
+
 def _check_fits(model, name, input_shape, input_dtype, num_classes):
-    """One input through the model, so that inputs it cannot take (images too small for its pooling, a head of the
-    wrong width) fail here with one clear line."""
-    model.eval()  # BatchNorm in training mode refuses a batch of one
+    """Two inputs of zeros through the model and a backward pass, so that a model that cannot take the inputs
+    (images too small for its pooling, a head of the wrong width, an output the loss cannot reach) fails here with one
+    clear line, before a run starts. In eval mode (BatchNorm's statistics stay, dropout draws nothing); gradients are
+    dropped after."""
+    model.eval()
     shape = "x".join(map(str, input_shape))
     try:
-        output = model(channels_last(torch.zeros(1, *input_shape, dtype=input_dtype)))
+        with torch.random.fork_rng(devices=[]):  # a forward that draws leaves the run's random streams as they were
+            output = model(channels_last(torch.zeros(2, *input_shape, dtype=input_dtype)))
+        if isinstance(output, torch.Tensor) and tuple(output.shape) == (2, num_classes) and \
+                output.is_floating_point() and output.requires_grad:
+            output.float().sum().backward()
     except Exception as e:  # RuntimeError from torch, anything from a user's forward
         raise ModelError(f"model {name} cannot take inputs of shape {shape}: {user_code.failure(e)}") from None
     finally:
+        model.zero_grad(set_to_none=True)
         model.train()
-    if not isinstance(output, torch.Tensor) or tuple(output.shape) != (1, num_classes):
-        got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-        raise ModelError(f"model {name} must return (batch, {num_classes}) logits for inputs of shape {shape}, it "
-                         f"returned {got}")
-    if not any(torch.is_floating_point(p) for p in model.parameters()):
-        raise ModelError(f"model {name} has no floating-point parameters to train")
+    if not isinstance(output, torch.Tensor) or tuple(output.shape) != (2, num_classes) or \
+            not output.is_floating_point():
+        got = f"{output.dtype} of shape {tuple(output.shape)}" if isinstance(output, torch.Tensor) else \
+            type(output).__name__
+        raise ModelError(f"model {name} must return floating-point (batch, {num_classes}) logits for inputs of shape "
+                         f"{shape}; for a batch of 2 it returned {got}")
+    if not output.requires_grad:
+        raise ModelError(f"model {name} returns logits that no parameter's gradient reaches (does forward detach "
+                         f"them, or are its parameters frozen?)")
 
 
 def _build(name, input_shape, num_classes, pretrained):

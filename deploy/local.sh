@@ -16,6 +16,9 @@
 # numbers and distinct) and every port must be free on 127.0.0.1; after each start, the process listening on its port
 # must be the one started. Any of these failing is one `error:` line and exit status 2.
 set -euo pipefail
+# a model or data of the user's own ("package.module:function") imports from the folder this was started in, as
+# main.py's does: the nodes' ClientApps inherit the path
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 cd "$(dirname "$0")/.."
 usage="usage: deploy/local.sh --nodes N [--port P] [--node-port P] -- MAIN_OPTIONS"
 status=2

@@ -249,3 +249,21 @@ def test_missing_data_offline_says_how_to_get_it(tmp_path, offline, name, capsys
     assert main.main(["-c", str(conf), "--out", str(tmp_path / "run")]) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and f"{name} data not found" in error and "To get it: run once online" in error
+
+
+def test_an_idx_header_whose_sizes_multiply_past_2_64_is_refused(tmp_path, offline):
+    folder = tmp_path / "kmnist"
+    os.makedirs(folder)
+    for name in sum(datasets.IDX_NAMES.values(), ()):  # 2^31 x 2^31 x 4 bytes wraps to 0 in 64-bit arithmetic
+        (folder / name).write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">III", 2**31, 2**31, 4))
+    with pytest.raises(datasets.DataError, match="is truncated or damaged: 16 bytes, its header promises"):
+        datasets.load("kmnist", str(tmp_path), "cpu")
+
+
+def test_damaged_files_that_fail_torchvisions_checksum_are_named_as_there(tmp_path, offline):
+    os.makedirs(tmp_path / "svhn")
+    (tmp_path / "svhn" / "train_32x32.mat").write_bytes(b"not a mat file")
+    with pytest.raises(datasets.DataError) as error:
+        datasets.load("svhn", str(tmp_path), "cpu")
+    assert f"{tmp_path / 'svhn'} (there, but torchvision finds its files missing or damaged: delete the folder to " \
+           f"download again)" in str(error.value)

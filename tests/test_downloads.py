@@ -133,7 +133,8 @@ def small_batchnorm_net(input_shape, num_classes, pretrained=False):
 @pytest.mark.parametrize("download", ["relay", "compressed"])
 def test_batchnorm_statistics_stay_in_sync_too(make_conf, tmp_path, monkeypatch, download):
     """BatchNorm running statistics travel as floats; its batch counter never travels and stays as built."""
-    monkeypatch.setattr(models, "build", lambda name, shape, classes, pretrained=False: small_batchnorm_net(shape, classes))
+    monkeypatch.setattr(models, "build", lambda name, shape, classes, pretrained=False, input_dtype=None:
+                        small_batchnorm_net(shape, classes))
     conf = dict(STC, no_models=3, k=2, global_epochs=4, download=download)
     rows, replicas = run_with(make_conf, tmp_path, "replicas", Replicas, **conf)
     expected, _ = run_with(make_conf, tmp_path, "inprocess", **conf)

@@ -66,10 +66,54 @@ def flat(input_shape, num_classes):
 
 def for_images(input_shape, num_classes):
     return nn.Conv2d(1, num_classes, 3)
+
+
+class FirstOnly(BagOfTokens):
+    def forward(self, tokens):  # right for one example, wrong for a batch
+        return super().forward(tokens)[:1]
+
+
+class Integers(BagOfTokens):
+    def forward(self, tokens):
+        return super().forward(tokens).long()
+
+
+def integers(input_shape, num_classes):
+    return Integers(input_shape, num_classes)
+
+
+class Detached(BagOfTokens):
+    def forward(self, tokens):
+        return super().forward(tokens).detach()
+
+
+def first_only(input_shape, num_classes):
+    return FirstOnly(input_shape, num_classes)
+
+
+def detached(input_shape, num_classes):
+    return Detached(input_shape, num_classes)
+
+
+def half(input_shape, num_classes):
+    return BagOfTokens(input_shape, num_classes).half()
+
+
+def lazy(input_shape, num_classes):
+    return nn.Sequential(nn.Embedding(20, 4), nn.Flatten(), nn.LazyLinear(num_classes))
+
+
+def exits(input_shape, num_classes):
+    import sys
+    sys.exit(0)
+
+
+def small_vocabulary(input_shape, num_classes):  # the data's tokens run to 19: the first batch with one past 9 fails
+    return nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(4 * input_shape[0], num_classes))
 '''
 LAB_CONF = {"model_name": "lab.task:model", "type": "lab.task:data", "partition": "natural", "no_models": 6, "k": 3,
-            "global_epochs": 3, "local_epochs": 2, "batch_size": 16, "lr": 0.3, "server_validation": 30, "sparsifier": "topk",
-            "prop": 0.2, "error_feedback": True, "download": "compressed"}
+            "global_epochs": 3, "local_epochs": 2, "batch_size": 16, "lr": 0.3, "server_validation": 30,
+            "sparsifier": "topk", "prop": 0.2, "error_feedback": True, "download": "compressed"}
 
 
 @pytest.fixture
@@ -82,7 +126,7 @@ def lab(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", list(sys.path))
     yield tmp_path
-    for name in ("lab", "lab.task", "lab.bad"):
+    for name in ("lab", "lab.task", "lab.bad", "lab.arrays"):
         sys.modules.pop(name, None)
 
 
@@ -149,10 +193,16 @@ BAD_DATA = [  # (the body of data(), what the one line says)
     ("d = good(); d['train_inputs'][3, 1] = float('nan'); return d", "train_inputs holds values that are not finite"),
     ("d = good(); d['test_inputs'] = d['test_inputs'][:, :3]; return d", "test_inputs are torch.float32 of shape (3,)"),
     ("d = good(); d['train_inputs'] = d['train_inputs'][:, 0]; return d", "at least one example of at least one value"),
-    ("d = good(); d['train_inputs'] = 'abc'; return d", "train_inputs must be a torch tensor or a numpy array, got str"),
+    ("d = good(); d['train_inputs'] = 'abc'; return d", "train_inputs must be a torch tensor or a numpy array, got"),
     ("d = good(); d['train_inputs'] = d['train_inputs'].numpy().astype(str); return d", "numpy array of <U"),
     ("d = good(); d['train_clients'] = torch.zeros(7, dtype=torch.long); return d", "train_clients has 7 entries"),
     ("raise ValueError('no such file: /data/x.csv')", "raised ValueError: no such file: /data/x.csv at bad.py:"),
+    ("import sys; sys.exit(0)", "raised SystemExit: 0 at bad.py:"),
+    ("d = good(); d['train_inputs'] = d['train_inputs'][:, :0]; return d", "at least one example of at least one"),
+    ("d = good(); d['train_inputs'] = d['train_inputs'].to_sparse(); return d",
+     "must be a dense tensor with its values (not sparse, nested, quantized"),
+    ("import numpy; d = good(); d['train_labels'] = numpy.full(40, 2**64 - 1, dtype=numpy.uint64); return d",
+     "train_labels holds values past 2^63 - 1"),
 ]
 
 
@@ -204,13 +254,53 @@ def test_the_good_data_above_runs(lab):
     ("lab.task:not_a_model", "returned dict, not a torch.nn.Module"),
     ("lab.task", "unknown model_name 'lab.task'"),
     ("lab.task:", "names your own function as package.module:function"),
-    ("lab.task:flat", "must return (batch, 5) logits for inputs of shape 12, it returned (1, 12)"),
+    ("lab.task:flat", "model lab.task:flat has no floating-point parameters to train"),
+    ("lab.task:integers", "must return floating-point (batch, 5) logits for inputs of shape 12; for a batch of 2 it "
+                          "returned torch.int64 of shape (2, 5)"),
     ("lab.task:for_images", "model lab.task:for_images cannot take inputs of shape 12: RuntimeError"),
+    ("lab.task:first_only", "for a batch of 2 it returned torch.float32 of shape (1, 5)"),
+    ("lab.task:detached", "returns logits that no parameter's gradient reaches"),
+    ("lab.task:half", "has parameters or buffers of torch.float16: its floating-point state must be float32 or"),
+    ("lab.task:lazy", "has lazy (uninitialized) parameters"),
+    ("lab.task:exits", "model_name 'lab.task:exits' raised SystemExit: 0 at task.py:"),
+    ("models:small_cnn", "models is one of fedsparse's own modules; give yours another name"),
+    ("main:main", "main is one of fedsparse's own modules"),
+    ("lab.task:small_vocabulary", "the run failed in training or evaluation, with model_name and type of your "
+                                  "own (lab.task:small_vocabulary, lab.task:data): IndexError: index out of range in "
+                                  "self"),
 ])
 def test_bad_model_of_ones_own_is_one_line_and_status_2(lab, capsys, model_name, message):
     assert main.main(["-c", write(lab, {**LAB_CONF, "model_name": model_name}), "--out", str(lab / "run")]) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and message in error, error
+
+
+def test_numpy_arrays_of_either_byte_order_and_read_only_are_read_as_their_values(lab):
+    (lab / "lab" / "arrays.py").write_text(textwrap.dedent('''
+        import numpy as np
+
+        def data():
+            inputs = np.arange(48, dtype=">f4").reshape(8, 6)  # big-endian, as a file written elsewhere may hold
+            inputs.flags.writeable = False
+            return {"train_inputs": inputs, "train_labels": np.arange(8, dtype=np.uint8) % 3,
+                    "test_inputs": np.ones((2, 6), dtype=np.float64), "test_labels": np.array([0, 2]),
+                    "num_classes": 3, "train_clients": np.array([5, 5, 9, 9, 9, 1, 1, 1])}
+        '''))
+    data = datasets.load("lab.arrays:data", "unused", "cpu")
+    assert data.train_inputs.tolist() == [[6.0 * row + col for col in range(6)] for row in range(8)]
+    assert data.train_labels.tolist() == [0, 1, 2, 0, 1, 2, 0, 1] and data.test_inputs.dtype == torch.float32
+    assert data.train_clients.tolist() == [1, 1, 2, 2, 2, 0, 0, 0]  # ids 1, 5, 9 in increasing order
+    assert data.source == os.path.join("lab", "arrays.py")
+    sys.modules.pop("lab.arrays", None)
+
+
+def test_resume_refuses_data_that_changed(lab, capsys):
+    conf = write(lab, {**LAB_CONF, "global_epochs": 1})
+    assert main.main(["-c", conf, "--out", str(lab / "run")]) == 0
+    (lab / "lab" / "task.py").write_text(LAB_TASK.replace("manual_seed(0)", "manual_seed(1)"))
+    sys.modules.pop("lab.task", None)
+    assert main.main(["--out", str(lab / "run"), "--resume", "--set", "global_epochs=2"]) == 2
+    assert "its data (lab.task:data) changed since the run started" in capsys.readouterr().err
 
 
 def test_pretrained_is_refused_for_a_model_of_ones_own(lab):
@@ -249,3 +339,26 @@ def test_the_example_runs_from_the_projects_folder(tmp_path):
     assert "partition natural: 20 clients" in result.stdout
     accuracy = [float(row["accuracy"]) for row in read_csv(tmp_path / "run" / "metrics.csv")]
     assert accuracy[-1] > accuracy[0] and accuracy[-1] > 0.6  # three classes: the largest is 43% of the test set
+
+
+@pytest.mark.parametrize("method", [
+    {"sparsifier": "random", "mask": "round"},
+    {"sparsifier": "hybrid", "prop": 0.1, "quantize": "int8"},
+    {"sparsifier": "none", "quantize": "qsgd", "defense": "median"},
+    {"sparsifier": "powersgd", "rank": 1, "error_feedback": True, "download": "relay"},
+])
+def test_every_kind_of_codec_download_and_defense_runs_on_a_model_of_ones_own(lab, method):
+    conf = write(lab, {**LAB_CONF, "global_epochs": 2, **method,
+                       **({"error_feedback": False} if method["sparsifier"] == "random" else {})})
+    assert main.main(["-c", conf, "--out", str(lab / "run")]) == 0
+    rows = read_csv(lab / "run" / "metrics.csv")
+    assert len(rows) == 2 and all(0 < int(row["upload_bytes"]) < int(row["dense_upload_bytes"]) for row in rows)
+
+
+def test_a_run_of_ones_own_resumes_exactly(lab):
+    conf = write(lab, LAB_CONF)
+    assert main.main(["-c", conf, "--out", str(lab / "straight")]) == 0
+    assert main.main(["-c", conf, "--set", "global_epochs=2", "--out", str(lab / "resumed")]) == 0
+    assert main.main(["--out", str(lab / "resumed"), "--resume", "--set", "global_epochs=3"]) == 0
+    assert without_seconds(read_csv(lab / "resumed" / "metrics.csv")) == \
+        without_seconds(read_csv(lab / "straight" / "metrics.csv"))

@@ -212,7 +212,7 @@ def validate(overrides):
         if type(DEFAULTS[key]) is float:
             conf[key] = value = float(value)
         if key in USER_CODE_KEYS and user_code.is_spec(value):
-            if not user_code.SPEC.fullmatch(value):
+            if not user_code.well_formed(value):
                 raise ConfigError(f"config key '{key}' names your own function as package.module:function, got "
                                   f"{shown(value)}")
         elif key in CHOICES and value not in CHOICES[key]:

@@ -78,7 +78,7 @@ def main(argv=None):
     except (models.ModelError, datasets.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{seconds:.6g}  # step_seconds: {args.model}, {args.type} images, batch {args.batch_size}, "
+    print(f"{seconds:.6g}  # step_seconds: {args.model}, {args.type} inputs, batch {args.batch_size}, "
           f"{torch.get_num_threads()} threads, median of {args.steps} steps")
     return 0
 
