@@ -27,6 +27,16 @@ def kept_numels(conf, shapes):
             "memory": codec.memory_numels(conf, shapes)}
 
 
+def mask_seed(conf, client_id, round_index):
+    """The seed of a client's random mask: drawn once (the chapter's fixed mask), anew each round, or one per round
+    that every client shares (so the server knows, before any upload, which entries can move)."""
+    if conf["mask"] == "fixed":
+        return derive_seed(conf["seed"], "mask", client_id)
+    if conf["mask"] == "round":
+        return derive_seed(conf["seed"], "mask", client_id, round_index)
+    return derive_seed(conf["seed"], "shared mask", round_index)
+
+
 def check_kept(what, tensors, numels):
     """Raise ValueError unless `tensors` is what a client keeps of tensors of `numels` entries: that many flat, finite
     f32 tensors of those sizes. Checked where it comes from outside (a node's reply, a checkpoint), since one of
@@ -64,10 +74,7 @@ class Client:
         self.residual_if_dropped = None
 
     def mask_seed(self, round_index):
-        """The seed of this client's random mask: drawn once (the chapter's fixed mask) or anew each round."""
-        if self.conf["mask"] == "fixed":
-            return derive_seed(self.conf["seed"], "mask", self.id)
-        return derive_seed(self.conf["seed"], "mask", self.id, round_index)
+        return mask_seed(self.conf, self.id, round_index)
 
     def rounding_seed(self, round_index):
         """The seed of this client's random rounding (QSGD's levels): new every round, whatever `mask` says, since

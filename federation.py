@@ -21,6 +21,7 @@ import codec
 import datasets
 import fedbuff
 import models
+import privacy
 from client import check_kept, kept_numels, local_steps
 from client_store import ClientStore, StoreError
 from server import Server
@@ -39,6 +40,8 @@ BLOWN_UP = 10
 def sample_clients(conf, round_index, online=None, count=None):
     """The sorted ids of the `count` (k unless told) clients that train in round `round_index`, drawn among the ids
     `online` (every client when None); seeded, independent of earlier rounds."""
+    if privacy.enabled(conf):  # Poisson sampling, as the accountant assumes (config refuses what would change it)
+        return privacy.sample(conf, round_index)
     pool = conf["no_models"] if online is None else len(online)
     chosen = torch.randperm(pool, generator=generator(conf["seed"], "sample", round_index))[:count or conf["k"]]
     return sorted((chosen if online is None else online[chosen.numpy()]).tolist())
@@ -100,7 +103,8 @@ def play_round(round_index, conf, server, transport, dataset, timer=None, show_p
     chosen = sample_clients(conf, round_index, timer.online(round_index), timer.sampled()) if timer else \
         sample_clients(conf, round_index)
     if not chosen:
-        print(f"round {round_index}: no client was online", file=sys.stderr)
+        print(f"round {round_index}: no client was " + ("sampled" if privacy.enabled(conf) else "online"),
+              file=sys.stderr)
     syncs = {client_id: server.sync(client_id) for client_id in chosen}  # (the bytes it downloads, their kind)
     progress = progress_printer(round_index) if show_progress else None
     uploads = transport.train(chosen, {c: sync for c, (sync, _) in syncs.items()}, server.global_state(), round_index,
@@ -121,6 +125,8 @@ def play_round(round_index, conf, server, transport, dataset, timer=None, show_p
     kept_clients = [client_id for client_id in chosen if client_id not in dropped]
     row = metrics_row(round_index, server, received, kept_clients, [syncs[c] for c in kept_clients],
                       [kind for _, kind in syncs.values()], accuracy, loss, kept, started)
+    if privacy.enabled(conf):  # every round played counts, a rolled-back one too: its noised sum was released
+        row["epsilon"] = round(privacy.epsilon(conf, round_index), 6)
     if timer:
         row.update({"round_seconds": round(round_seconds, 6), "dropped": len(late),
                     "dropped_download_bytes": sum(timing.download_bytes for timing in late),
@@ -309,7 +315,7 @@ def print_row(row, total_rounds, clear_progress):
           f"upload {row['upload_bytes'] / 1e6:.3f} MB ({share})  "
           f"download {row['download_bytes'] / 1e6:.3f} MB  {row['seconds']:.1f} s"
           + (f"  (simulated {row['round_seconds']:.1f} s, {row['sim_seconds']:.1f} s in all)" if "sim_seconds" in row
-             else ""), flush=True)
+             else "") + (f"  epsilon {row['epsilon']:.3g}" if "epsilon" in row else ""), flush=True)
 
 
 def progress_printer(round_index):

@@ -48,6 +48,7 @@ try:  # torch takes seconds to import: Ctrl-C meanwhile is a clean stop, not a t
     import engines
     import federation
     import models
+    import privacy
     from engines.inprocess import InProcess
     from utils import config, partition, run_files, user_code
     from utils.run_files import RunError
@@ -56,7 +57,7 @@ except KeyboardInterrupt as stop:
     sys.exit(exit_status(stop))
 
 BAD_INPUT = (config.ConfigError, clock.ProfileError, datasets.DataError, models.ModelError, partition.PartitionError,
-             RunError)
+             privacy.PrivacyError, RunError)
 
 
 def resolve(args):
@@ -72,6 +73,7 @@ def resolve(args):
     models.check_name(conf["model_name"])
     datasets.check_name(conf["type"])
     clock.check_profile(conf)
+    privacy.check(conf)
     if args.engine == "flower":
         check_actors(conf, args)
     return conf, out

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import codec
 import downloads
+import privacy
 import robust
 
 EVAL_BATCH_SIZE = 256  # on a CPU, larger batches fall out of cache and run slower per image
@@ -26,6 +27,8 @@ class Server:
         # the global model's floating tensors, in the order uploads carry them (flattened, in logical order)
         self.globals = [t for t in self.model.state_dict().values() if torch.is_floating_point(t)]
         self.numels = [t.numel() for t in self.globals]
+        # a defense, or DP's clipping, looks at the round's uploads together before summing them
+        self.keeps_uploads = conf["defense"] != "none" or privacy.enabled(conf)
         self.velocity = None  # server momentum buffer, created on first use
         self.undo = None  # what roll_back restores: the global tensors and the momentum before the last move
         self.download = downloads.METHODS[conf["download"]](conf, [t.shape for t in self.globals])  # what it broadcasts
@@ -68,10 +71,10 @@ class Server:
         if scale != 1.0:
             values = [value.mul_(scale) for value in values]
         upload = robust.Decoded(num_samples, [None if kept is None else kept.to(device) for kept in positions], values)
-        if self.conf["defense"] == "none":
-            self._add(upload)
-        else:
+        if self.keeps_uploads:
             self.uploads.append(upload)
+        else:
+            self._add(upload)
         self.accepted += 1
         self.accepted_payloads.append((upload_bytes, num_samples))
         self.received_entries += sum(len(v) for v in values)
@@ -101,8 +104,8 @@ class Server:
         made the global model (or the server momentum) non-finite, or it changed no entry. After a move, `roll_back`
         can undo it until the next aggregate."""
         problem, message, changed = "no upload was accepted", None, None
-        if self.accepted:
-            update, velocity = self._step()
+        if self.accepted or privacy.enabled(self.conf):  # DP's noise is released even for a round without uploads
+            update, velocity = self._step(round_index)
             moved, message = self.download.broadcast(update, self.accepted_payloads, round_index)
             before = [g.clone() for g in self.globals]
             problem, changed = self.move(moved, velocity or [])
@@ -128,10 +131,10 @@ class Server:
         self.download.roll_back()
         self.syncs.roll_back()
 
-    def _step(self):
-        """The round's update under the defense and the aggregation rule (with server momentum), and the momentum it
-        leaves."""
-        updates = [update.float() for update in self._updates()]
+    def _step(self, round_index):
+        """The round's update under the defense and the aggregation rule, or DP's (with server momentum), and the
+        momentum it leaves."""
+        updates = [update.float() for update in self._updates(round_index)]
         velocity = None
         if self.conf["server_momentum"]:
             beta = self.conf["server_momentum"]
@@ -162,9 +165,11 @@ class Server:
             flat[slice(None) if kept is None else kept.to(flat.device)] = value.to(flat.device)
             global_tensor.copy_(flat.view(global_tensor.shape))
 
-    def _updates(self):
-        """Per tensor, the round's update in float64: a robust statistic of the uploads, or the aggregation rule over
-        the sums (of the uploads as norm_bound leaves them)."""
+    def _updates(self, round_index):
+        """Per tensor, the round's update in float64: DP-FedAvg's noisy mean, a robust statistic of the uploads, or the
+        aggregation rule over the sums (of the uploads as norm_bound leaves them)."""
+        if privacy.enabled(self.conf):
+            return privacy.noisy_mean(self.uploads, self.numels, self.conf, round_index, self.globals[0].device)
         defense = self.conf["defense"]
         if defense == "median":
             return robust.per_entry(self.uploads, self.numels, robust.median)

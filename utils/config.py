@@ -37,7 +37,9 @@ KEYS = {
                                                               for name, cls in codec.SPARSIFIERS.items())),
     "quantize": ("none", "how each kept value is written: " + "; ".join(f"{name}: {cls.help}"
                                                                      for name, cls in codec.QUANTIZERS.items())),
-    "mask": ("fixed", "random masks: fixed (drawn once per client, the chapter's) | round (fresh every round)"),
+    "mask": ("fixed", "random masks: fixed (drawn once per client, the chapter's) | round (fresh every round) | shared "
+                      "(one per round for every client: with differential privacy the noise goes only where it "
+                      "can move the model)"),
     "error_feedback": (False, "clients keep what they did not send and add it to their next diff"),
     "residual_decay": (1.0, "error feedback: the fraction of the unsent residual a client keeps (1: all of it)"),
     "topk_scope": ("tensor", "topk: keep the largest entries per tensor, or over the whole model ('model')"),
@@ -110,6 +112,14 @@ KEYS = {
                             "fill's value"),
     "attack_from": (1, "the first round in which the malicious clients attack"),
     "attack_until": (0, "the last round in which they attack (0: every round from attack_from on)"),
+    "dp_clip": (0.0, "client-level differential privacy, DP-FedAvg (privacy.py): the L2 norm each decoded update is "
+                     "clipped to; clients are then sampled independently with probability k / no_models, and the "
+                     "server adds noise to the sum and divides by k, in place of the aggregation rule (0: no DP)"),
+    "dp_noise_multiplier": (0.0, "DP: the noise's std, as a multiple of dp_clip, added to every entry of the sum of "
+                                 "clipped updates (0: clipping only, epsilon infinite)"),
+    "dp_delta": (0.0, "DP: the delta at which epsilon is reported (0: 1 / no_models^1.1)"),
+    "dp_target_epsilon": (0.0, "DP: refuse, before it starts, a run whose epsilon after global_epochs rounds would "
+                               "pass this, naming the rounds it affords (0: no target)"),
 }
 DEFAULTS = {key: default for key, (default, _) in KEYS.items()}
 
@@ -119,7 +129,7 @@ CHOICES = {
     "aggregation": ("masked_mean", "mean", "lambda"),
     "sparsifier": tuple(codec.SPARSIFIERS),
     "quantize": tuple(codec.QUANTIZERS),
-    "mask": ("fixed", "round"),
+    "mask": ("fixed", "round", "shared"),
     "topk_scope": ("tensor", "model"),
     "download": tuple(downloads.METHODS),
     "download_sparsifier": tuple(codec.SPARSIFIERS),
@@ -177,6 +187,10 @@ RANGES = {
     "attack_scale": (0, math.inf, True),
     "attack_from": (1, math.inf, True),
     "attack_until": (0, math.inf, True),
+    "dp_clip": (0, math.inf, True),
+    "dp_noise_multiplier": (0, math.inf, True),
+    "dp_delta": (0, 1, True),  # 1 itself is refused below
+    "dp_target_epsilon": (0, math.inf, True),
 }
 
 
@@ -248,9 +262,40 @@ def validate(overrides):
         check_async(conf)
     elif first_set(conf, ASYNC_KEYS):
         raise ConfigError(f"config key '{first_set(conf, ASYNC_KEYS)}' acts only in mode 'async'")
+    check_privacy(conf)
     if conf["type"] == "cifar10":
         conf["type"] = "cifar"
     return conf
+
+
+DP_KEYS = ("dp_noise_multiplier", "dp_delta", "dp_target_epsilon")  # what acts only with dp_clip set
+
+
+def check_privacy(conf):
+    """DP-FedAvg's accounting assumes Poisson sampling of every client and one release per round: refuse what would
+    change who is sampled, or need each upload apart."""
+    if not conf["dp_clip"]:
+        if first_set(conf, DP_KEYS):
+            raise ConfigError(f"config key '{first_set(conf, DP_KEYS)}' acts only with differential privacy: set "
+                              f"dp_clip")
+        return
+    if conf["dp_delta"] >= 1:
+        raise ConfigError(f"config key 'dp_delta' must be < 1, got {shown(conf['dp_delta'])}")
+    if conf["dp_target_epsilon"] and not conf["dp_noise_multiplier"]:
+        raise ConfigError("dp_target_epsilon needs noise: without dp_noise_multiplier epsilon is infinite")
+    conflicts = [(conf["mode"] == "async", "mode 'async' (its uploads are not a Poisson sample of the clients)"),
+                 (conf["availability"] < 1, "availability below 1 (who is online would change who is sampled, which "
+                                            "the accountant does not know)"),
+                 (conf["over_select"] > 1, "over_select (the first to finish are kept, not a Poisson sample)"),
+                 (conf["deadline"] > 0, "a deadline (dropping the slow changes who contributes)"),
+                 (conf["defense"] != "none", f"defense '{conf['defense']}' (DP's clipping bounds each upload; its "
+                                             f"noise needs the plain sum)"),
+                 (conf["download"] == "relay", "download 'relay' (clients would replay the server's noise)"),
+                 (conf["attackers"] > 0, "simulated attackers (an attack's count claim and scale assume the plain "
+                                         "sum)")]
+    conflict = next((why for refused, why in conflicts if refused), None)
+    if conflict:
+        raise ConfigError(f"differential privacy (dp_clip) cannot be combined with {conflict}")
 
 
 def first_set(conf, keys):

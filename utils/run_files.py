@@ -157,7 +157,8 @@ def write_metrics(run_dir, rows):
     timed = bool(rows) and "round_seconds" in rows[0]
     buffered = bool(rows) and "staleness" in rows[0]  # FedBuff's
     write_csv(os.path.join(run_dir, "metrics.csv"),
-              METRICS_COLUMNS + (TIME_COLUMNS if timed else ()) + (("staleness",) if buffered else ()), rows)
+              METRICS_COLUMNS + (TIME_COLUMNS if timed else ()) + (("staleness",) if buffered else ())
+              + (("epsilon",) if rows and "epsilon" in rows[0] else ()), rows)
     if timed:
         write_csv(os.path.join(run_dir, "clients.csv"),
                   CLIENT_COLUMNS + (("start_s", "staleness") if buffered else ()), client_rows(rows))

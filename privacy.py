@@ -1,0 +1,117 @@
+"""Client-level differential privacy: DP-FedAvg (McMahan et al. 2018, "Learning Differentially Private Recurrent
+Language Models"), accounted with Opacus's RDP accountant.
+
+    python main.py -c ./utils/conf.json --set no_models=1000 --set k=100 --set dp_clip=0.5 --set dp_noise_multiplier=1.0
+
+With `dp_clip` set, each round's clients are sampled as the accountant assumes: every client independently with
+probability q = k / no_models (Poisson sampling, as the paper does), so the count varies round to round. The server
+clips each decoded update to L2 norm `dp_clip`, sums them unweighted, adds Gaussian noise of std
+`dp_noise_multiplier * dp_clip` to every entry of the sum, and divides by k, the expected count (the paper's
+fixed-denominator estimator), whatever `aggregation` says. The noise comes from a stream seeded by the run's seed,
+so that runs repeat: a real deployment draws it from a secure generator, which no one can replay.
+
+ε is reported at `dp_delta` for the rounds played (each counts: a rolled-back round's noised sum was released too).
+"""
+import math
+
+import torch
+
+import clock
+from client import mask_seed
+from codec import sparsifiers
+from utils.seeding import generator
+
+
+class PrivacyError(ValueError):
+    """A run whose privacy cannot be accounted as asked (a target ε it would pass)."""
+
+
+def enabled(conf):
+    return conf["dp_clip"] > 0
+
+
+def delta(conf):
+    """The δ at which ε is reported: dp_delta, or 1 / no_models^1.1 (below 1 / no_models, as δ must be)."""
+    return conf["dp_delta"] or 1 / conf["no_models"] ** 1.1
+
+
+def sample_rate(conf):
+    return conf["k"] / conf["no_models"]
+
+
+def epsilon(conf, rounds):
+    """ε after `rounds` rounds of the sampled Gaussian mechanism (Opacus's RDP accountant); inf without noise."""
+    if rounds == 0:
+        return 0.0
+    if conf["dp_noise_multiplier"] == 0:
+        return math.inf
+    from opacus.accountants import RDPAccountant  # imported when asked: a run without DP does without it
+    from opacus.accountants.analysis import rdp
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    spent = rdp.compute_rdp(q=sample_rate(conf), noise_multiplier=conf["dp_noise_multiplier"], steps=rounds,
+                            orders=orders)
+    return float(rdp.get_privacy_spent(orders=orders, rdp=spent, delta=delta(conf))[0])
+
+
+def check(conf):
+    """Refuse, before anything starts, a run whose clients' availability (a CSV profile's column) would change who is
+    sampled, or whose ε after its rounds would pass dp_target_epsilon."""
+    if not enabled(conf):
+        return
+    if conf["clock"] != "none" and not clock.is_preset(conf["profile"]) and \
+            (clock.Profiles.for_run(conf).availability < 1).any():
+        raise PrivacyError(f"differential privacy (dp_clip) cannot be combined with the profile {conf['profile']}: "
+                           f"its clients' availability below 1 would change who is sampled, which the accountant "
+                           f"does not know")
+    target = conf["dp_target_epsilon"]
+    if not target:
+        return
+    spent = epsilon(conf, conf["global_epochs"])
+    if spent <= target:
+        return
+    low, high = 0, conf["global_epochs"]  # the most rounds within the target: epsilon grows with the rounds
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if epsilon(conf, middle) <= target else (low, middle - 1)
+    raise PrivacyError(f"{conf['global_epochs']} rounds would spend epsilon {spent:.3g} at delta {delta(conf):.3g}, "
+                       f"over dp_target_epsilon {target:g}: it affords {low} rounds (or raise dp_noise_multiplier)")
+
+
+def sample(conf, round_index):
+    """The clients of round `round_index` under Poisson sampling: each with probability k / no_models, seeded."""
+    draws = torch.rand(conf["no_models"], generator=generator(conf["seed"], "sample", round_index))
+    return (draws < sample_rate(conf)).nonzero().flatten().tolist()
+
+
+def noisy_mean(uploads, numels, conf, round_index, device):
+    """Per tensor, the round's DP-FedAvg update in float64: each upload (robust.Decoded, unsent entries as zero)
+    clipped to L2 norm dp_clip over the whole model, summed unweighted, Gaussian noise added, divided by k. Under a
+    shared random mask the noise goes only to the mask's entries: every other entry is zero in every upload, which
+    the mask's seed (known before the round, independent of the data) already tells."""
+    clip = conf["dp_clip"]
+    sums = [torch.zeros(n, dtype=torch.float64, device=device) for n in numels]
+    for upload in uploads:
+        norm = math.sqrt(sum(float(value.square().sum()) for value in upload.values))
+        scale = min(1.0, clip / norm) if norm > 0 else 1.0
+        for total, kept, value in zip(sums, upload.positions, upload.values):
+            if kept is None:
+                total.add_(value, alpha=scale)
+            else:
+                total.index_add_(0, kept, value * scale)
+    noise = generator(conf["seed"], "dp noise", round_index)
+    std = conf["dp_noise_multiplier"] * clip
+    for total, kept in zip(sums, movable(conf, round_index, numels)):
+        kept = None if kept is None else kept.to(device)
+        entries = total if kept is None else total[kept]
+        entries += std * torch.randn(len(entries), generator=noise, dtype=torch.float64).to(device)
+        if kept is not None:
+            total[kept] = entries
+    return [total / conf["k"] for total in sums]
+
+
+def movable(conf, round_index, numels):
+    """Per tensor, the entries an upload of this round can carry, known to all in advance: a shared random mask's
+    positions, or None (every entry)."""
+    if conf["sparsifier"] == "random" and conf["mask"] == "shared":
+        return sparsifiers.random_positions(mask_seed(conf, None, round_index), conf["prop"], numels)
+    return [None] * len(numels)
