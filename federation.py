@@ -22,6 +22,7 @@ import datasets
 import fedbuff
 import models
 import privacy
+import secure
 from client import check_kept, kept_numels, local_steps
 from client_store import ClientStore, StoreError
 from server import Server
@@ -61,6 +62,8 @@ def run(conf, out, resume, transport_factory):
     if conf["error_feedback"] and conf["sparsifier"] == "random" and conf["mask"] == "fixed":
         print("note: with a fixed random mask, error feedback never sends what the mask leaves out (only quantization "
               "error is fed back); set mask to 'round' to send it", file=sys.stderr)
+    if conf["secure_aggregation"]:
+        secure.check_headroom(conf, [len(share) for share in shares])
     torch.manual_seed(derive_seed(conf["seed"], "init"))
     server = Server(models.for_data(conf["model_name"], dataset, conf["pretrained"]),
                     conf, device, registered=[len(share) for share in shares],
@@ -120,13 +123,17 @@ def play_round(round_index, conf, server, transport, dataset, timer=None, show_p
         print(f"round {round_index}: no upload arrived in time: the deadline is {conf['deadline']:g} s, the fastest "
               f"client needed {min(t.finish_s for t in timings):.4g} s", file=sys.stderr)
     arrived = [upload for upload in uploads if upload.client_id not in dropped]
-    received = receive(round_index, server, arrived)
+    received = receive(round_index, server, arrived, masked=conf["secure_aggregation"])
     accuracy, loss, kept = step_and_evaluate(round_index, server, dataset)
     kept_clients = [client_id for client_id in chosen if client_id not in dropped]
     row = metrics_row(round_index, server, received, kept_clients, [syncs[c] for c in kept_clients],
                       [kind for _, kind in syncs.values()], accuracy, loss, kept, started)
     if privacy.enabled(conf):  # every round played counts, a rolled-back one too: its noised sum was released
         row["epsilon"] = round(privacy.epsilon(conf, round_index), 6)
+    if conf["secure_aggregation"]:
+        up, down = secure.protocol_bytes(len(chosen), len(kept_clients))
+        row.update({"secagg_up_bytes": up, "secagg_down_bytes": down, "secagg_overflows": server.overflows,
+                    "total_bytes": row["total_bytes"] + up + down})
     if timer:
         row.update({"round_seconds": round(round_seconds, 6), "dropped": len(late),
                     "dropped_download_bytes": sum(timing.download_bytes for timing in late),
@@ -158,19 +165,22 @@ class Received:
     entries: int
 
 
-def receive(round_index, server, uploads, weights=None):
+def receive(round_index, server, uploads, weights=None, masked=False):
     """Decode `uploads` into the server's sums (each scaled by its weight in `weights`, by client id: a stale upload's
-    under FedBuff); print why any was rejected."""
+    under FedBuff); print why any was rejected. Under secure aggregation an accepted upload travels as its masked
+    vector, of field elements."""
     upload_bytes, rejected = 0, 0
     for upload in uploads:
         weight = weights.get(upload.client_id, 1.0) if weights else 1.0
+        entries_before = server.received_entries
         problem = upload.problem or server.receive(upload.payload, upload.client_id, weight)
         if upload.problem:  # nothing usable came back: what the client's model is now, the server cannot tell
             server.syncs.forget(upload.client_id)
         if problem:
             rejected += 1
             print(f"round {round_index}: rejected client {upload.client_id}'s upload: {problem}", file=sys.stderr)
-        upload_bytes += len(upload.payload)
+        upload_bytes += secure.masked_size(server.received_entries - entries_before, server.conf) \
+            if masked and not problem else len(upload.payload)
     losses = [upload.train_loss for upload in uploads if upload.problem is None]
     return Received(upload_bytes, rejected, losses, server.received_entries)
 

@@ -49,6 +49,7 @@ try:  # torch takes seconds to import: Ctrl-C meanwhile is a clean stop, not a t
     import federation
     import models
     import privacy
+    import secure
     from engines.inprocess import InProcess
     from utils import config, partition, run_files, user_code
     from utils.run_files import RunError
@@ -57,7 +58,7 @@ except KeyboardInterrupt as stop:
     sys.exit(exit_status(stop))
 
 BAD_INPUT = (config.ConfigError, clock.ProfileError, datasets.DataError, models.ModelError, partition.PartitionError,
-             privacy.PrivacyError, RunError)
+             privacy.PrivacyError, secure.SecureAggregationError, RunError)
 
 
 def resolve(args):

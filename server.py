@@ -10,6 +10,7 @@ import codec
 import downloads
 import privacy
 import robust
+import secure
 
 EVAL_BATCH_SIZE = 256  # on a CPU, larger batches fall out of cache and run slower per image
 
@@ -27,8 +28,9 @@ class Server:
         # the global model's floating tensors, in the order uploads carry them (flattened, in logical order)
         self.globals = [t for t in self.model.state_dict().values() if torch.is_floating_point(t)]
         self.numels = [t.numel() for t in self.globals]
-        # a defense, or DP's clipping, looks at the round's uploads together before summing them
-        self.keeps_uploads = conf["defense"] != "none" or privacy.enabled(conf)
+        # a defense, DP's clipping or secure aggregation's field looks at the round's uploads together
+        self.keeps_uploads = conf["defense"] != "none" or privacy.enabled(conf) or conf["secure_aggregation"]
+        self.overflows = 0  # under secure aggregation: the entries of the last round's sum that wrapped
         self.velocity = None  # server momentum buffer, created on first use
         self.undo = None  # what roll_back restores: the global tensors and the momentum before the last move
         self.download = downloads.METHODS[conf["download"]](conf, [t.shape for t in self.globals])  # what it broadcasts
@@ -104,6 +106,7 @@ class Server:
         made the global model (or the server momentum) non-finite, or it changed no entry. After a move, `roll_back`
         can undo it until the next aggregate."""
         problem, message, changed = "no upload was accepted", None, None
+        self.overflows = 0
         if self.accepted or privacy.enabled(self.conf):  # DP's noise is released even for a round without uploads
             update, velocity = self._step(round_index)
             moved, message = self.download.broadcast(update, self.accepted_payloads, round_index)
@@ -170,6 +173,10 @@ class Server:
         aggregation rule over the sums (of the uploads as norm_bound leaves them)."""
         if privacy.enabled(self.conf):
             return privacy.noisy_mean(self.uploads, self.numels, self.conf, round_index, self.globals[0].device)
+        if self.conf["secure_aggregation"]:  # the server learns the sums only, as the protocol delivers them
+            self.weighted_sums, self.weights, self.total_weight, self.overflows = secure.field_sums(
+                self.uploads, self.numels, self.conf, self.globals[0].device)
+            return [self._rule(s, w) for s, w in zip(self.weighted_sums, self.weights)]
         defense = self.conf["defense"]
         if defense == "median":
             return robust.per_entry(self.uploads, self.numels, robust.median)

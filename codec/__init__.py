@@ -28,7 +28,9 @@ Layout, little-endian; tensors are the model's floating-point state-dict entries
                 ternary: groups u8 (0: a magnitude per group, 1: one for all), the f32 magnitudes, one sign bit each |
                 qsgd: levels s u16 | bucket size u32 | a f32 norm per bucket (each group's values cut into buckets) |
                       every value's level l in 0..s as the Elias-gamma code of l + 1, in two streams | a sign bit per
-                      nonzero level
+                      nonzero level |
+                fixed: bits b u8 | range f64 | every value's code q + 2^(b-1) - 1 in b bits (q in -(2^(b-1) - 1) ..
+                       2^(b-1) - 1), most significant first; the value is q times the step (quantizers.fixed_step)
 Golomb-Rice gaps: the parameter b u8, then the b-bit remainders of all gaps, then their unary quotients (q zeros and a
 one each): as many bits as interleaving them, and both streams code and decode without a loop per entry. Elias-gamma
 codes are split the same way: the unary lengths of all codes (n - 1 zeros and a one for an n-bit integer), then their

@@ -7,10 +7,11 @@ import numpy as np
 import torch
 
 from codec.wire import (FIELD_CHUNK, SCALE_DTYPE, PayloadError, check_padding, expect, flat_bytes, pack_bits,
-                        padded_bytes, read_fields, read_scales, read_unary, split, unpack_bits)
+                        padded_bytes, read_bits, read_fields, read_scales, read_unary, split, unpack_bits)
 
 
 QSGD_HEADER = struct.Struct("<HI")
+FIXED_HEADER = struct.Struct("<Bd")
 
 
 class Quantizer:
@@ -157,6 +158,47 @@ class QSGD(Quantizer):
         return split(qsgd_values(norms, starts, level_of, negative, levels), counts)
 
 
+class Fixed(Quantizer):
+    name, wire_id, keys = "fixed", 6, ("fixed_bits", "fixed_range")
+    help = ("fixed point, one scale for every client: each value clipped to +-`fixed_range` and written as a "
+            "`fixed_bits`-bit integer times a step, the power of two at or above fixed_range / (2^(fixed_bits-1) - 1) "
+            "(so that sums of any number of uploads are exact; what secure aggregation sums)")
+    value_bits = 2  # the fewest bits fixed_bits allows
+
+    def __init__(self, conf):
+        self.bits, self.range = conf["fixed_bits"], conf["fixed_range"]
+
+    def encode(self, kept, one_group, rounding_seed):
+        step, largest = fixed_step(self.range, self.bits), 2 ** (self.bits - 1) - 1
+        codes = [(values.float().clamp(-self.range, self.range) / step).round().to(torch.int64) for values in kept]
+        flat = torch.cat(codes).cpu().numpy() + largest if codes else np.zeros(0, dtype=np.int64)  # offset binary
+        bits = ((flat[:, None] >> np.arange(self.bits - 1, -1, -1)) & 1).astype(np.uint8).ravel()
+        payload = FIXED_HEADER.pack(self.bits, self.range) + np.packbits(bits).tobytes()
+        return payload, [code.float() * step for code in codes]
+
+    @staticmethod
+    def decode(reader, counts, method):
+        bits, value_range = reader.unpack(FIXED_HEADER)
+        if not 2 <= bits <= 24 or not 0 < value_range < math.inf:
+            raise PayloadError(f"fixed point of {bits} bits over +-{value_range} is not one fedsparse writes")
+        expect(method, "fixed_bits", bits, "fixed-point bits")
+        expect(method, "fixed_range", value_range, "fixed-point range")
+        total, largest = sum(counts), 2 ** (bits - 1) - 1
+        data = reader.array(np.uint8, math.ceil(total * bits / 8))
+        check_padding(data, total * bits, "fixed-point values")
+        codes = read_bits(data, total, bits)
+        if total and codes.max() > 2 * largest:
+            raise PayloadError(f"a fixed-point code above {2 * largest}, outside the symmetric range")
+        codes -= largest
+        return split(torch.from_numpy(codes).float() * fixed_step(value_range, bits), counts)
+
+
+def fixed_step(value_range, bits):
+    """The fixed-point step: the power of two at or above value_range / (2^(bits-1) - 1). A power of two makes every
+    value, and every sum of them times whole example counts, exact in float32 and float64."""
+    return 2.0 ** math.ceil(math.log2(value_range / (2 ** (bits - 1) - 1)))
+
+
 def bucket_starts(counts, bucket_size):
     """Where each bucket begins among the values of all tensors, concatenated: a tensor's values are cut into buckets of
     `bucket_size` (its last one shorter), so that no bucket mixes tensors of different scales."""
@@ -226,4 +268,4 @@ def signed_magnitudes(negative, magnitudes, one_group):
     return out
 
 
-QUANTIZERS = {cls.name: cls for cls in (Float32, Float16, Int8, Sign, Ternary, QSGD)}
+QUANTIZERS = {cls.name: cls for cls in (Float32, Float16, Int8, Sign, Ternary, QSGD, Fixed)}

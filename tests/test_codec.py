@@ -35,7 +35,7 @@ def random_diffs(numels, seed=0):
 
 def method(sparsifier="topk", quantize="none", prop=0.1, topk_scope="tensor"):
     return {"sparsifier": sparsifier, "quantize": quantize, "prop": prop, "topk_scope": topk_scope, "levels": 4,
-            "bucket_size": 64, "topk_share": 0.5, "rank": 2}
+            "bucket_size": 64, "topk_share": 0.5, "rank": 2, "fixed_bits": 8, "fixed_range": 0.5}
 
 
 # ---- random masks ----------------------------------------------------------------------------------------------
@@ -400,7 +400,7 @@ def test_every_method_runs_from_the_command_line(write_conf, tmp_path, sparsifie
     assert status == 0
     row = read_csv(out / "metrics.csv")[0]
     assert int(row["rejected"]) == 0 and int(row["refused"]) == 0
-    per_value = {"none": 4, "f16": 2, "int8": 1, "sign": 1 / 8, "ternary": 1 / 8, "qsgd": 1 / 8}[quantize]
+    per_value = {"none": 4, "f16": 2, "int8": 1, "sign": 1 / 8, "ternary": 1 / 8, "qsgd": 1 / 8, "fixed": 1}[quantize]
     entries = float(row["upload_fraction"]) * int(row["dense_upload_bytes"]) / 4  # of 2 uploads, ~ entries sent
     if sparsifier != "powersgd":  # which reconstructs every entry from fewer values
         assert int(row["upload_bytes"]) >= per_value * entries * 0.99  # at least the values' own bytes

@@ -27,7 +27,8 @@ RANK = struct.Struct("<H")
 
 
 def method(rank=1, quantize="none"):
-    return {"sparsifier": "powersgd", "quantize": quantize, "rank": rank, "levels": 4, "bucket_size": 8}
+    return {"sparsifier": "powersgd", "quantize": quantize, "rank": rank, "levels": 4, "bucket_size": 8,
+            "fixed_bits": 8, "fixed_range": 4.0}
 
 
 def factors(payload, rows, cols, rank, at=HEADER.size + RANK.size + 4):

@@ -47,6 +47,8 @@ KEYS = {
     "levels": (4, "qsgd: the number of levels s (1 .. 65535): |value| / bucket norm is rounded to a multiple of 1/s"),
     "bucket_size": (512, "qsgd: values per bucket (one f32 norm each, 1/16 bit per value at 512; the variance bound "
                          "grows as sqrt(bucket_size) / levels)"),
+    "fixed_bits": (8, "fixed: the bits of each value's integer code, 2 .. 24 (sign included)"),
+    "fixed_range": (0.01, "fixed: values are clipped to +-fixed_range before they are rounded to the shared grid"),
     "rank": (2, "powersgd: the rank r of each factored matrix (1 .. 65535); bytes grow with it: rank 1, 2 and 4 send "
                 "about 1%, 1.9% and 3.7% of the default CNN's dense upload"),
     "server_momentum": (0.0, "momentum of the server's update (FedAvgM); 0 applies each round's average as is"),
@@ -112,6 +114,11 @@ KEYS = {
                             "fill's value"),
     "attack_from": (1, "the first round in which the malicious clients attack"),
     "attack_until": (0, "the last round in which they attack (0: every round from attack_from on)"),
+    "secure_aggregation": (False, "simulated secure aggregation (secure.py): the server learns only the round's sum, "
+                                  "computed modulo 2^secagg_bits; needs uploads that sum (sparsifier none, or random "
+                                  "with mask shared; quantize fixed)"),
+    "secagg_bits": (32, "secure_aggregation: the field's bits; a run whose round sums could wrap around it is refused "
+                        "before it starts"),
     "dp_clip": (0.0, "client-level differential privacy, DP-FedAvg (privacy.py): the L2 norm each decoded update is "
                      "clipped to; clients are then sampled independently with probability k / no_models, and the "
                      "server adds noise to the sum and divides by k, in place of the aggregation rule (0: no DP)"),
@@ -187,6 +194,9 @@ RANGES = {
     "attack_scale": (0, math.inf, True),
     "attack_from": (1, math.inf, True),
     "attack_until": (0, math.inf, True),
+    "fixed_bits": (2, 24, True),
+    "fixed_range": (0, 1e30, False),
+    "secagg_bits": (8, 62, True),
     "dp_clip": (0, math.inf, True),
     "dp_noise_multiplier": (0, math.inf, True),
     "dp_delta": (0, 1, True),  # 1 itself is refused below
@@ -263,12 +273,39 @@ def validate(overrides):
     elif first_set(conf, ASYNC_KEYS):
         raise ConfigError(f"config key '{first_set(conf, ASYNC_KEYS)}' acts only in mode 'async'")
     check_privacy(conf)
+    check_secure_aggregation(conf)
     if conf["type"] == "cifar10":
         conf["type"] = "cifar"
     return conf
 
 
 DP_KEYS = ("dp_noise_multiplier", "dp_delta", "dp_target_epsilon")  # what acts only with dp_clip set
+
+
+def check_secure_aggregation(conf):
+    """Secure aggregation sums masked vectors: every upload must carry the same coordinates, on one integer grid, and
+    the server must need nothing of any single upload."""
+    if not conf["secure_aggregation"]:
+        if conf["secagg_bits"] != DEFAULTS["secagg_bits"]:
+            raise ConfigError("config key 'secagg_bits' acts only with secure_aggregation")
+        return
+    shared = conf["sparsifier"] == "random" and conf["mask"] == "shared"
+    conflicts = [
+        (conf["sparsifier"] != "none" and not shared,
+         f"sparsifier '{conf['sparsifier']}'" + (f" with mask '{conf['mask']}'" if conf["sparsifier"] == "random"
+                                                 else "") + " (each client would send its own coordinates, which "
+         "neither sum nor stay hidden: use sparsifier none, or random with mask shared)"),
+        (conf["quantize"] != "fixed", f"quantize '{conf['quantize']}' (its values are not on a grid every client "
+                                      f"shares: use quantize fixed)"),
+        (conf["defense"] != "none", f"defense '{conf['defense']}' (it needs each upload, the server sees only the "
+                                    f"sum)"),
+        (conf["attackers"] > 0, "simulated attackers (the server could not bound a hidden upload's claimed count)"),
+        (conf["download"] == "relay", "download 'relay' (it forwards each upload to the clients)"),
+        (conf["mode"] == "async", "mode 'async' (FedBuff weighs each upload by its staleness, in floating point)"),
+        (conf["dp_clip"] > 0, "differential privacy (clipping would have to move to the clients: not built yet)")]
+    conflict = next((why for refused, why in conflicts if refused), None)
+    if conflict:
+        raise ConfigError(f"secure_aggregation cannot be combined with {conflict}")
 
 
 def check_privacy(conf):

@@ -19,6 +19,8 @@ import torch
 METRICS_COLUMNS = ("round", "accuracy", "loss", "train_loss", "upload_bytes", "dense_upload_bytes",
                    "download_bytes", "total_bytes", "upload_fraction", "syncs_replay", "syncs_changed", "syncs_dense",
                    "clients", "rejected", "refused", "seconds")
+# with secure aggregation (secure.py): the protocol's own bytes, and the entries of the round's sum that wrapped
+SECAGG_COLUMNS = ("secagg_up_bytes", "secagg_down_bytes", "secagg_overflows")
 # with the simulated clock (clock.py)
 TIME_COLUMNS = ("round_seconds", "sim_seconds", "dropped", "dropped_download_bytes", "dropped_upload_bytes")
 # clients.csv, with the clock: one row per round and sampled client
@@ -158,7 +160,8 @@ def write_metrics(run_dir, rows):
     buffered = bool(rows) and "staleness" in rows[0]  # FedBuff's
     write_csv(os.path.join(run_dir, "metrics.csv"),
               METRICS_COLUMNS + (TIME_COLUMNS if timed else ()) + (("staleness",) if buffered else ())
-              + (("epsilon",) if rows and "epsilon" in rows[0] else ()), rows)
+              + (("epsilon",) if rows and "epsilon" in rows[0] else ())
+              + (SECAGG_COLUMNS if rows and "secagg_overflows" in rows[0] else ()), rows)
     if timed:
         write_csv(os.path.join(run_dir, "clients.csv"),
                   CLIENT_COLUMNS + (("start_s", "staleness") if buffered else ()), client_rows(rows))

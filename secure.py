@@ -1,0 +1,95 @@
+"""Secure aggregation, simulated: the server learns only the round's sum of the uploads (Bonawitz et al. 2017; SecAgg+,
+Bell et al. 2020), computed as the protocol computes it, in the integers modulo 2^secagg_bits.
+
+    python main.py -c ./utils/conf.json --set secure_aggregation=true --set sparsifier=none --set quantize=fixed
+
+Masks that cancel in the sum only work on vectors that sum: every client sends the same coordinates (every entry, or
+a random mask shared by the round's clients, `mask: shared`), as integers on one grid (`quantize: fixed`, whose step
+every client shares). A client's field elements are its example count times its fixed-point codes, and its count;
+the server's sum of them wraps modulo 2^secagg_bits, which the run refuses to start without the headroom to hold
+(`check_headroom`), and counts any entry that wrapped (`secagg_overflows`). Because the fixed-point step is a power of
+two, the same sums computed in floating point without secure aggregation are exact too: a run learns bit for bit as
+it does without it.
+
+Bytes: the masked vector travels as field elements, secagg_bits per sent coordinate and one for the count
+(`upload_bytes`), and the protocol's own messages are counted apart (`secagg_up_bytes`, `secagg_down_bytes`) from
+their sizes in SecAgg+: each client agrees keys with `neighbours` others, secret-shares its mask seed and key among
+them, and answers the unmasking round.
+"""
+import math
+
+import torch
+
+from codec.quantizers import fixed_step
+
+# SecAgg+ messages, per client, in bytes (X25519 keys, Shamir shares over a 32-byte secret, AES-GCM for the shares
+# that go through the server)
+PUBLIC_KEYS = 2 * 32  # its two public keys (one to agree masks, one to encrypt shares), advertised once per round
+ENCRYPTED_SHARES = 4 + 4 + 2 * 32 + 12 + 16  # to one neighbour: ids, a share of its mask seed and of its key, nonce, tag
+UNMASKING_SHARE = 4 + 32  # a neighbour's id and the one share the server asks it for
+CLIENT_ID = 4
+
+
+class SecureAggregationError(ValueError):
+    """A run whose sums could wrap around the field."""
+
+
+def neighbours(clients):
+    """Each client's neighbours in SecAgg+'s sparse graph: O(log n), here min(n - 1, 2 * ceil(log2 n))."""
+    return min(clients - 1, 2 * math.ceil(math.log2(clients))) if clients > 1 else 0
+
+
+def protocol_bytes(sampled, arrived):
+    """(uploaded, downloaded) bytes of the protocol's own messages in a round where `sampled` clients started it and
+    `arrived` sent their masked vectors: key advertisement and share distribution for every sampled client, the
+    unmasking round for those that arrived."""
+    d = neighbours(sampled)
+    up = sampled * (PUBLIC_KEYS + d * ENCRYPTED_SHARES) + arrived * d * UNMASKING_SHARE
+    down = sampled * d * (PUBLIC_KEYS + ENCRYPTED_SHARES) + arrived * d * CLIENT_ID
+    return up, down
+
+
+def masked_size(entries, conf):
+    """Bytes of a masked vector: `entries` field elements and the count's, secagg_bits each."""
+    return math.ceil((entries + 1) * conf["secagg_bits"] / 8)
+
+
+def check_headroom(conf, registered):
+    """Refuse a run whose field cannot hold the largest honest sum: k clients (the largest shares) each adding its
+    example count times a code of up to 2^(fixed_bits-1) - 1, signed."""
+    heaviest = sum(sorted(registered, reverse=True)[:conf["k"]])
+    needed = conf["fixed_bits"] + math.ceil(math.log2(heaviest + 1))
+    if conf["secagg_bits"] < needed:
+        raise SecureAggregationError(
+            f"secagg_bits {conf['secagg_bits']} cannot hold a round's sum: {conf['k']} uploads weighing up to "
+            f"{heaviest} examples in all, at fixed_bits {conf['fixed_bits']}, need {needed} bits (with the sign)")
+
+
+def field_sums(uploads, numels, conf, device):
+    """The round's sums as the protocol delivers them: per tensor, sum of n_i * value_i and sum of n_i over the
+    clients that sent each entry, both float64, the total weight, and how many entries wrapped around the field.
+    `uploads` are robust.Decoded of fixed-point values on one grid; the integers are exact in int64."""
+    step, modulus = fixed_step(conf["fixed_range"], conf["fixed_bits"]), 2 ** conf["secagg_bits"]
+    sums, weights, overflows = [], [], 0
+    for index, numel in enumerate(numels):
+        total = torch.zeros(numel, dtype=torch.int64, device=device)
+        weight = torch.zeros(numel, dtype=torch.int64, device=device)
+        for upload in uploads:
+            codes = torch.round(upload.values[index] / step).to(torch.int64) * upload.count
+            kept = upload.positions[index]
+            if kept is None:
+                total += codes
+                weight += upload.count
+            else:
+                total.index_add_(0, kept, codes)
+                weight.index_add_(0, kept, weight.new_full((len(kept),), upload.count))
+        wrapped = wrap(total, modulus)
+        overflows += int((wrapped != total).sum())
+        sums.append(wrapped.to(torch.float64) * step)
+        weights.append(wrap(weight, modulus).to(torch.float64))
+    return sums, weights, wrap(torch.tensor(sum(u.count for u in uploads)), modulus).item(), overflows
+
+
+def wrap(integers, modulus):
+    """Integers as the field holds them, read back as signed: into [-modulus/2, modulus/2)."""
+    return (integers + modulus // 2) % modulus - modulus // 2

@@ -1,0 +1,129 @@
+"""Secure aggregation, simulated (secure.py), and the fixed-point quantizer it needs: the same learning bit for bit,
+sums in the field with their overflows, the bytes of masked vectors and of the protocol, and what it refuses."""
+import json
+import math
+
+import pytest
+import torch
+
+import codec
+import main
+import robust
+import secure
+from conftest import TINY, read_csv
+from utils import config, run_files
+
+FIXED = {"sparsifier": "none", "quantize": "fixed", "fixed_bits": 8, "fixed_range": 0.01}
+
+
+def write(tmp_path, name="conf.json", **overrides):
+    path = tmp_path / name
+    path.write_text(json.dumps({**TINY, "data_dir": str(tmp_path), "global_epochs": 2, **FIXED, **overrides}))
+    return str(path)
+
+
+# ---- the fixed-point quantizer -----------------------------------------------------------------------------------
+
+def test_fixed_point_values_are_clipped_and_rounded_to_a_power_of_two_step():
+    method = {**FIXED, "fixed_range": 0.01}
+    step = 2.0 ** -13  # 0.01 / 127 = 7.9e-5: the power of two at or above it is 2^-13 = 1.2e-4 (2^-14 is 6.1e-5)
+    diff = torch.tensor([0.0, 1e-4, -1.9e-4, 0.5, -0.5, 6.1e-5, 6.2e-5])
+    encoded = codec.encode(method, [diff], 3)
+    expected = torch.tensor([0, 1, -2, 82, -82, 0, 1], dtype=torch.float32) * step  # 0.01 / step = 81.9: clipped
+    assert torch.equal(encoded.values[0], expected)
+    assert torch.equal(codec.decode(encoded.payload, [7], method)[2][0], expected)
+    header = 3 + 4 + 4 + 1 + 8  # version and ids, count, tensors; bits u8 and range f64
+    assert len(encoded.payload) == header + math.ceil(7 * 8 / 8)
+
+
+@pytest.mark.parametrize("damage, refusal", [
+    (lambda p: p[:-1], "payload ends early"),
+    (lambda p: p[:11] + bytes([9]) + p[12:], "fixed-point bits 9, where this run's fixed_bits is 8"),
+    (lambda p: p[:11] + bytes([25]) + p[12:], "fixed point of 25 bits"),
+    (lambda p: p[:-1] + bytes([255]), "a fixed-point code above 254"),
+])
+def test_damaged_fixed_point_payloads_are_refused(damage, refusal):
+    payload = codec.encode(FIXED, [torch.zeros(5)], 1).payload
+    with pytest.raises(codec.PayloadError, match=refusal):
+        codec.decode(damage(payload), [5], FIXED)
+
+
+def test_fixed_point_padding_bits_must_be_zero():
+    method = {**FIXED, "fixed_bits": 3}
+    payload = codec.encode(method, [torch.zeros(5)], 1).payload  # 15 bits: one spare bit in the last byte
+    with pytest.raises(codec.PayloadError, match="nonzero padding"):
+        codec.decode(payload[:-1] + bytes([payload[-1] | 1]), [5], method)
+
+
+# ---- the same learning, bit for bit ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", [
+    {"error_feedback": True},  # dense fixed point, masked_mean
+    {"sparsifier": "random", "mask": "shared", "prop": 0.3, "aggregation": "mean", "download": "compressed"},
+])
+def test_secure_aggregation_learns_bit_for_bit_as_without_it(tmp_path, method):
+    plain, hidden = (tmp_path / name for name in ("plain", "secure"))
+    assert main.main(["-c", write(tmp_path, **method), "--out", str(plain)]) == 0
+    assert main.main(["-c", write(tmp_path, "secure.json", secure_aggregation=True, **method), "--out",
+                      str(hidden)]) == 0
+    columns = ("round", "accuracy", "loss", "train_loss", "clients", "download_bytes")
+    rows = [[{c: row[c] for c in columns} for row in read_csv(run / "metrics.csv")] for run in (plain, hidden)]
+    assert rows[0] == rows[1]
+    models = [run_files.load_checkpoint(str(run), "cpu")["model"] for run in (plain, hidden)]
+    assert all(torch.equal(models[0][name], models[1][name]) for name in models[0])
+    assert all(row["secagg_overflows"] == "0" for row in read_csv(hidden / "metrics.csv"))
+
+
+def test_masked_vectors_and_the_protocol_are_counted_in_bytes(tmp_path):
+    assert main.main(["-c", write(tmp_path, secure_aggregation=True, secagg_bits=24), "--out",
+                      str(tmp_path / "run")]) == 0
+    row = read_csv(tmp_path / "run" / "metrics.csv")[0]
+    # the small CNN on 1x16x16 inputs: two convolutions, a 1024 x 128 layer and the 128 x 10 head, with biases
+    numel = (32 * 9 + 32) + (64 * 32 * 9 + 64) + (64 * 4 * 4 * 128 + 128) + (128 * 10 + 10)
+    assert int(row["upload_bytes"]) == 2 * math.ceil((numel + 1) * 24 / 8)  # every entry and the count, 3 bytes each
+    # k = 2: one neighbour each. Keys 64 B and a share pair 100 B up per client, the unmasking share 36 B; down, the
+    # neighbour's keys and shares (164 B) and its id (4 B) in the unmasking round
+    assert (int(row["secagg_up_bytes"]), int(row["secagg_down_bytes"])) == (2 * (64 + 100 + 36), 2 * (164 + 4))
+    assert int(row["total_bytes"]) == int(row["upload_bytes"]) + int(row["download_bytes"]) + 400 + 336
+
+
+# ---- the field ---------------------------------------------------------------------------------------------------
+
+def test_sums_wrap_around_the_field_and_the_wrapped_entries_are_counted():
+    conf = {**FIXED, "fixed_bits": 4, "fixed_range": 7.0, "secagg_bits": 6}  # codes -7..7, step 1; field -32..31
+    uploads = [robust.Decoded(3, [None], [torch.tensor([7.0, -7.0, 1.0], dtype=torch.float64)]),
+               robust.Decoded(2, [None], [torch.tensor([7.0, -7.0, -1.0], dtype=torch.float64)])]
+    sums, weights, total, overflows = secure.field_sums(uploads, [3], conf, "cpu")
+    # true sums 35, -35, 1: 35 wraps to 35 - 64 = -29, -35 to 29; the weights 5 fit
+    assert sums[0].tolist() == [-29.0, 29.0, 1.0] and weights[0].tolist() == [5.0, 5.0, 5.0] and total == 5
+    assert overflows == 2
+
+
+def test_a_field_without_headroom_for_the_rounds_sum_is_refused(tmp_path, capsys):
+    # 4 clients of 500 examples, k = 2: 1000 examples at most, 10 bits, and 8 for the codes: 18 bits
+    assert main.main(["-c", write(tmp_path, secure_aggregation=True, secagg_bits=17), "--out",
+                      str(tmp_path / "run")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "need 18 bits" in error and "up to 1000 examples" in error
+    assert main.main(["-c", write(tmp_path, secure_aggregation=True, secagg_bits=18), "--out",
+                      str(tmp_path / "run")]) == 0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"sparsifier": "topk"}, "sparsifier 'topk'"),
+    ({"sparsifier": "random", "mask": "round"}, "sparsifier 'random' with mask 'round'"),
+    ({"quantize": "int8"}, "quantize 'int8'"),
+    ({"defense": "median"}, "defense 'median'"),
+    ({"attackers": 1}, "simulated attackers"),
+    ({"download": "relay"}, "download 'relay'"),
+    ({"dp_clip": 1.0}, "differential privacy"),
+])
+def test_what_does_not_sum_is_refused_in_one_line(tmp_path, capsys, overrides, message):
+    assert main.main(["-c", write(tmp_path, secure_aggregation=True, **overrides), "--out", str(tmp_path / "r")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and f"secure_aggregation cannot be combined with {message}" in error, error
+
+
+def test_secagg_bits_alone_is_refused():
+    with pytest.raises(config.ConfigError, match="'secagg_bits' acts only with secure_aggregation"):
+        config.validate({"secagg_bits": 40})
