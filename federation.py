@@ -54,6 +54,7 @@ def run(conf, out, resume, transport_factory):
     transport_factory(conf, dataset, shares, model, store) builds the engine's transport: the object that trains the
     sampled clients and returns their uploads (engines/inprocess.py is the default)."""
     device = pick_device(conf["device"])
+    privacy.check(conf)  # main.py checks it before a sweep's first run; a caller from Python meets it here
     dataset = datasets.load(conf["type"], conf["data_dir"], device)
     validation, shares = partition.server_and_clients(dataset, conf)
     print(f"data: {conf['type']} from {dataset.source}, {len(dataset.train_labels)} train ({len(validation)} held by "
@@ -113,8 +114,10 @@ def play_round(round_index, conf, server, transport, dataset, timer=None, show_p
     uploads = transport.train(chosen, {c: sync for c, (sync, _) in syncs.items()}, server.global_state(), round_index,
                               progress)
     timed = [upload for upload in uploads if upload.problem is None]  # a failed node's upload never arrives
+    masked = secure.masked_upload_size(conf, round_index, server.numels) if conf["secure_aggregation"] else None
     timings, round_seconds = timer.play(round_index, [(upload.client_id, len(syncs[upload.client_id][0]),
-                                                       len(upload.payload)) for upload in timed]) if timer else ([], 0)
+                                                       masked or len(upload.payload)) for upload in timed]) \
+        if timer else ([], 0)
     late = [timing for timing in timings if not timing.arrived]
     dropped = {timing.client for timing in late}
     if clock.may_drop(conf):

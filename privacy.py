@@ -17,8 +17,7 @@ import math
 import torch
 
 import clock
-from client import mask_seed
-from codec import sparsifiers
+import secure
 from utils.seeding import generator
 
 
@@ -79,7 +78,7 @@ def check(conf):
 
 def sample(conf, round_index):
     """The clients of round `round_index` under Poisson sampling: each with probability k / no_models, seeded."""
-    draws = torch.rand(conf["no_models"], generator=generator(conf["seed"], "sample", round_index))
+    draws = torch.rand(conf["no_models"], generator=generator(conf["seed"], "sample", round_index), dtype=torch.float64)
     return (draws < sample_rate(conf)).nonzero().flatten().tolist()
 
 
@@ -100,7 +99,7 @@ def noisy_mean(uploads, numels, conf, round_index, device):
                 total.index_add_(0, kept, value * scale)
     noise = generator(conf["seed"], "dp noise", round_index)
     std = conf["dp_noise_multiplier"] * clip
-    for total, kept in zip(sums, movable(conf, round_index, numels)):
+    for total, kept in zip(sums, secure.movable(conf, round_index, numels)):
         kept = None if kept is None else kept.to(device)
         entries = total if kept is None else total[kept]
         entries += std * torch.randn(len(entries), generator=noise, dtype=torch.float64).to(device)
@@ -108,10 +107,3 @@ def noisy_mean(uploads, numels, conf, round_index, device):
             total[kept] = entries
     return [total / conf["k"] for total in sums]
 
-
-def movable(conf, round_index, numels):
-    """Per tensor, the entries an upload of this round can carry, known to all in advance: a shared random mask's
-    positions, or None (every entry)."""
-    if conf["sparsifier"] == "random" and conf["mask"] == "shared":
-        return sparsifiers.random_positions(mask_seed(conf, None, round_index), conf["prop"], numels)
-    return [None] * len(numels)

@@ -20,6 +20,9 @@ import math
 
 import torch
 
+import robust
+from client import mask_seed
+from codec import sparsifiers
 from codec.quantizers import fixed_step
 
 # SecAgg+ messages, per client, in bytes (X25519 keys, Shamir shares over a 32-byte secret, AES-GCM for the shares
@@ -32,6 +35,41 @@ CLIENT_ID = 4
 
 class SecureAggregationError(ValueError):
     """A run whose sums could wrap around the field."""
+
+
+def movable(conf, round_index, numels):
+    """Per tensor, the entries an upload of this round can carry, known to all in advance: a shared random mask's
+    positions (CPU int64), or None (every entry)."""
+    if conf["sparsifier"] == "random" and conf["mask"] == "shared":
+        return sparsifiers.random_positions(mask_seed(conf, None, round_index), conf["prop"], numels)
+    return [None] * len(numels)
+
+
+def on_shared_mask(uploads, conf, round_index, numels):
+    """`uploads` (robust.Decoded) carried to the round's shared mask: an entry a client sent outside it is dropped and
+    one it left out is zero, so what the server sums, and where DP puts its noise, never depends on a client keeping
+    to the mask (the mask's seed travels in the payload)."""
+    shared = movable(conf, round_index, numels)
+    if all(kept is None for kept in shared):
+        return uploads
+    carried = []
+    for upload in uploads:
+        values = []
+        for kept, sent, value, numel in zip(shared, upload.positions, upload.values, numels):
+            if sent is not None and torch.equal(sent.cpu(), kept):
+                values.append(value)
+                continue
+            full = value.new_zeros(numel)
+            full[slice(None) if sent is None else sent] = value
+            values.append(full[kept.to(full.device)])
+        carried.append(robust.Decoded(upload.count, [kept.to(v.device) for kept, v in zip(shared, values)], values))
+    return carried
+
+
+def masked_upload_size(conf, round_index, numels):
+    """Bytes of one client's masked vector in round `round_index`: the coordinates every upload carries."""
+    shared = movable(conf, round_index, numels)
+    return masked_size(sum(numel if kept is None else len(kept) for kept, numel in zip(shared, numels)), conf)
 
 
 def neighbours(clients):
@@ -58,11 +96,16 @@ def check_headroom(conf, registered):
     """Refuse a run whose field cannot hold the largest honest sum: k clients (the largest shares) each adding its
     example count times a code of up to 2^(fixed_bits-1) - 1, signed."""
     heaviest = sum(sorted(registered, reverse=True)[:conf["k"]])
-    needed = conf["fixed_bits"] + math.ceil(math.log2(heaviest + 1))
+    largest_sum = heaviest * (2 ** (conf["fixed_bits"] - 1) - 1)
+    needed = largest_sum.bit_length() + 1  # and the sign
     if conf["secagg_bits"] < needed:
         raise SecureAggregationError(
             f"secagg_bits {conf['secagg_bits']} cannot hold a round's sum: {conf['k']} uploads weighing up to "
             f"{heaviest} examples in all, at fixed_bits {conf['fixed_bits']}, need {needed} bits (with the sign)")
+    if largest_sum >= 2 ** 53:  # past it, float64 sums (without secure aggregation) round, and the two paths differ
+        raise SecureAggregationError(
+            f"a round's sum could reach {largest_sum} grid steps, past 2^53, where sums in float64 stop being exact: "
+            f"lower fixed_bits or k")
 
 
 def field_sums(uploads, numels, conf, device):

@@ -171,6 +171,7 @@ class Server:
     def _updates(self, round_index):
         """Per tensor, the round's update in float64: DP-FedAvg's noisy mean, a robust statistic of the uploads, or the
         aggregation rule over the sums (of the uploads as norm_bound leaves them)."""
+        self.uploads = secure.on_shared_mask(self.uploads, self.conf, round_index, self.numels)
         if privacy.enabled(self.conf):
             return privacy.noisy_mean(self.uploads, self.numels, self.conf, round_index, self.globals[0].device)
         if self.conf["secure_aggregation"]:  # the server learns the sums only, as the protocol delivers them

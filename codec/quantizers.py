@@ -12,6 +12,8 @@ from codec.wire import (FIELD_CHUNK, SCALE_DTYPE, PayloadError, check_padding, e
 
 QSGD_HEADER = struct.Struct("<HI")
 FIXED_HEADER = struct.Struct("<Bd")
+# fixed_range's bounds: its step stays a normal float32 (>= 2^-126 for 24 bits) and its values finite
+FIXED_SMALLEST_RANGE, FIXED_LARGEST_RANGE = 2.0 ** -100, 1e30
 
 
 class Quantizer:
@@ -170,16 +172,21 @@ class Fixed(Quantizer):
 
     def encode(self, kept, one_group, rounding_seed):
         step, largest = fixed_step(self.range, self.bits), 2 ** (self.bits - 1) - 1
-        codes = [(values.float().clamp(-self.range, self.range) / step).round().to(torch.int64) for values in kept]
+        # a diverged client's NaN or Inf becomes 0 or the range's end: on the grid, as the receiver will read it
+        codes = [(torch.nan_to_num(values.float(), nan=0.0).clamp(-self.range, self.range) / step).round()
+                 .to(torch.int64) for values in kept]
         flat = torch.cat(codes).cpu().numpy() + largest if codes else np.zeros(0, dtype=np.int64)  # offset binary
-        bits = ((flat[:, None] >> np.arange(self.bits - 1, -1, -1)) & 1).astype(np.uint8).ravel()
-        payload = FIXED_HEADER.pack(self.bits, self.range) + np.packbits(bits).tobytes()
+        shifts = np.arange(self.bits - 1, -1, -1)
+        chunk = 8 * FIELD_CHUNK  # values a pass: a multiple of 8, so that each pass packs whole bytes
+        packed = [np.packbits(((flat[start:start + chunk, None] >> shifts) & 1).astype(np.uint8).ravel())
+                  for start in range(0, len(flat), chunk)]
+        payload = FIXED_HEADER.pack(self.bits, self.range) + b"".join(p.tobytes() for p in packed)
         return payload, [code.float() * step for code in codes]
 
     @staticmethod
     def decode(reader, counts, method):
         bits, value_range = reader.unpack(FIXED_HEADER)
-        if not 2 <= bits <= 24 or not 0 < value_range < math.inf:
+        if not 2 <= bits <= 24 or not FIXED_SMALLEST_RANGE <= value_range <= FIXED_LARGEST_RANGE:
             raise PayloadError(f"fixed point of {bits} bits over +-{value_range} is not one fedsparse writes")
         expect(method, "fixed_bits", bits, "fixed-point bits")
         expect(method, "fixed_range", value_range, "fixed-point range")

@@ -12,6 +12,7 @@
 #   bash figures/reproduce.sh robust       # attacks against each defense, k=5 and k=2, dense and STC 4% (runs/robust)
 #   bash figures/reproduce.sh methods      # QSGD, PowerSGD and the hybrid, two seeds; 100-round runs (runs/methods)
 #   bash figures/reproduce.sh time         # time to accuracy on the simulated clock, re-timed under every preset
+#   bash figures/reproduce.sh privacy      # DP-FedAvg, the shared mask and secure aggregation at 1000 clients
 #   bash figures/reproduce.sh figures      # draw the figures and print the tables from finished runs
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -227,6 +228,24 @@ if [ "$what" = all ] || [ "$what" = time ]; then  # the simulated clock (runs/ti
       [ -f "$out/metrics.csv" ] || python -m utils.retime "$run" --profile mobile --step-seconds ${variant#*:} --out "$out"
     done
   done
+fi
+if [ "$what" = all ] || [ "$what" = privacy ]; then  # DP-FedAvg and secure aggregation, 1000 clients, 100 a round
+  d=runs/privacy
+  cross=(--set no_models=1000 --set k=100 --set lr=0.05 --set server_momentum=0.9)
+  shared=(--set sparsifier=random --set mask=shared)
+  fixed=(--set sparsifier=none --set quantize=fixed --set fixed_bits=8 --set fixed_range=0.005 --set error_feedback=true)
+  job $d/plain          "${cross[@]}" --set sparsifier=none
+  job $d/clip-only      "${cross[@]}" --set sparsifier=none --set dp_clip=0.1
+  for z in 0.5 1.0 2.0; do
+    job $d/dense-z$z      "${cross[@]}" --set sparsifier=none --set dp_clip=0.1 --set dp_noise_multiplier=$z
+    job $d/shared0.1-z$z  "${cross[@]}" "${shared[@]}" --set prop=0.1 --set dp_clip=0.1 --set dp_noise_multiplier=$z
+  done
+  job $d/shared0.01-z1.0  "${cross[@]}" "${shared[@]}" --set prop=0.01 --set dp_clip=0.1 --set dp_noise_multiplier=1.0
+  job $d/fixed8-z1.0      "${cross[@]}" "${fixed[@]}" --set dp_clip=0.1 --set dp_noise_multiplier=1.0
+  job $d/fixed8           "${cross[@]}" "${fixed[@]}"
+  job $d/fixed8-secagg    "${cross[@]}" "${fixed[@]}" --set secure_aggregation=true
+  job $d/shared0.1-fixed8-secagg "${cross[@]}" "${fixed[@]}" "${shared[@]}" --set prop=0.1 --set secure_aggregation=true
+  run_queue
 fi
 if [ "$what" = all ] || [ "$what" = figures ]; then  # every figure in figures/ is drawn here, and only here
   finished() {  # finished RUN...: whether every run has its rounds (30, or $rounds)

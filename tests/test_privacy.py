@@ -151,3 +151,28 @@ def test_a_dp_run_with_a_shared_mask_uploads_only_the_masks_share(tmp_path):
     assert main.main(["-c", write(tmp_path, mask="shared", prop=0.1), "--out", str(tmp_path / "run")]) == 0
     rows = read_csv(tmp_path / "run" / "metrics.csv")
     assert all(abs(float(row["upload_fraction"]) - 0.1) < 0.01 for row in rows if row["clients"])
+
+
+def test_accuracy_is_plotted_against_the_privacy_spent(tmp_path, capsys, monkeypatch):
+    from utils import plot
+    assert main.main(["-c", write(tmp_path), "--out", str(tmp_path / "dp")]) == 0
+    plain = write(tmp_path, dp_clip=0.0, dp_noise_multiplier=0.0)
+    assert main.main(["-c", plain, "--out", str(tmp_path / "plain")]) == 0
+    figures = []
+    monkeypatch.setattr(plot.plt, "close", figures.append)  # keep the figure to read its lines back
+    assert plot.main([str(tmp_path / "dp"), "-o", str(tmp_path / "e.png"), "--x", "epsilon"]) == 0
+    xs = figures[0].axes[0].lines[0].get_xdata()
+    assert list(xs) == [float(row["epsilon"]) for row in read_csv(tmp_path / "dp" / "metrics.csv")]
+    assert figures[0].axes[0].get_xlabel().startswith("Epsilon")
+    capsys.readouterr()
+    assert plot.main([str(tmp_path / "plain"), "-o", str(tmp_path / "p.png"), "--x", "epsilon"]) == 2
+    assert "was made without differential privacy (no epsilon)" in capsys.readouterr().err
+
+
+def test_a_target_epsilon_holds_from_python_too(tmp_path):
+    import federation
+    from engines.inprocess import InProcess
+    conf = config.validate({**DP, "data_dir": str(tmp_path), "global_epochs": 50, "dp_target_epsilon": 1.0})
+    with pytest.raises(privacy.PrivacyError, match="over dp_target_epsilon 1"):
+        federation.run(conf, str(tmp_path / "run"), False, InProcess)
+    assert not (tmp_path / "run").exists()

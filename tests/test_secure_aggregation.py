@@ -2,6 +2,7 @@
 sums in the field with their overflows, the bytes of masked vectors and of the protocol, and what it refuses."""
 import json
 import math
+import struct
 
 import pytest
 import torch
@@ -127,3 +128,41 @@ def test_what_does_not_sum_is_refused_in_one_line(tmp_path, capsys, overrides, m
 def test_secagg_bits_alone_is_refused():
     with pytest.raises(config.ConfigError, match="'secagg_bits' acts only with secure_aggregation"):
         config.validate({"secagg_bits": 40})
+
+
+def test_headroom_is_the_largest_sums_bit_length_and_its_sign():
+    conf = config.validate({**FIXED, "secure_aggregation": True, "k": 2, "no_models": 2, "secagg_bits": 18})
+    secure.check_headroom(conf, [512, 512])  # 1024 * 127 = 130048 < 2^17: 17 bits and the sign
+    with pytest.raises(secure.SecureAggregationError, match="need 18 bits"):
+        secure.check_headroom({**conf, "secagg_bits": 17}, [512, 512])
+    with pytest.raises(secure.SecureAggregationError, match="past 2\\^53"):
+        secure.check_headroom({**conf, "fixed_bits": 24, "secagg_bits": 62}, [2 ** 30, 2 ** 30])
+
+
+def test_an_upload_off_the_shared_mask_is_carried_onto_it():
+    conf = config.validate({"sparsifier": "random", "mask": "shared", "prop": 0.5, "seed": 3})
+    shared = secure.movable(conf, 2, [8])[0]
+    elsewhere = torch.tensor([i for i in range(8) if i not in shared.tolist()][:2] + shared.tolist()[:1])
+    upload = robust.Decoded(1, [elsewhere.sort().values], [torch.arange(1.0, 4.0, dtype=torch.float64)])
+    (carried,) = secure.on_shared_mask([upload], conf, 2, [8])
+    assert torch.equal(carried.positions[0], shared)
+    sent = dict(zip(upload.positions[0].tolist(), upload.values[0].tolist()))
+    assert carried.values[0].tolist() == [sent.get(p, 0.0) for p in shared.tolist()]
+
+
+def test_non_finite_values_land_on_the_grid_as_the_receiver_reads_them():
+    diff = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.003])
+    encoded = codec.encode(FIXED, [diff], 1)
+    decoded = codec.decode(encoded.payload, [4], FIXED)[2][0]
+    assert torch.equal(decoded, encoded.values[0])
+    step = 2.0 ** -13
+    assert decoded.tolist() == [0.0, 82 * step, -82 * step, 25 * step]  # 0.003 / step = 24.6
+
+
+def test_a_range_whose_step_would_underflow_is_refused():
+    with pytest.raises(config.ConfigError, match="fixed_range"):
+        config.validate({**FIXED, "fixed_range": 1e-300})
+    payload = bytearray(codec.encode(FIXED, [torch.zeros(3)], 1).payload)
+    payload[12:20] = struct.pack("<d", 5e-324)
+    with pytest.raises(codec.PayloadError, match="is not one fedsparse writes"):
+        codec.decode(bytes(payload), [3], None)

@@ -195,7 +195,7 @@ RANGES = {
     "attack_from": (1, math.inf, True),
     "attack_until": (0, math.inf, True),
     "fixed_bits": (2, 24, True),
-    "fixed_range": (0, 1e30, False),
+    "fixed_range": (2.0 ** -100, 1e30, True),  # the codec's bounds (FIXED_SMALLEST_RANGE): a normal float32 step
     "secagg_bits": (8, 62, True),
     "dp_clip": (0, math.inf, True),
     "dp_noise_multiplier": (0, math.inf, True),

@@ -2,11 +2,12 @@
 megabytes clients uploaded (or uploaded and downloaded: --bytes total), which is what compression buys. Or print the
 runs as a markdown table.
 
-    python -m utils.plot RUN_DIR [RUN_DIR ...] -o FILE.png [--title TEXT] [--bytes upload|total] [--x round|time]
+    python -m utils.plot RUN_DIR [RUN_DIR ...] -o FILE.png [--title TEXT] [--bytes upload|total]
+                                                          [--x round|time|epsilon]
     python -m utils.plot RUN_DIR [RUN_DIR ...] --table [--target 0.89]
 
 --x time and --target read the simulated clock's columns (clock=simulated): accuracy against simulated seconds, and
-time to accuracy.
+time to accuracy. --x epsilon reads differential privacy's (dp_clip set): accuracy against the privacy spent.
 """
 import csv
 import math
@@ -124,23 +125,32 @@ def traffic(row, bytes_shown):
     return row["upload_bytes"] + (row["download_bytes"] if bytes_shown == "total" else 0)
 
 
-def check_timed(run_dirs, runs):
-    """RunError naming the first run made without the simulated clock (no sim_seconds)."""
+# --x: the column of the first two panels' x axis, its label, and what a run needs to have it
+X_AXES = {"round": ("round", "Round", None),
+          "time": ("sim_seconds", "Simulated seconds", "without the simulated clock (no sim_seconds): run it with "
+                                                       "--set clock=simulated"),
+          "epsilon": ("epsilon", "Epsilon (privacy spent so far)", "without differential privacy (no epsilon): run "
+                                                                   "it with dp_clip set")}
+
+
+def check_column(run_dirs, runs, x):
+    """RunError naming the first run that lacks the column `x` plots against."""
+    column, _, missing = X_AXES[x]
     for run_dir, rows in zip(run_dirs, runs):
-        if any("sim_seconds" not in row for row in rows):
-            raise RunError(f"{run_dir} was made without the simulated clock (no sim_seconds): run it with --set "
-                           f"clock=simulated, or plot against rounds")
+        if any(column not in row for row in rows):
+            raise RunError(f"{run_dir} was made {missing}, or plot against rounds")
 
 
 def plot_runs(run_dirs, path, title=None, bytes_shown="upload", labels=None, x="round"):
-    """Accuracy and loss against round (x 'round') or simulated seconds (x 'time'), and accuracy against bytes."""
+    """Accuracy and loss against round (x 'round'), simulated seconds ('time') or the privacy spent ('epsilon'), and
+    accuracy against bytes."""
     runs = [read_rows(d) for d in run_dirs]
-    if x == "time":
-        check_timed(run_dirs, runs)
+    check_column(run_dirs, runs, x)
+    column, x_label, _ = X_AXES[x]
     figure, (accuracy_axis, loss_axis, bytes_axis) = plt.subplots(1, 3, figsize=(18, 5))
     for i, (rows, label) in enumerate(zip(runs, labels or labels_for(run_dirs))):
         style = dict(marker=MARKERS[i % len(MARKERS)], markersize=4, label=label, color=color(i, len(runs)))
-        xs = [row["sim_seconds" if x == "time" else "round"] for row in rows]
+        xs = [row[column] for row in rows]
         accuracy = [row["accuracy"] for row in rows]
         accuracy_axis.plot(xs, accuracy, **style)
         loss_axis.plot(xs, [row["loss"] for row in rows], **style)
@@ -151,7 +161,6 @@ def plot_runs(run_dirs, path, title=None, bytes_shown="upload", labels=None, x="
         bytes_axis.plot(megabytes, accuracy, **style)
     bytes_axis.set_xscale("log")
     bytes_label = "Uploaded MB" if bytes_shown == "upload" else "Uploaded + downloaded MB"
-    x_label = "Simulated seconds" if x == "time" else "Round"
     for axis, x_text, y in ((accuracy_axis, x_label, "Accuracy"), (loss_axis, x_label, "Loss"),
                             (bytes_axis, f"{bytes_label}, cumulative (log scale)", "Accuracy")):
         axis.set(xlabel=x_text, ylabel=y)
@@ -186,7 +195,7 @@ def table(run_dirs, labels=None, target=None):
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     runs = [read_rows(d) for d in run_dirs]
     if target is not None:
-        check_timed(run_dirs, runs)
+        check_column(run_dirs, runs, "time")
     for run_dir, rows, label in zip(run_dirs, runs, labels or labels_for(run_dirs)):
         sent, dense = run_files.upload_totals(rows)
         received = sum(row["download_bytes"] for row in rows)
@@ -230,8 +239,8 @@ def main(argv=None):
     parser.add_argument("--table", action="store_true", help="print a markdown table instead of drawing")
     parser.add_argument("--bytes", choices=("upload", "total"), default="upload",
                         help="third panel: uploaded MB, or uploaded + downloaded MB")
-    parser.add_argument("--x", choices=("round", "time"), default="round",
-                        help="first two panels against rounds, or against simulated seconds (clock=simulated)")
+    parser.add_argument("--x", choices=tuple(X_AXES), default="round",
+                        help="first two panels against rounds, simulated seconds (clock=simulated) or epsilon (dp_clip)")
     parser.add_argument("--target", type=float, metavar="ACCURACY",
                         help="--table: add the round and simulated second at which each run first reaches it")
     parser.add_argument("--labels", help="comma-separated names of the runs, in order (default: the differing keys)")
