@@ -265,6 +265,12 @@ if [ "$what" = all ] || [ "$what" = figures ]; then  # every figure in figures/ 
       echo "not drawn: $figure (its runs are not finished: bash figures/reproduce.sh $section)" >&2
     fi
   }
+  p=runs/privacy
+  draw figures/privacy.png privacy --x epsilon \
+    --labels "DP z 0.5,DP z 1.0,DP z 2.0,shared mask 10% + DP z 0.5,shared mask 10% + DP z 1.0,shared mask 10% + DP z 2.0,shared mask 1% + DP z 1.0,fixed 8-bit + EF + DP z 1.0" \
+    --title "Fashion-MNIST, CNN, 1000 clients, k=100 (Poisson), clip 0.1: accuracy against the privacy spent, round by round" \
+    -- $p/dense-z0.5 $p/dense-z1.0 $p/dense-z2.0 $p/shared0.1-z0.5 $p/shared0.1-z1.0 $p/shared0.1-z2.0 \
+    $p/shared0.01-z1.0 $p/fixed8-z1.0
   draw figures/prop-sweep-fashion-mnist.png chapter \
     --title "Fashion-MNIST, CNN, 10 clients, k=2: the chapter's prop sweep, per-entry mean (masked_mean)" \
     -- runs/chapter/masked_mean/prop=1.0 runs/chapter/masked_mean/prop=0.8 runs/chapter/masked_mean/prop=0.5

@@ -176,3 +176,7 @@ def test_a_target_epsilon_holds_from_python_too(tmp_path):
     with pytest.raises(privacy.PrivacyError, match="over dp_target_epsilon 1"):
         federation.run(conf, str(tmp_path / "run"), False, InProcess)
     assert not (tmp_path / "run").exists()
+    table = plot.table([str(tmp_path / "dp"), str(tmp_path / "plain")]).splitlines()
+    assert table[0].endswith(" epsilon |")
+    spent = float(read_csv(tmp_path / "dp" / "metrics.csv")[-1]["epsilon"])
+    assert table[2].endswith(f" {spent:.3g} |") and table[3].endswith(" - |")

@@ -129,8 +129,8 @@ def traffic(row, bytes_shown):
 X_AXES = {"round": ("round", "Round", None),
           "time": ("sim_seconds", "Simulated seconds", "without the simulated clock (no sim_seconds): run it with "
                                                        "--set clock=simulated"),
-          "epsilon": ("epsilon", "Epsilon (privacy spent so far)", "without differential privacy (no epsilon): run "
-                                                                   "it with dp_clip set")}
+          "epsilon": ("epsilon", "Epsilon, privacy spent so far (log scale)", "without differential privacy (no "
+                                                                                "epsilon): run it with dp_clip set")}
 
 
 def check_column(run_dirs, runs, x):
@@ -160,6 +160,9 @@ def plot_runs(run_dirs, path, title=None, bytes_shown="upload", labels=None, x="
             megabytes.append(total)
         bytes_axis.plot(megabytes, accuracy, **style)
     bytes_axis.set_xscale("log")
+    if x == "epsilon":  # it grows fast in the first rounds, then slowly: a noise level's runs span decades of it
+        accuracy_axis.set_xscale("log")
+        loss_axis.set_xscale("log")
     bytes_label = "Uploaded MB" if bytes_shown == "upload" else "Uploaded + downloaded MB"
     for axis, x_text, y in ((accuracy_axis, x_label, "Accuracy"), (loss_axis, x_label, "Loss"),
                             (bytes_axis, f"{bytes_label}, cumulative (log scale)", "Accuracy")):
@@ -187,13 +190,16 @@ def table(run_dirs, labels=None, target=None):
     fewer bytes that is; then downloaded and total MB, and how many times fewer than dense FedAvg's total, which
     downloads the dense model as many times as it uploads one. With a `target` accuracy (runs on the simulated clock):
     the round and the simulated second at which the test accuracy first reaches it, the run's simulated seconds, and
-    where a round's time goes (time_split)."""
+    where a round's time goes (time_split). Where a run used differential privacy: the epsilon it spent."""
     header = ("| run | final accuracy | last 5 rounds | best accuracy | uploaded MB | of dense | x fewer than dense "
               "| downloaded MB | total MB | x fewer total |")
     if target is not None:
         header += f" round to {target:g} | simulated s to {target:g} | simulated s | down / compute / up |"
-    lines = [header, "|---" * (header.count("|") - 1) + "|"]
     runs = [read_rows(d) for d in run_dirs]
+    private = any("epsilon" in rows[-1] for rows in runs)  # differential privacy's: the epsilon spent, per run
+    if private:
+        header += " epsilon |"
+    lines = [header, "|---" * (header.count("|") - 1) + "|"]
     if target is not None:
         check_column(run_dirs, runs, "time")
     for run_dir, rows, label in zip(run_dirs, runs, labels or labels_for(run_dirs)):
@@ -209,6 +215,8 @@ def table(run_dirs, labels=None, target=None):
             split = " / ".join(f"{share:.0%}" for share in time_split(run_dir))
             line += (f" {int(reached['round'])} | {reached['sim_seconds']:.1f} |" if reached else
                      " not reached | not reached |") + f" {rows[-1]['sim_seconds']:.1f} | {split} |"
+        if private:
+            line += f" {rows[-1]['epsilon']:.3g} |" if "epsilon" in rows[-1] else " - |"
         lines.append(line)
     return "\n".join(lines)
 
