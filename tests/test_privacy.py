@@ -167,6 +167,10 @@ def test_accuracy_is_plotted_against_the_privacy_spent(tmp_path, capsys, monkeyp
     capsys.readouterr()
     assert plot.main([str(tmp_path / "plain"), "-o", str(tmp_path / "p.png"), "--x", "epsilon"]) == 2
     assert "was made without differential privacy (no epsilon)" in capsys.readouterr().err
+    table = plot.table([str(tmp_path / "dp"), str(tmp_path / "plain")]).splitlines()
+    assert table[0].endswith(" epsilon |")
+    spent = float(read_csv(tmp_path / "dp" / "metrics.csv")[-1]["epsilon"])
+    assert table[2].endswith(f" {spent:.3g} |") and table[3].endswith(" - |")
 
 
 def test_a_target_epsilon_holds_from_python_too(tmp_path):
@@ -176,7 +180,3 @@ def test_a_target_epsilon_holds_from_python_too(tmp_path):
     with pytest.raises(privacy.PrivacyError, match="over dp_target_epsilon 1"):
         federation.run(conf, str(tmp_path / "run"), False, InProcess)
     assert not (tmp_path / "run").exists()
-    table = plot.table([str(tmp_path / "dp"), str(tmp_path / "plain")]).splitlines()
-    assert table[0].endswith(" epsilon |")
-    spent = float(read_csv(tmp_path / "dp" / "metrics.csv")[-1]["epsilon"])
-    assert table[2].endswith(f" {spent:.3g} |") and table[3].endswith(" - |")
