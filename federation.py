@@ -126,7 +126,7 @@ def play_round(round_index, conf, server, transport, dataset, timer=None, show_p
         print(f"round {round_index}: no upload arrived in time: the deadline is {conf['deadline']:g} s, the fastest "
               f"client needed {min(t.finish_s for t in timings):.4g} s", file=sys.stderr)
     arrived = [upload for upload in uploads if upload.client_id not in dropped]
-    received = receive(round_index, server, arrived, masked=conf["secure_aggregation"])
+    received = receive(round_index, server, arrived, masked=masked)
     accuracy, loss, kept = step_and_evaluate(round_index, server, dataset)
     kept_clients = [client_id for client_id in chosen if client_id not in dropped]
     row = metrics_row(round_index, server, received, kept_clients, [syncs[c] for c in kept_clients],
@@ -168,22 +168,20 @@ class Received:
     entries: int
 
 
-def receive(round_index, server, uploads, weights=None, masked=False):
+def receive(round_index, server, uploads, weights=None, masked=None):
     """Decode `uploads` into the server's sums (each scaled by its weight in `weights`, by client id: a stale upload's
     under FedBuff); print why any was rejected. Under secure aggregation an accepted upload travels as its masked
-    vector, of field elements."""
+    vector, of `masked` bytes."""
     upload_bytes, rejected = 0, 0
     for upload in uploads:
         weight = weights.get(upload.client_id, 1.0) if weights else 1.0
-        entries_before = server.received_entries
         problem = upload.problem or server.receive(upload.payload, upload.client_id, weight)
         if upload.problem:  # nothing usable came back: what the client's model is now, the server cannot tell
             server.syncs.forget(upload.client_id)
         if problem:
             rejected += 1
             print(f"round {round_index}: rejected client {upload.client_id}'s upload: {problem}", file=sys.stderr)
-        upload_bytes += secure.masked_size(server.received_entries - entries_before, server.conf) \
-            if masked and not problem else len(upload.payload)
+        upload_bytes += masked if masked and not problem else len(upload.payload)
     losses = [upload.train_loss for upload in uploads if upload.problem is None]
     return Received(upload_bytes, rejected, losses, server.received_entries)
 

@@ -198,7 +198,7 @@ def start(conf, out, resume, args):
     except (*BAD_INPUT, run_files.SaveError):
         raise
     except (Exception, SystemExit) as e:  # a model or data of the user's that fails only on some inputs, say
-        own = [key for key in ("model_name", "type") if user_code.is_spec(conf[key])]
+        own = [key for key in config.USER_CODE_KEYS if user_code.is_spec(conf[key])]
         if not own:
             raise
         raise models.ModelError(f"the run failed in training or evaluation, with {' and '.join(own)} of your own "

@@ -17,6 +17,7 @@ import math
 import torch
 
 import clock
+import robust
 import secure
 from utils.seeding import generator
 
@@ -90,7 +91,7 @@ def noisy_mean(uploads, numels, conf, round_index, device):
     clip = conf["dp_clip"]
     sums = [torch.zeros(n, dtype=torch.float64, device=device) for n in numels]
     for upload in uploads:
-        norm = math.sqrt(sum(float(value.square().sum()) for value in upload.values))
+        norm = robust.norm(upload)
         scale = min(1.0, clip / norm) if norm > 0 else 1.0
         for total, kept, value in zip(sums, upload.positions, upload.values):
             if kept is None:
