@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import clock
 import codec
+import privacy
 import robust
 from utils.seeding import derive_seed, generator
 
@@ -113,7 +114,11 @@ class Client:
         num_samples = len(self.indices)
         shapes = [global_state[name].shape for name in names]
         memory = self.memory
-        encoded = codec.encode(self.conf, diffs, num_samples, *seeds, shapes, memory)
+        if privacy.clips_on_client(self.conf):  # DP's clipping is the client's; what it holds back stays in its residual
+            encoded = privacy.encode_clipped(diffs, self.conf, round_index,
+                                             lambda sent: codec.encode(self.conf, sent, num_samples, *seeds, shapes))
+        else:
+            encoded = codec.encode(self.conf, diffs, num_samples, *seeds, shapes, memory)
         self.memory = encoded.memory
         if self.conf["error_feedback"]:
             decay = self.conf["residual_decay"]

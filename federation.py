@@ -69,6 +69,7 @@ def run(conf, out, resume, transport_factory):
     server = Server(models.for_data(conf["model_name"], dataset, conf["pretrained"]),
                     conf, device, registered=[len(share) for share in shares],
                     validation=dataset.train_split(validation) if len(validation) else None)
+    privacy.check_rounding(conf, server.numels)
     # the clients' state: opened (and, unless resumed, emptied) at its first write, so after the check below
     store = ClientStore(out, kept_numels(conf, [t.shape for t in server.globals]), conf["client_state_memory"],
                         resume)

@@ -10,6 +10,12 @@ clips each decoded update to L2 norm `dp_clip`, sums them unweighted, adds Gauss
 fixed-denominator estimator), whatever `aggregation` says. The noise comes from a stream seeded by the run's seed,
 so that runs repeat: a real deployment draws it from a secure generator, which no one can replay.
 
+Under secure aggregation (`secure_aggregation: true`) the server sees only the sum, so clipping moves to the clients:
+each scales its update before encoding it so that what it sends, fixed point's rounding included, is within dp_clip
+(`clip_on_client`), and adds it unweighted; the server adds the noise to the sum the protocol hands it. The server
+itself sees that sum before the noise, as in Flower's central DP with client-side clipping: the guarantee is for
+whoever sees the models.
+
 ε is reported at `dp_delta` for the rounds played (each counts: a rolled-back round's noised sum was released too).
 """
 import math
@@ -19,6 +25,7 @@ import torch
 import clock
 import robust
 import secure
+from codec.quantizers import fixed_step
 from utils.seeding import generator
 
 
@@ -84,10 +91,8 @@ def sample(conf, round_index):
 
 
 def noisy_mean(uploads, numels, conf, round_index, device):
-    """Per tensor, the round's DP-FedAvg update in float64: each upload (robust.Decoded, unsent entries as zero)
-    clipped to L2 norm dp_clip over the whole model, summed unweighted, Gaussian noise added, divided by k. Under a
-    shared random mask the noise goes only to the mask's entries: every other entry is zero in every upload, which
-    the mask's seed (known before the round, independent of the data) already tells."""
+    """Per tensor, the round's DP-FedAvg update in float64 from its decoded uploads (robust.Decoded, unsent entries as
+    zero): each clipped to L2 norm dp_clip over the whole model, summed unweighted, then `noised`."""
     clip = conf["dp_clip"]
     sums = [torch.zeros(n, dtype=torch.float64, device=device) for n in numels]
     for upload in uploads:
@@ -98,13 +103,74 @@ def noisy_mean(uploads, numels, conf, round_index, device):
                 total.add_(value, alpha=scale)
             else:
                 total.index_add_(0, kept, value * scale)
+    return noised(sums, conf, round_index)
+
+
+def noised(sums, conf, round_index):
+    """The round's update from the sums of its clipped updates (float64, per tensor, changed in place): Gaussian noise
+    of std dp_noise_multiplier * dp_clip added to every entry, divided by k. Under a shared random mask the noise
+    goes only to the mask's entries: every other entry is zero in every upload, which the mask's seed (known before
+    the round, independent of the data) already tells."""
     noise = generator(conf["seed"], "dp noise", round_index)
-    std = conf["dp_noise_multiplier"] * clip
-    for total, kept in zip(sums, secure.movable(conf, round_index, numels)):
-        kept = None if kept is None else kept.to(device)
+    std = conf["dp_noise_multiplier"] * conf["dp_clip"]
+    for total, kept in zip(sums, secure.movable(conf, round_index, [len(total) for total in sums])):
+        kept = None if kept is None else kept.to(total.device)
         entries = total if kept is None else total[kept]
-        entries += std * torch.randn(len(entries), generator=noise, dtype=torch.float64).to(device)
+        entries += std * torch.randn(len(entries), generator=noise, dtype=torch.float64).to(total.device)
         if kept is not None:
             total[kept] = entries
     return [total / conf["k"] for total in sums]
 
+
+def clips_on_client(conf):
+    """Under secure aggregation the server sees only the sum, so each client clips its own update, before encoding."""
+    return enabled(conf) and conf["secure_aggregation"]
+
+
+def worst_rounding(conf, entries):
+    """The most fixed point's rounding can add to the L2 norm of `entries` sent values: half a step on each."""
+    return fixed_step(conf["fixed_range"], conf["fixed_bits"]) * math.sqrt(entries) / 2
+
+
+def encode_clipped(diffs, conf, round_index, encode):
+    """A client's upload under DP with secure aggregation: `encode` (diffs -> codec.Encoded) of `diffs` scaled so that
+    what the server's sum holds of it, the values on the fixed-point grid, has L2 norm at most dp_clip.
+
+    Rounding to the grid can lengthen a vector, by up to `worst_rounding`. Scaling to dp_clip less that worst case
+    would always hold, but the rounding's typical share is far smaller, so the client first tries tighter scales: it
+    encodes, measures what it would send, and shrinks the norm by the excess until it fits (PASSES tries); then the
+    worst case. Only what is sent is measured (the entries this round's upload can carry), and fixed point's own
+    clipping to +-fixed_range only shrinks it."""
+    movable = secure.movable(conf, round_index, [len(diff) for diff in diffs])
+    entries = sum(len(diff) if kept is None else len(kept) for diff, kept in zip(diffs, movable))
+    norm = l2([diff if kept is None else diff[kept.to(diff.device)] for diff, kept in zip(diffs, movable)])
+    clip = conf["dp_clip"]
+    bound = min(norm, clip)
+    for _ in range(PASSES):
+        encoded = encode(scaled(diffs, bound / norm) if norm > bound else diffs)
+        excess = l2(encoded.values) ** 2 - clip ** 2
+        if excess <= 0:
+            return encoded
+        bound = math.sqrt(max(bound ** 2 - excess, 0.0)) * (1 - 2 ** -10)  # the rounding's share, taken off
+    return encode(scaled(diffs, max(clip - worst_rounding(conf, entries), 0.0) / norm))
+
+
+PASSES = 4  # the tighter scales a client tries before the worst case; two almost always fit
+
+
+def scaled(diffs, factor):
+    """`diffs` times `factor`, a little less: the margin covers float32's rounding of the scaled entries."""
+    return [diff * (factor * (1 - 2 ** -20)) for diff in diffs]
+
+
+def l2(tensors):
+    return math.sqrt(sum(float(tensor.double().square().sum()) for tensor in tensors))
+
+
+def check_rounding(conf, numels):
+    """Refuse DP under secure aggregation whose dp_clip the fixed-point rounding of a full upload could exceed."""
+    worst = worst_rounding(conf, sum(numels))
+    if clips_on_client(conf) and worst >= conf["dp_clip"]:
+        raise PrivacyError(f"dp_clip {conf['dp_clip']:g} is within fixed point's rounding: half a step on each of "
+                           f"{sum(numels)} entries can add {worst:.3g} to an update's norm, and a client could be "
+                           f"left nothing to send; raise dp_clip or fixed_bits, or lower fixed_range")

@@ -20,8 +20,9 @@ import math
 
 import torch
 
+import client
+import privacy
 import robust
-from client import mask_seed
 from codec import sparsifiers
 from codec.quantizers import fixed_step
 
@@ -41,7 +42,7 @@ def movable(conf, round_index, numels):
     """Per tensor, the entries an upload of this round can carry, known to all in advance: a shared random mask's
     positions (CPU int64), or None (every entry)."""
     if conf["sparsifier"] == "random" and conf["mask"] == "shared":
-        return sparsifiers.random_positions(mask_seed(conf, None, round_index), conf["prop"], numels)
+        return sparsifiers.random_positions(client.mask_seed(conf, None, round_index), conf["prop"], numels)
     return [None] * len(numels)
 
 
@@ -92,16 +93,26 @@ def masked_size(entries, conf):
     return math.ceil((entries + 1) * conf["secagg_bits"] / 8)
 
 
+def weight(conf, count):
+    """What a client's codes are multiplied by in the field: its example count, or 1 under differential privacy,
+    whose sum is unweighted."""
+    return 1 if privacy.enabled(conf) else count
+
+
 def check_headroom(conf, registered):
-    """Refuse a run whose field cannot hold the largest honest sum: k clients (the largest shares) each adding its
-    example count times a code of up to 2^(fixed_bits-1) - 1, signed."""
-    heaviest = sum(sorted(registered, reverse=True)[:conf["k"]])
+    """Refuse a run whose field cannot hold the largest honest sum: the round's clients (k with the largest shares; under
+    DP's Poisson sampling, possibly every client, each weighing 1) each adding its weight times a code of up to
+    2^(fixed_bits-1) - 1, signed."""
+    weights = [weight(conf, count) for count in registered]
+    heaviest = sum(sorted(weights, reverse=True)[:len(weights) if privacy.enabled(conf) else conf["k"]])
     largest_sum = heaviest * (2 ** (conf["fixed_bits"] - 1) - 1)
     needed = largest_sum.bit_length() + 1  # and the sign
     if conf["secagg_bits"] < needed:
+        uploads = f"all {heaviest} clients, 1 each (Poisson sampling may take them all)" if privacy.enabled(conf) \
+            else f"{conf['k']} uploads weighing up to {heaviest} examples in all"
         raise SecureAggregationError(
-            f"secagg_bits {conf['secagg_bits']} cannot hold a round's sum: {conf['k']} uploads weighing up to "
-            f"{heaviest} examples in all, at fixed_bits {conf['fixed_bits']}, need {needed} bits (with the sign)")
+            f"secagg_bits {conf['secagg_bits']} cannot hold a round's sum: {uploads}, at fixed_bits "
+            f"{conf['fixed_bits']}, need {needed} bits (with the sign)")
     if largest_sum >= 2 ** 53:  # past it, float64 sums (without secure aggregation) round, and the two paths differ
         raise SecureAggregationError(
             f"a round's sum could reach {largest_sum} grid steps, past 2^53, where sums in float64 stop being exact: "
@@ -109,28 +120,31 @@ def check_headroom(conf, registered):
 
 
 def field_sums(uploads, numels, conf, device):
-    """The round's sums as the protocol delivers them: per tensor, sum of n_i * value_i and sum of n_i over the
-    clients that sent each entry, both float64, the total weight, and how many entries wrapped around the field.
+    """The round's sums as the protocol delivers them: per tensor, sum of w_i * value_i and sum of w_i over the
+    clients that sent each entry, both float64, the total weight, and how many entries wrapped around the field (w_i:
+    `weight`).
     `uploads` are robust.Decoded of fixed-point values on one grid; the integers are exact in int64."""
     step, modulus = fixed_step(conf["fixed_range"], conf["fixed_bits"]), 2 ** conf["secagg_bits"]
     sums, weights, overflows = [], [], 0
     for index, numel in enumerate(numels):
         total = torch.zeros(numel, dtype=torch.int64, device=device)
-        weight = torch.zeros(numel, dtype=torch.int64, device=device)
+        counts = torch.zeros(numel, dtype=torch.int64, device=device)
         for upload in uploads:
-            codes = torch.round(upload.values[index] / step).to(torch.int64) * upload.count
+            count = weight(conf, upload.count)
+            codes = torch.round(upload.values[index] / step).to(torch.int64) * count
             kept = upload.positions[index]
             if kept is None:
                 total += codes
-                weight += upload.count
+                counts += count
             else:
                 total.index_add_(0, kept, codes)
-                weight.index_add_(0, kept, weight.new_full((len(kept),), upload.count))
+                counts.index_add_(0, kept, counts.new_full((len(kept),), count))
         wrapped = wrap(total, modulus)
         overflows += int((wrapped != total).sum())
         sums.append(wrapped.to(torch.float64) * step)
-        weights.append(wrap(weight, modulus).to(torch.float64))
-    return sums, weights, wrap(torch.tensor(sum(u.count for u in uploads)), modulus).item(), overflows
+        weights.append(wrap(counts, modulus).to(torch.float64))
+    total_weight = wrap(torch.tensor(sum(weight(conf, u.count) for u in uploads)), modulus).item()
+    return sums, weights, total_weight, overflows
 
 
 def wrap(integers, modulus):

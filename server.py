@@ -172,12 +172,14 @@ class Server:
         """Per tensor, the round's update in float64: DP-FedAvg's noisy mean, a robust statistic of the uploads, or the
         aggregation rule over the sums (of the uploads as norm_bound leaves them)."""
         self.uploads = secure.on_shared_mask(self.uploads, self.conf, round_index, self.numels)
-        if privacy.enabled(self.conf):
-            return privacy.noisy_mean(self.uploads, self.numels, self.conf, round_index, self.globals[0].device)
         if self.conf["secure_aggregation"]:  # the server learns the sums only, as the protocol delivers them
             self.weighted_sums, self.weights, self.total_weight, self.overflows = secure.field_sums(
                 self.uploads, self.numels, self.conf, self.globals[0].device)
+            if privacy.enabled(self.conf):  # of updates the clients clipped, unweighted
+                return privacy.noised(self.weighted_sums, self.conf, round_index)
             return [self._rule(s, w) for s, w in zip(self.weighted_sums, self.weights)]
+        if privacy.enabled(self.conf):
+            return privacy.noisy_mean(self.uploads, self.numels, self.conf, round_index, self.globals[0].device)
         defense = self.conf["defense"]
         if defense == "median":
             return robust.per_entry(self.uploads, self.numels, robust.median)

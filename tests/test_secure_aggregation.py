@@ -9,10 +9,13 @@ import torch
 
 import codec
 import main
+import privacy
 import robust
 import secure
+from server import Server
 from conftest import TINY, read_csv
 from utils import config, run_files
+from utils.seeding import generator
 
 FIXED = {"sparsifier": "none", "quantize": "fixed", "fixed_bits": 8, "fixed_range": 0.01}
 
@@ -91,7 +94,8 @@ def test_masked_vectors_and_the_protocol_are_counted_in_bytes(tmp_path):
 # ---- the field ---------------------------------------------------------------------------------------------------
 
 def test_sums_wrap_around_the_field_and_the_wrapped_entries_are_counted():
-    conf = {**FIXED, "fixed_bits": 4, "fixed_range": 7.0, "secagg_bits": 6}  # codes -7..7, step 1; field -32..31
+    conf = {**FIXED, "fixed_bits": 4, "fixed_range": 7.0, "secagg_bits": 6, "dp_clip": 0}  # codes -7..7, step 1;
+    # the field -32..31
     uploads = [robust.Decoded(3, [None], [torch.tensor([7.0, -7.0, 1.0], dtype=torch.float64)]),
                robust.Decoded(2, [None], [torch.tensor([7.0, -7.0, -1.0], dtype=torch.float64)])]
     sums, weights, total, overflows = secure.field_sums(uploads, [3], conf, "cpu")
@@ -117,7 +121,6 @@ def test_a_field_without_headroom_for_the_rounds_sum_is_refused(tmp_path, capsys
     ({"defense": "median"}, "defense 'median'"),
     ({"attackers": 1}, "simulated attackers"),
     ({"download": "relay"}, "download 'relay'"),
-    ({"dp_clip": 1.0}, "differential privacy"),
 ])
 def test_what_does_not_sum_is_refused_in_one_line(tmp_path, capsys, overrides, message):
     assert main.main(["-c", write(tmp_path, secure_aggregation=True, **overrides), "--out", str(tmp_path / "r")]) == 2
@@ -166,3 +169,85 @@ def test_a_range_whose_step_would_underflow_is_refused():
     payload[12:20] = struct.pack("<d", 5e-324)
     with pytest.raises(codec.PayloadError, match="is not one fedsparse writes"):
         codec.decode(bytes(payload), [3], None)
+
+
+# ---- differential privacy under secure aggregation: the clients clip --------------------------------------------
+
+DP_SECURE = {**FIXED, "secure_aggregation": True, "dp_clip": 1.0, "fixed_range": 1.0}  # step 1/64
+
+
+def encode_clipped(conf, diffs):
+    return privacy.encode_clipped(diffs, conf, 1, lambda sent: codec.encode(conf, sent, 1))
+
+
+def test_a_client_clips_its_update_so_that_what_it_sends_is_within_the_bound():
+    conf = config.validate(DP_SECURE)
+    # norm 5, clipped to 1: 0.6 and 0.8 are 38.4 and 51.2 steps of 1/64, rounded to 38 and 51, norm 0.99376
+    assert encode_clipped(conf, [torch.tensor([3.0, 4.0])]).values[0].tolist() == [38 / 64, 51 / 64]
+    # within the bound (norm 0.99999) at 45.006 and 45.506 steps, it rounds to 45 and 46, norm 1.0055: the client
+    # takes the excess off its squared norm (0.99999^2 - 0.01105: norm 0.9944, 44.75 and 45.25 steps), and that
+    # rounds to 45 and 45, norm 0.9944
+    diff = torch.tensor([45 / 64, 45.5 / 64]) * 1.0 / math.hypot(45, 45.5) * 64 * 0.99999
+    sent = encode_clipped(conf, [diff]).values[0]
+    assert sent.tolist() == [45 / 64, 45 / 64] and math.hypot(*sent.tolist()) <= 1.0
+    small = torch.tensor([0.25, -0.5])
+    assert torch.equal(encode_clipped(conf, [small]).values[0], small)  # within the bound and on the grid: as it is
+
+
+def test_no_update_a_client_sends_passes_the_bound_after_rounding():
+    conf = config.validate({**DP_SECURE, "dp_clip": 0.05, "fixed_range": 0.01, "fixed_bits": 6})  # step 2^-11
+    source = torch.Generator().manual_seed(0)
+    norms = []
+    for trial in range(200):
+        diffs = [torch.randn(300, generator=source) * 0.01 * (trial % 7), torch.randn(7, generator=source) * 0.001]
+        sent = encode_clipped(conf, diffs).values
+        norms.append(math.sqrt(sum(float(v.double().square().sum()) for v in sent)))
+    assert max(norms) <= 0.05
+    assert sorted(norms)[100] > 0.049  # and most are clipped close to it, not to the worst case (0.05 - 0.0043)
+
+
+def test_under_dp_the_server_adds_noise_to_the_unweighted_sum_and_divides_by_k():
+    conf = config.validate({**DP_SECURE, "no_models": 4, "k": 3, "dp_noise_multiplier": 0.5, "seed": 7,
+                            "server_validation": 0})
+    model = torch.nn.Linear(2, 1, bias=False)
+    start = model.weight.detach().clone().flatten()
+    server = Server(model, conf, "cpu", registered=[10, 300, 5, 5])
+    sent = [[0.5, 0.25], [-0.125, 1.0]]  # on the grid, norms within 1: what two clients clipped and rounded
+    for client_id, values in enumerate(sent):
+        server.receive(codec.encode(conf, [torch.tensor(values)], [10, 300][client_id]).payload, client_id)
+    assert server.aggregate(round_index=2) is None
+    noise = 0.5 * 1.0 * torch.randn(2, generator=generator(7, "dp noise", 2), dtype=torch.float64)
+    expected = (torch.tensor([0.375, 1.25], dtype=torch.float64) + noise) / 3  # each weighs 1, over k = 3
+    assert torch.equal(model.weight.detach().flatten(), (start.double() + expected.float()).float()) or \
+        torch.allclose(model.weight.detach().flatten(), start + expected.float(), atol=1e-7)
+
+
+def test_dp_under_secure_aggregation_runs_accounts_and_resumes_exactly(tmp_path):
+    conf = write(tmp_path, **{**DP_SECURE, "fixed_range": 0.01, "dp_clip": 0.1, "dp_noise_multiplier": 0.3,
+                              "no_models": 8, "k": 3, "global_epochs": 3, "error_feedback": True})
+    assert main.main(["-c", conf, "--out", str(tmp_path / "straight")]) == 0
+    assert main.main(["-c", conf, "--set", "global_epochs=2", "--out", str(tmp_path / "resumed")]) == 0
+    assert main.main(["--out", str(tmp_path / "resumed"), "--resume", "--set", "global_epochs=3"]) == 0
+    rows = read_csv(tmp_path / "straight" / "metrics.csv")
+    assert [row["epsilon"] for row in rows] == [row["epsilon"] for row in read_csv(tmp_path / "resumed" /
+                                                                                   "metrics.csv")]
+    assert float(rows[-1]["epsilon"]) > float(rows[0]["epsilon"]) > 0
+    assert all(row["refused"] == "0" for row in rows)  # every round moved the model
+    assert [row["accuracy"] for row in rows] == [row["accuracy"] for row in read_csv(tmp_path / "resumed" /
+                                                                                     "metrics.csv")]
+    assert all(int(row["secagg_up_bytes"]) > 0 for row in rows if row["clients"])
+
+
+def test_under_dp_the_field_holds_every_client_weighing_one():
+    conf = config.validate({**DP_SECURE, "no_models": 1000, "k": 100, "secagg_bits": 18})
+    secure.check_headroom(conf, [60] * 1000)  # Poisson may take all 1000: 1000 * 127 = 127000 < 2^17
+    with pytest.raises(secure.SecureAggregationError, match="all 1000 clients, 1 each .* need 18 bits"):
+        secure.check_headroom({**conf, "secagg_bits": 17}, [60] * 1000)
+
+
+def test_a_clip_within_fixed_points_rounding_is_refused_in_one_line(tmp_path, capsys):
+    # the small CNN's 140554 entries at step 2^-13 (range 0.01, 8 bits): rounding can add 0.0229 to a norm
+    assert main.main(["-c", write(tmp_path, **{**DP_SECURE, "fixed_range": 0.01, "dp_clip": 0.02}), "--out",
+                      str(tmp_path / "r")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "dp_clip 0.02 is within fixed point's rounding" in error, error

@@ -120,8 +120,9 @@ KEYS = {
     "secagg_bits": (32, "secure_aggregation: the field's bits; a run whose round sums could wrap around it is refused "
                         "before it starts"),
     "dp_clip": (0.0, "client-level differential privacy, DP-FedAvg (privacy.py): the L2 norm each decoded update is "
-                     "clipped to; clients are then sampled independently with probability k / no_models, and the "
-                     "server adds noise to the sum and divides by k, in place of the aggregation rule (0: no DP)"),
+                     "clipped to (by the server; under secure_aggregation by each client, before encoding); clients "
+                     "are then sampled independently with probability k / no_models, and the server adds noise to "
+                     "the sum and divides by k, in place of the aggregation rule (0: no DP)"),
     "dp_noise_multiplier": (0.0, "DP: the noise's std, as a multiple of dp_clip, added to every entry of the sum of "
                                  "clipped updates (0: clipping only, epsilon infinite)"),
     "dp_delta": (0.0, "DP: the delta at which epsilon is reported (0: 1 / no_models^1.1)"),
@@ -301,8 +302,7 @@ def check_secure_aggregation(conf):
                                     f"sum)"),
         (conf["attackers"] > 0, "simulated attackers (the server could not bound a hidden upload's claimed count)"),
         (conf["download"] == "relay", "download 'relay' (it forwards each upload to the clients)"),
-        (conf["mode"] == "async", "mode 'async' (FedBuff weighs each upload by its staleness, in floating point)"),
-        (conf["dp_clip"] > 0, "differential privacy (clipping would have to move to the clients: not built yet)")]
+        (conf["mode"] == "async", "mode 'async' (FedBuff weighs each upload by its staleness, in floating point)")]
     conflict = next((why for refused, why in conflicts if refused), None)
     if conflict:
         raise ConfigError(f"secure_aggregation cannot be combined with {conflict}")
