@@ -127,7 +127,7 @@ def play_round(round_index, conf, server, transport, dataset, timer=None, show_p
         print(f"round {round_index}: no upload arrived in time: the deadline is {conf['deadline']:g} s, the fastest "
               f"client needed {min(t.finish_s for t in timings):.4g} s", file=sys.stderr)
     arrived = [upload for upload in uploads if upload.client_id not in dropped]
-    received = receive(round_index, server, arrived, masked=masked)
+    received = receive(round_index, server, arrived, masked=masked, delivered=transport.secure_sum)
     accuracy, loss, kept = step_and_evaluate(round_index, server, dataset)
     kept_clients = [client_id for client_id in chosen if client_id not in dropped]
     row = metrics_row(round_index, server, received, kept_clients, [syncs[c] for c in kept_clients],
@@ -169,12 +169,19 @@ class Received:
     entries: int
 
 
-def receive(round_index, server, uploads, weights=None, masked=None):
+def receive(round_index, server, uploads, weights=None, masked=None, delivered=None):
     """Decode `uploads` into the server's sums (each scaled by its weight in `weights`, by client id: a stale upload's
     under FedBuff); print why any was rejected. Under secure aggregation an accepted upload travels as its masked
-    vector, of `masked` bytes."""
+    vector, of `masked` bytes; when the transport ran the protocol itself, `delivered` is the round's sums it handed
+    over (secure.delivered), and the uploads in it carry no payload."""
     upload_bytes, rejected = 0, 0
+    arrived = [upload for upload in uploads if upload.problem is None]
+    if delivered is not None:
+        server.receive_sum(delivered, len(arrived), round_index)
+        upload_bytes += masked * len(arrived)
     for upload in uploads:
+        if delivered is not None and upload.problem is None:
+            continue
         weight = weights.get(upload.client_id, 1.0) if weights else 1.0
         problem = upload.problem or server.receive(upload.payload, upload.client_id, weight)
         if upload.problem:  # nothing usable came back: what the client's model is now, the server cannot tell
@@ -183,8 +190,7 @@ def receive(round_index, server, uploads, weights=None, masked=None):
             rejected += 1
             print(f"round {round_index}: rejected client {upload.client_id}'s upload: {problem}", file=sys.stderr)
         upload_bytes += masked if masked and not problem else len(upload.payload)
-    losses = [upload.train_loss for upload in uploads if upload.problem is None]
-    return Received(upload_bytes, rejected, losses, server.received_entries)
+    return Received(upload_bytes, rejected, [upload.train_loss for upload in arrived], server.received_entries)
 
 
 def step_and_evaluate(round_index, server, dataset):

@@ -67,10 +67,14 @@ def on_shared_mask(uploads, conf, round_index, numels):
     return carried
 
 
+def movable_entries(conf, round_index, numels):
+    """How many entries every upload of round `round_index` carries."""
+    return sum(numel if kept is None else len(kept) for kept, numel in zip(movable(conf, round_index, numels), numels))
+
+
 def masked_upload_size(conf, round_index, numels):
     """Bytes of one client's masked vector in round `round_index`: the coordinates every upload carries."""
-    shared = movable(conf, round_index, numels)
-    return masked_size(sum(numel if kept is None else len(kept) for kept, numel in zip(shared, numels)), conf)
+    return masked_size(movable_entries(conf, round_index, numels), conf)
 
 
 def neighbours(clients):
@@ -150,3 +154,20 @@ def field_sums(uploads, numels, conf, device):
 def wrap(integers, modulus):
     """Integers as the field holds them, read back as signed: into [-modulus/2, modulus/2)."""
     return (integers + modulus // 2) % modulus - modulus // 2
+
+
+def delivered(codes, total_weight, conf, round_index, numels):
+    """The round's sums, as field_sums returns them (on the CPU), from what a protocol run for real delivered
+    (engines/secagg.py): per tensor, the integer sums of weight times code over the round's movable entries, and the
+    sum of the weights. Nothing wrapped: the run was refused unless the field holds every honest sum, and a sum that
+    did wrap could not be told from one that did not."""
+    step = fixed_step(conf["fixed_range"], conf["fixed_bits"])
+    sums, weights = [], []
+    for summed, kept, numel in zip(codes, movable(conf, round_index, numels), numels):
+        entries = slice(None) if kept is None else kept
+        total, counts = torch.zeros(numel, dtype=torch.float64), torch.zeros(numel, dtype=torch.float64)
+        total[entries] = summed.to(torch.float64) * step
+        counts[entries] = float(total_weight)
+        sums.append(total)
+        weights.append(counts)
+    return sums, weights, total_weight, 0

@@ -46,6 +46,7 @@ class Server:
         self.received_entries = 0  # diff entries carried by accepted uploads
         self.accepted_payloads = []  # (payload, the count it was weighed by) per accepted upload: what a relay forwards
         self.uploads = []  # with a defense: the round's decoded uploads, which it looks at together before summing
+        self.delivered = None  # under secure aggregation run by the transport: the round's sums, as it delivered them
 
     def global_state(self):
         return self.model.state_dict()
@@ -81,6 +82,15 @@ class Server:
         self.accepted_payloads.append((upload_bytes, num_samples))
         self.received_entries += sum(len(v) for v in values)
         return None
+
+    def receive_sum(self, summed, clients, round_index):
+        """Take the round's sums as a secure aggregation protocol run by the transport delivered them (secure.delivered:
+        what the server would have summed of the uploads of `clients` clients), in place of their uploads."""
+        device = self.globals[0].device
+        sums, weights, total_weight, overflows = summed
+        self.delivered = [s.to(device) for s in sums], [w.to(device) for w in weights], total_weight, overflows
+        self.accepted = clients
+        self.received_entries = clients * secure.movable_entries(self.conf, round_index, self.numels)
 
     def _add(self, upload):
         """Add a decoded upload to this round's sums, weighted by its example count."""
@@ -173,7 +183,7 @@ class Server:
         aggregation rule over the sums (of the uploads as norm_bound leaves them)."""
         self.uploads = secure.on_shared_mask(self.uploads, self.conf, round_index, self.numels)
         if self.conf["secure_aggregation"]:  # the server learns the sums only, as the protocol delivers them
-            self.weighted_sums, self.weights, self.total_weight, self.overflows = secure.field_sums(
+            self.weighted_sums, self.weights, self.total_weight, self.overflows = self.delivered or secure.field_sums(
                 self.uploads, self.numels, self.conf, self.globals[0].device)
             if privacy.enabled(self.conf):  # of updates the clients clipped, unweighted
                 return privacy.noised(self.weighted_sums, self.conf, round_index)

@@ -8,6 +8,8 @@
         dense payload}} (what clients keep between rounds, their residuals and warm starts, lives in the client store
         given to the transport: client_store.py)
     restore_client_state(state)  (client ids already checked against the run's clients by federation.restore)
+    secure_sum: after train, the round's sums when the transport ran secure aggregation itself (Flower's SecAgg+:
+        secure.delivered), its Uploads then carrying no payload; None when the server sums the payloads
 
 A transport is built as transport_factory(conf, dataset, shares, workspace model, client store).
 
@@ -22,3 +24,19 @@ def node_gpus(client_gpus, parallel):
     as Ray wants for a node (its actors may take fractions). Rounded to Ray's precision, 0.0001, first: in floats,
     0.28 * 25 is a little over 7, and should not ask for an eighth GPU."""
     return math.ceil(round(client_gpus * parallel, 4))
+
+
+def check_secure_aggregation(conf):
+    """The Flower engines run secure aggregation for real (engines/secagg.py): refuse, before anything starts, what
+    Flower's SecAgg+ cannot do as the simulation does. Returns the reason, or None."""
+    if not conf["secure_aggregation"]:
+        return None
+    conflicts = [
+        (conf["error_feedback"], "error_feedback (a node's residual travels back to the server for the run's "
+                                 "checkpoint, and would show it what the sum hides)"),
+        (conf["deadline"] > 0 or conf["over_select"] > 1,
+         "a deadline or over-selection (SecAgg+ sums every node that answers: a late upload cannot be taken out of "
+         "the sum)"),
+        (conf["secagg_bits"] > 32, f"secagg_bits {conf['secagg_bits']} (Flower's SecAgg+ masks modulo at most 2^32)")]
+    return next((f"secure_aggregation on Flower cannot be combined with {why}" for refused, why in conflicts
+                 if refused), None)

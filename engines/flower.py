@@ -22,6 +22,7 @@ next message, as a node that had kept them on disk would find them.
 import contextlib
 import copy
 import json
+import math
 import os
 import re
 import signal
@@ -44,7 +45,9 @@ import downloads
 import engines
 import federation
 import models
+import secure
 from client import KEPT, Client, Upload, check_kept, kept_numels
+from engines import secagg
 from server import Server
 from utils import partition, run_files
 from utils.run_files import RunError
@@ -66,9 +69,10 @@ def query(message: Message, context: Context) -> Message:
                    reply_to=message)
 
 
-@client_app.train()
+@client_app.train(mods=[secagg.mod])
 def train(message: Message, context: Context) -> Message:
-    task = message.content.config_records["task"]
+    summed = secagg.in_protocol(message)  # SecAgg+'s collect stage: the reply is this node's share of the sum
+    task = secagg.task(message) if summed else message.content.config_records["task"]
     conf = json.loads(task["conf"])
     torch.set_num_threads(int(task["threads"]))  # the launcher's count: same thread count, same sums, same metrics
     workspace = Workspace.for_conf(conf)
@@ -88,8 +92,11 @@ def train(message: Message, context: Context) -> Message:
     if conf["download"] != "dense":  # the next sync starts from this model
         kept["model"] = ConfigRecord({"values": codec.encode(codec.DENSE_F32, synced, 0).payload})
     upload = client.local_train(workspace.model, replica.global_state(), workspace.dataset, int(task["round"]))
-    reply = {"client": client_id, "payload": upload.payload, "train_loss": upload.train_loss,
-             "checksum": downloads.checksum(synced)}
+    reply = {"client": client_id, "train_loss": upload.train_loss, "checksum": downloads.checksum(synced)}
+    if summed:  # nothing of it kept (error feedback is refused here): a residual would show the server the upload
+        return secagg.reply(message, upload, secure.weight(conf, len(client.indices)), conf, workspace.numels,
+                            int(task["round"]), reply)
+    reply["payload"] = upload.payload
     for name in KEPT:
         if getattr(client, name) is not None:
             reply[name] = codec.encode(codec.DENSE_F32, getattr(client, name), 0).payload
@@ -145,8 +152,12 @@ WORKSPACE_KEYS = ("type", "data_dir", "device", "no_models", "partition", "alpha
 class GridTransport:
     """Trains the sampled clients on their Flower nodes: one message each, replies gathered by client id."""
 
-    def __init__(self, grid, conf, shapes, settings, stop, store):
+    def __init__(self, grid, conf, shapes, settings, stop, store, registered):
         self.grid, self.conf, self.store = grid, conf, store
+        self.registered = registered  # per client, the examples of its share: the most weight its node may claim
+        self.numels = [math.prod(shape) for shape in shapes]
+        self.secure_sum = None  # under secure aggregation, the round's sums as Flower's SecAgg+ delivered them
+        self.quantization_range = secagg.ranges(conf, registered) if conf["secure_aggregation"] else None
         self.timeout, self.threads, self.stop = settings["timeout"], settings["threads"], stop
         self.node_of = self._find_nodes()
         self.kept_numels = kept_numels(conf, shapes)
@@ -179,7 +190,7 @@ class GridTransport:
         expected = downloads.checksum(floats)  # what every node's model must be after its sync
         held = codec.encode(codec.DENSE_F32, floats, 0).payload if self.conf["download"] != "dense" else None
         task = {"round": round_index, "conf": json.dumps(self.conf), "threads": self.threads}
-        messages = []
+        contents = {}  # client id -> its train task, in the order of `chosen`
         for client_id in chosen:
             if client_id in self.resumed:
                 self.resumed.discard(client_id)
@@ -187,14 +198,52 @@ class GridTransport:
                     kept = self.store.get(name, client_id)
                     if kept is not None:
                         self.to_restore.setdefault(client_id, {})[name] = codec.encode(codec.DENSE_F32, kept, 0).payload
-            content = {**task, "sync": syncs[client_id], **self.to_restore.pop(client_id, {})}
-            messages.append(self._message(self.node_of[client_id], "train", content))
-        replies = self._exchange(messages, time.monotonic() + self.timeout)
-        uploads = [self._upload(client_id, reply, expected) for client_id, reply in zip(chosen, replies)]
+            contents[client_id] = {**task, "sync": syncs[client_id], **self.to_restore.pop(client_id, {})}
+        if self.conf["secure_aggregation"]:
+            uploads = self._train_summed(contents, round_index, expected)
+        else:
+            messages = [self._message(self.node_of[c], "train", content) for c, content in contents.items()]
+            replies = self._exchange(messages, time.monotonic() + self.timeout)
+            uploads = [self._upload(client_id, reply, expected) for client_id, reply in zip(chosen, replies)]
         for upload in uploads:
             if held is not None and upload.problem is None:
                 self.models[upload.client_id] = held
         return uploads
+
+    def _train_summed(self, contents, round_index, expected_checksum):
+        """The round on Flower's SecAgg+ (engines/secagg.py): the sampled clients' Uploads, without payloads, and the
+        sum of theirs in self.secure_sum. A node in the sum whose reply is malformed, claims more weight than its
+        share has, or whose model after its sync is not the server's, spoils the sum (which cannot be taken apart):
+        then nothing of the round is used."""
+        self.secure_sum = None
+        client_of = {self.node_of[client_id]: client_id for client_id in contents}
+        outcome = secagg.run_round(secagg.Exchange(self._exchange, self.timeout),
+                                   {self.node_of[c]: content for c, content in contents.items()}, round_index,
+                                   self.conf, self.quantization_range)
+        problem = outcome if isinstance(outcome, str) else None
+        results = {} if problem else {client_of[node]: result for node, result in outcome.items() if node in client_of}
+        for client_id, result in sorted(results.items()):
+            try:
+                self._check_reply(client_id, result.metrics)
+            except (KeyError, TypeError, ValueError) as e:
+                problem = f"client {client_id}'s node in the sum replied malformed ({e})"
+            else:
+                most = secure.weight(self.conf, self.registered[client_id])
+                if type(result.num_examples) is not int or not 1 <= result.num_examples <= most:
+                    problem = f"client {client_id}'s node in the sum claims weight {result.num_examples!r}, its " \
+                              f"share allows 1 to {most}"
+                elif result.metrics["checksum"] != expected_checksum:
+                    problem = f"client {client_id}'s node in the sum did not hold the server's model after its sync"
+            if problem:
+                break
+        if problem or not results:
+            problem = problem or "no node's masked vector is in the sum"
+            return [Upload(c, b"", float("nan"), problem=problem) for c in contents]
+        total = sum(result.num_examples for result in results.values())
+        codes = secagg.sums_from(next(iter(results.values())).parameters, total, self.conf)
+        self.secure_sum = secure.delivered(codes, total, self.conf, round_index, self.numels)
+        return [Upload(c, b"", results[c].metrics["train_loss"]) if c in results else
+                Upload(c, b"", float("nan"), problem="its masked vector is not in the sum") for c in contents]
 
     def _upload(self, client_id, reply, expected_checksum):
         """The client's Upload, or one that carries why nothing usable came back. Every field is checked here, as it
@@ -223,7 +272,7 @@ class GridTransport:
         """Raise ValueError naming the first field of a train reply that is not what train() sends."""
         if type(record["client"]) is not int or record["client"] != client_id:
             raise ValueError(f"it answers for another client, {record['client']!r}")
-        if not isinstance(record["payload"], bytes):
+        if not self.conf["secure_aggregation"] and not isinstance(record["payload"], bytes):  # none under SecAgg+
             raise ValueError("its payload is not bytes")
         if not isinstance(record["checksum"], str):
             raise ValueError("its checksum is not text")
@@ -305,7 +354,7 @@ def serve(grid, settings, stop):
     """The ServerApp's work: federation.run with this grid as the transport; returns the metrics rows."""
     def transport(conf, dataset, shares, workspace, store):
         shapes = [t.shape for t in workspace.state_dict().values() if torch.is_floating_point(t)]
-        return GridTransport(grid, conf, shapes, settings, stop, store)
+        return GridTransport(grid, conf, shapes, settings, stop, store, [len(share) for share in shares])
     return federation.run(settings["conf"], settings["out"], settings["resume"], transport)
 
 

@@ -11,6 +11,8 @@ from client import Client
 
 
 class InProcess:
+    secure_sum = None  # the server sums the uploads itself, under secure aggregation too (secure.py simulates it)
+
     def __init__(self, conf, dataset, shares, workspace, store):
         self.dataset = dataset
         self.workspace = workspace

@@ -2,6 +2,7 @@
 (state carried across rounds and across a resume included); Flower nodes that fail, time out or answer garbage are left
 out of their round and the run goes on; the simulation's Ray listens on 127.0.0.1 only, and its flags are checked before
 it starts; the in-process path never imports Flower."""
+import copy
 import glob
 import ipaddress
 import json
@@ -23,10 +24,12 @@ import downloads
 import engines
 import federation
 import main
+import secure
 from client import kept_numels
 from client_store import ClientStore
 from conftest import ROOT, TINY, free_ports, kept_records, read_csv, without_seconds
 from server import Server
+from utils import config, run_files
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0",
        "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
@@ -289,7 +292,8 @@ def one_round(flower, tiny_model, make_conf, behaviours, timeout=5.0, **override
     settings = {"timeout": timeout, "threads": 1}
     shapes = [t.shape for t in server.globals]
     store = ClientStore(tempfile.mkdtemp(), kept_numels(conf, shapes), 1024, False)
-    transport = flower.GridTransport(FakeGrid(behaviours), conf, shapes, settings, flower.threading.Event(), store)
+    transport = flower.GridTransport(FakeGrid(behaviours), conf, shapes, settings, flower.threading.Event(), store,
+                                     [10] * len(behaviours))
     test_split = SimpleNamespace(test_inputs=torch.ones(4, 3), test_labels=torch.tensor([0, 1, 0, 1]), num_classes=2)
     return federation.play_round(1, conf, server, transport, test_split), server, transport
 
@@ -403,7 +407,7 @@ def test_nodes_keep_residuals_and_warm_starts_across_rounds_and_a_resume(flower,
         grid = FakeGrid({p: (lambda message, p=p: flower.train(message, contexts[p])) for p in range(len(contexts))})
         shapes = [t.shape for t in workspace.state_dict().values() if torch.is_floating_point(t)]
         return flower.GridTransport(grid, conf, shapes, {"timeout": 60.0, "threads": 1}, flower.threading.Event(),
-                                    store)
+                                    store, [len(share) for share in shares])
     out = str(tmp_path / "grid")
     federation.run({**conf, "global_epochs": 2}, out, False, grid_of_new_nodes)
     rows = federation.run(conf, out, True, grid_of_new_nodes)
@@ -440,10 +444,10 @@ def test_missing_nodes_are_one_clear_error(flower, make_conf):
     conf, settings = make_conf(no_models=3, k=2), {"timeout": 0.5, "threads": 1}
     with pytest.raises(federation.RunError, match="only 2 of 3 nodes connected after 0.5 s"):
         flower.GridTransport(FakeGrid({0: garbage, 1: garbage}), conf, [(2, 3), (2,)], settings,
-                             flower.threading.Event(), None)
+                             flower.threading.Event(), None, [10, 10, 10])
     with pytest.raises(federation.RunError, match="no node holds partition-id 1"):  # three nodes, one misconfigured
         flower.GridTransport(FakeGrid({0: garbage, 2: garbage, 5: garbage}), conf, [(2, 3), (2,)], settings,
-                             flower.threading.Event(), None)
+                             flower.threading.Event(), None, [10, 10, 10])
 
 
 # ---- the simulation's flags: checked before Ray starts ------------------------------------------------------------
@@ -486,3 +490,133 @@ def test_the_in_process_engine_never_imports_flower(write_conf, tmp_path):
               "print(status, any(m == 'flwr' or m.startswith(('flwr.', 'ray')) for m in sys.modules))")
     result = run_command(sys.executable, "-c", script, write_conf(global_epochs=1), tmp_path / "run")
     assert result.stdout.strip().splitlines()[-1] == "0 False"
+
+
+# ---- secure aggregation on Flower: SecAgg+ for real ---------------------------------------------------------------
+
+SECURE = {"sparsifier": "none", "quantize": "fixed", "fixed_bits": 8, "fixed_range": 0.01, "secure_aggregation": True}
+
+
+def grid_of_secagg_nodes(flower):
+    """A transport factory whose nodes are this process's ClientApp, each message passing through the app's mod
+    (secaggplus_mod for SecAgg+'s stages), with a context per node kept across messages as Flower keeps it."""
+    from flwr.app import Context, RecordDict
+    from engines import secagg
+
+    def factory(conf, dataset, shares, workspace, store):
+        contexts = [Context(run_id=1, node_id=1000 + p, node_config={"partition-id": p}, state=RecordDict(),
+                            run_config={}) for p in range(conf["no_models"])]
+        # each node gets its own copy, as it would over the wire: the workflow sends one content to every node, and
+        # secaggplus_mod pops from it
+        grid = FakeGrid({p: (lambda message, p=p: secagg.mod(copy.deepcopy(message), contexts[p], flower.train))
+                         for p in range(len(contexts))})
+        shapes = [t.shape for t in workspace.state_dict().values() if torch.is_floating_point(t)]
+        return flower.GridTransport(grid, conf, shapes, {"timeout": 60.0, "threads": 1}, flower.threading.Event(),
+                                    store, [len(share) for share in shares])
+    return factory
+
+
+@pytest.mark.parametrize("method", [
+    {"aggregation": "mean", "download": "compressed", "server_momentum": 0.5},
+    # DP under secure aggregation: the clients clip, weigh 1, and send only the round's shared mask; Poisson sampling
+    # takes 4, 3 and 4 of the 4 clients at seed 0
+    {"sparsifier": "random", "mask": "shared", "prop": 0.3, "dp_clip": 0.1, "dp_noise_multiplier": 0.5, "k": 3,
+     "server_validation": 0},
+])
+def test_flowers_secagg_plus_steps_as_the_simulated_secure_aggregation(flower, make_conf, tmp_path, method):
+    from engines.inprocess import InProcess
+    conf = make_conf(**{**SECURE, "global_epochs": 3, **method})
+    expected = federation.run(conf, str(tmp_path / "simulated"), False, InProcess)
+    rows = federation.run(conf, str(tmp_path / "secagg"), False, grid_of_secagg_nodes(flower))
+    assert without_seconds(rows) == without_seconds(expected)
+    assert [row["refused"] for row in rows] == [0, 0, 0] and all(row["rejected"] == 0 for row in rows)
+    models = [run_files.load_checkpoint(str(tmp_path / run), "cpu")["model"] for run in ("simulated", "secagg")]
+    assert all(torch.equal(models[0][name], models[1][name]) for name in models[0])
+
+
+def test_secure_aggregation_on_flowers_simulation_engine_gives_the_simulated_runs_metrics(write_conf, tmp_path):
+    """The whole path on Ray: the ClientApp's mod, the nodes' contexts across SecAgg+'s four stages, two actors."""
+    conf = write_conf(**SECURE, global_epochs=2, download="compressed")
+    assert main.main(["-c", conf, "--out", str(tmp_path / "simulated")]) == 0
+    run_command(sys.executable, "main.py", "-c", conf, "--out", tmp_path / "flower", "--engine", "flower",
+                "--parallel", "2")
+    assert without_seconds(read_csv(tmp_path / "flower" / "metrics.csv")) == \
+        without_seconds(read_csv(tmp_path / "simulated" / "metrics.csv"))
+
+
+def test_the_sum_flower_delivers_reads_back_to_the_exact_integer_sums():
+    """Flower's own quantization and dequantization (flwr.common.secure_aggregation), run here as SecAgg+ runs them
+    with the ranges engines/secagg.py chooses: what the server reads back is exactly the sum of weight times code."""
+    import numpy as np
+    from flwr.common import ndarrays_to_parameters
+    from flwr.common.secure_aggregation.quantization import dequantize, quantize
+    from engines import secagg
+    conf = config.validate({**SECURE, "k": 3, "no_models": 3})
+    step, registered = 2.0 ** -13, [37, 500, 211]
+    T = secagg.ranges(conf, registered)
+    assert T == 2 ** 17  # 127 * 500 = 63500 needs 16 bits: T / 2 = 2^16 holds it
+    codes = [np.random.default_rng(c).integers(-127, 128, 1000) for c in range(3)]
+    total = np.zeros(1000, dtype=np.int64)
+    for weight, code in zip(registered, codes):  # secaggplus_mod: times weight / T, then Flower's quantize
+        total += quantize([code * step * (weight / T)], step / 2, T)[0]
+    aggregated = dequantize([total], step / 2, T)[0] - (3 - 1) * step / 2  # the workflow's unmask stage
+    aggregated *= T / sum(registered)
+    expected = sum(weight * code for weight, code in zip(registered, codes))
+    assert torch.equal(secagg.sums_from(ndarrays_to_parameters([aggregated]), sum(registered), conf)[0],
+                       torch.from_numpy(expected))
+    with pytest.raises(secure.SecureAggregationError, match="T = 131072 .* 2\\^secagg_bits = 2\\^18"):
+        secagg.ranges({**conf, "secagg_bits": 18}, registered)  # 3 * 2^17 > 2^18
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"error_feedback": True}, "error_feedback"),
+    ({"clock": "simulated", "deadline": 10.0}, "a deadline or over-selection"),
+    ({"secagg_bits": 40}, "secagg_bits 40"),
+])
+def test_what_flowers_secagg_plus_cannot_do_is_refused_in_one_line(write_conf, tmp_path, run_main, overrides,
+                                                                    message):
+    status, _, err = run_main("-c", write_conf(**SECURE, **overrides), "--out", tmp_path / "run", "--engine", "flower")
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"secure_aggregation on Flower cannot be combined with {message}" in err, err
+
+
+def summed_round(flower, tiny_model, make_conf, results, monkeypatch):
+    """One SecAgg+ round of three nodes in which the protocol delivered `results` (node id -> FitRes), or its reason."""
+    from engines import secagg
+    monkeypatch.setattr(secagg, "run_round", lambda *args: results)
+    conf = make_conf(**{**SECURE, "no_models": 3, "k": 3, "aggregation": "mean", "fixed_range": 64.0})
+    return one_round(flower, tiny_model, make_conf, {p: garbage for p in range(3)}, **conf)
+
+
+def fit_result(client_id, value, weight=10, **metrics):
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+    import numpy as np
+    fields = {"client": client_id, "train_loss": 0.5, "checksum": downloads.checksum(
+        [torch.arange(1.0, 7.0), torch.tensor([0.5, -0.5])]), **metrics}
+    return FitRes(Status(Code.OK, ""), ndarrays_to_parameters([np.full(6, value), np.full(2, value)]), weight, fields)
+
+
+def test_a_round_on_secagg_plus_steps_by_what_the_sum_holds(flower, tiny_model, make_conf, monkeypatch):
+    before = tiny_model.weight.detach().clone()
+    # Flower delivers the weighted mean: 1.5 from three nodes of weight 10 is the integer sum 45 (steps of 1: range 64
+    # at 8 bits), which the mean divides by 30
+    results = {1000 + p: fit_result(p, 1.5) for p in range(3)}
+    row, server, transport = summed_round(flower, tiny_model, make_conf, results, monkeypatch)
+    assert row["rejected"] == 0 and row["refused"] == 0 and row["train_loss"] == 0.5
+    assert torch.equal(tiny_model.weight.detach(), before + 1.5)
+
+
+@pytest.mark.parametrize("results, message", [
+    ("SecAgg+ halted: too few nodes answered one of its stages", "SecAgg+ halted"),
+    ({1000: fit_result(0, 1.0), 1001: fit_result(1, 1.0, weight=11)}, "claims weight 11, its share allows 1 to 10"),
+    ({1000: fit_result(0, 1.0), 1001: fit_result(1, 1.0, checksum="0" * 64)}, "did not hold the server's model"),
+    ({1000: fit_result(0, 1.0), 1001: fit_result(1, 1.0, client=2)}, "answers for another client"),
+    ({1000: fit_result(0, 1.0), 1001: fit_result(1, 1.0, train_loss="low")}, "train_loss"),
+])
+def test_a_sum_spoiled_by_one_node_is_not_used_and_the_run_goes_on(flower, tiny_model, make_conf, monkeypatch,
+                                                                    capsys, results, message):
+    before = tiny_model.weight.detach().clone()
+    row, _, _ = summed_round(flower, tiny_model, make_conf, results, monkeypatch)
+    assert row["rejected"] == 3 and row["refused"] == 1
+    assert torch.equal(tiny_model.weight.detach(), before)
+    assert message in capsys.readouterr().err
