@@ -534,6 +534,24 @@ def test_flowers_secagg_plus_steps_as_the_simulated_secure_aggregation(flower, m
     assert all(torch.equal(models[0][name], models[1][name]) for name in models[0])
 
 
+def test_a_garbled_node_in_secagg_plus_costs_its_rounds_not_the_run(flower, make_conf, tmp_path, capsys):
+    conf = make_conf(**{**SECURE, "global_epochs": 2, "no_models": 4, "k": 3})
+    honest = grid_of_secagg_nodes(flower)
+
+    def factory(conf, dataset, shares, workspace, store):
+        transport = honest(conf, dataset, shares, workspace, store)
+        transport.grid.behaviours[3] = garbage  # answers every stage with a record SecAgg+ does not know
+        return transport
+    rows = federation.run(conf, str(tmp_path / "run"), False, factory)
+    err = capsys.readouterr().err
+    for row in rows:
+        if "3" in row["clients"].split():
+            assert row["rejected"] == 3 and row["refused"] == 1
+        else:
+            assert row["rejected"] == 0 and row["refused"] == 0
+    assert "SecAgg+ failed (KeyError" in err and len(rows) == 2
+
+
 def test_secure_aggregation_on_flowers_simulation_engine_gives_the_simulated_runs_metrics(write_conf, tmp_path):
     """The whole path on Ray: the ClientApp's mod, the nodes' contexts across SecAgg+'s four stages, two actors."""
     conf = write_conf(**SECURE, global_epochs=2, download="compressed")
