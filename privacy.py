@@ -133,8 +133,9 @@ def worst_rounding(conf, entries):
 
 
 def encode_clipped(diffs, conf, round_index, encode):
-    """A client's upload under DP with secure aggregation: `encode` (diffs -> codec.Encoded) of `diffs` scaled so that
-    what the server's sum holds of it, the values on the fixed-point grid, has L2 norm at most dp_clip.
+    """A client's upload under DP with secure aggregation, and the diffs it encoded: `encode` (diffs -> codec.Encoded)
+    of `diffs` scaled so that what the server's sum holds of it, the values on the fixed-point grid, has L2 norm at most
+    dp_clip.
 
     Rounding to the grid can lengthen a vector, by up to `worst_rounding`. Scaling to dp_clip less that worst case
     would always hold, but the rounding's typical share is far smaller, so the client first tries tighter scales: it
@@ -147,12 +148,14 @@ def encode_clipped(diffs, conf, round_index, encode):
     clip = conf["dp_clip"]
     bound = min(norm, clip)
     for _ in range(PASSES):
-        encoded = encode(scaled(diffs, bound / norm) if norm > bound else diffs)
+        clipped = scaled(diffs, bound / norm) if norm > bound else diffs
+        encoded = encode(clipped)
         excess = l2(encoded.values) ** 2 - clip ** 2
         if excess <= 0:
-            return encoded
+            return encoded, clipped
         bound = math.sqrt(max(bound ** 2 - excess, 0.0)) * (1 - 2 ** -10)  # the rounding's share, taken off
-    return encode(scaled(diffs, max(clip - worst_rounding(conf, entries), 0.0) / norm))
+    clipped = scaled(diffs, max(clip - worst_rounding(conf, entries), 0.0) / norm)
+    return encode(clipped), clipped
 
 
 PASSES = 4  # the tighter scales a client tries before the worst case; two almost always fit
@@ -168,9 +171,11 @@ def l2(tensors):
 
 
 def check_rounding(conf, numels):
-    """Refuse DP under secure aggregation whose dp_clip the fixed-point rounding of a full upload could exceed."""
-    worst = worst_rounding(conf, sum(numels))
+    """Refuse DP under secure aggregation whose dp_clip the fixed-point rounding of an upload (its first round's
+    entries: a shared mask's count varies little round to round) could exceed."""
+    entries = secure.movable_entries(conf, 1, numels)
+    worst = worst_rounding(conf, entries)
     if clips_on_client(conf) and worst >= conf["dp_clip"]:
         raise PrivacyError(f"dp_clip {conf['dp_clip']:g} is within fixed point's rounding: half a step on each of "
-                           f"{sum(numels)} entries can add {worst:.3g} to an update's norm, and a client could be "
+                           f"an upload's {entries} entries can add {worst:.3g} to its norm, and a client could be "
                            f"left nothing to send; raise dp_clip or fixed_bits, or lower fixed_range")

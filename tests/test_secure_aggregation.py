@@ -177,7 +177,9 @@ DP_SECURE = {**FIXED, "secure_aggregation": True, "dp_clip": 1.0, "fixed_range":
 
 
 def encode_clipped(conf, diffs):
-    return privacy.encode_clipped(diffs, conf, 1, lambda sent: codec.encode(conf, sent, 1))
+    encoded, clipped = privacy.encode_clipped(diffs, conf, 1, lambda sent: codec.encode(conf, sent, 1))
+    assert torch.equal(encoded.values[0], codec.encode(conf, clipped, 1).values[0])  # what it encoded
+    return encoded
 
 
 def test_a_client_clips_its_update_so_that_what_it_sends_is_within_the_bound():
