@@ -127,6 +127,8 @@ def play_round(round_index, conf, server, transport, dataset, timer=None, show_p
         print(f"round {round_index}: no upload arrived in time: the deadline is {conf['deadline']:g} s, the fastest "
               f"client needed {min(t.finish_s for t in timings):.4g} s", file=sys.stderr)
     arrived = [upload for upload in uploads if upload.client_id not in dropped]
+    if conf["secure_aggregation"]:
+        arrived = secure.at_least_two(arrived)
     received = receive(round_index, server, arrived, masked=masked, delivered=transport.secure_sum)
     accuracy, loss, kept = step_and_evaluate(round_index, server, dataset)
     kept_clients = [client_id for client_id in chosen if client_id not in dropped]

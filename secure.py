@@ -16,6 +16,7 @@ Bytes: the masked vector travels as field elements, secagg_bits per sent coordin
 their sizes in SecAgg+: each client agrees keys with `neighbours` others, secret-shares its mask seed and key among
 them, and answers the unmasking round.
 """
+import dataclasses
 import math
 
 import torch
@@ -82,10 +83,21 @@ def neighbours(clients):
     return min(clients - 1, 2 * math.ceil(math.log2(clients))) if clients > 1 else 0
 
 
+def at_least_two(uploads):
+    """A round's uploads as secure aggregation takes them: none, each with why, when fewer than two came back (SecAgg+
+    needs two, and the sum of one upload is that upload)."""
+    if sum(upload.problem is None for upload in uploads) >= 2:
+        return uploads
+    return [dataclasses.replace(upload, problem=upload.problem or "secure aggregation needs two uploads in a round, "
+                                "this one has one") for upload in uploads]
+
+
 def protocol_bytes(sampled, arrived):
     """(uploaded, downloaded) bytes of the protocol's own messages in a round where `sampled` clients started it and
     `arrived` sent their masked vectors: key advertisement and share distribution for every sampled client, the
-    unmasking round for those that arrived."""
+    unmasking round for those that arrived; none when fewer than two were sampled (it does not start)."""
+    if sampled < 2:
+        return 0, 0
     d = neighbours(sampled)
     up = sampled * (PUBLIC_KEYS + d * ENCRYPTED_SHARES) + arrived * d * UNMASKING_SHARE
     down = sampled * d * (PUBLIC_KEYS + ENCRYPTED_SHARES) + arrived * d * CLIENT_ID

@@ -157,6 +157,8 @@ class GridTransport:
         self.registered = registered  # per client, the examples of its share: the most weight its node may claim
         self.numels = [math.prod(shape) for shape in shapes]
         self.secure_sum = None  # under secure aggregation, the round's sums as Flower's SecAgg+ delivered them
+        if engines.check_secure_aggregation(conf):  # main.py checks it before Ray starts; from Python, here
+            raise RunError(engines.check_secure_aggregation(conf))
         self.quantization_range = secagg.ranges(conf, registered) if conf["secure_aggregation"] else None
         self.timeout, self.threads, self.stop = settings["timeout"], settings["threads"], stop
         self.node_of = self._find_nodes()
@@ -217,9 +219,11 @@ class GridTransport:
         then nothing of the round is used."""
         self.secure_sum = None
         client_of = {self.node_of[client_id]: client_id for client_id in contents}
-        outcome = secagg.run_round(secagg.Exchange(self._exchange, self.timeout),
-                                   {self.node_of[c]: content for c, content in contents.items()}, round_index,
-                                   self.conf, self.quantization_range)
+        entries = [len(kept) if kept is not None else numel
+                   for kept, numel in zip(secure.movable(self.conf, round_index, self.numels), self.numels)]
+        exchange = secagg.Exchange(self._exchange, self.timeout, entries, 2 ** self.conf["secagg_bits"])
+        outcome = secagg.run_round(exchange, {self.node_of[c]: content for c, content in contents.items()},
+                                   round_index, self.conf, self.quantization_range)
         problem = outcome if isinstance(outcome, str) else None
         results = {} if problem else {client_of[node]: result for node, result in outcome.items() if node in client_of}
         for client_id, result in sorted(results.items()):
@@ -240,7 +244,11 @@ class GridTransport:
             problem = problem or "no node's masked vector is in the sum"
             return [Upload(c, b"", float("nan"), problem=problem) for c in contents]
         total = sum(result.num_examples for result in results.values())
-        codes = secagg.sums_from(next(iter(results.values())).parameters, total, self.conf)
+        try:
+            codes = secagg.sums_from(next(iter(results.values())).parameters, total, self.conf, entries)
+        except ValueError as e:
+            return [Upload(c, b"", float("nan"), problem=f"SecAgg+ delivered a sum no honest round gives: {e}")
+                    for c in contents]
         self.secure_sum = secure.delivered(codes, total, self.conf, round_index, self.numels)
         return [Upload(c, b"", results[c].metrics["train_loss"]) if c in results else
                 Upload(c, b"", float("nan"), problem="its masked vector is not in the sum") for c in contents]

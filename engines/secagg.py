@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
-from flwr.common import Code, FitIns, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common import (Code, FitIns, FitRes, Parameters, Status, bytes_to_ndarray, ndarrays_to_parameters,
+                         parameters_to_ndarrays)
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
@@ -87,24 +88,48 @@ def ranges(conf, registered):
     heaviest = max(secure.weight(conf, count) for count in registered)
     quantization_range = 2 ** (math.ceil(math.log2(largest_code * heaviest)) + 1)
     nodes = len(registered) if privacy.enabled(conf) else conf["k"]  # Poisson sampling may take every client
-    if quantization_range > FLOWER_INT32 or nodes * quantization_range > 2 ** conf["secagg_bits"]:
+    if quantization_range > FLOWER_INT32:
+        raise secure.SecureAggregationError(
+            f"on Flower's SecAgg+, a code times its weight is carried as an integer in 0..T, in an int32: T = "
+            f"{quantization_range} here (codes up to {largest_code}, weights up to {heaviest}) passes 2^30: lower "
+            f"fixed_bits")
+    if nodes * quantization_range >= 2 ** conf["secagg_bits"]:
+        who = f"all {nodes} clients (Poisson sampling may take them all)" if privacy.enabled(conf) else f"k = {nodes}"
         raise secure.SecureAggregationError(
             f"on Flower's SecAgg+, a code times its weight is carried as an integer in 0..T, T = {quantization_range} "
-            f"here (codes up to {largest_code}, weights up to {heaviest}), and {nodes} of them must sum below "
-            f"2^secagg_bits = 2^{conf['secagg_bits']}" + (" and T within Flower's int32" if quantization_range >
-                                                           FLOWER_INT32 else "") + ": lower fixed_bits or k")
+            f"here (codes up to {largest_code}, weights up to {heaviest}), and those of {who} must sum below "
+            f"2^secagg_bits = 2^{conf['secagg_bits']}: lower fixed_bits or k, or raise secagg_bits (at most 32)")
     return quantization_range
 
 
 class Exchange:
     """What SecAggPlusWorkflow needs of a grid, send_and_receive, done by the transport's own exchange: its stop, its
-    deadline and its short polls (a deployment's grid waits 3 s between asks)."""
+    deadline and its short polls (a deployment's grid waits 3 s between asks). A masked vector that is not the
+    round's shapes is left out, as if its node had dropped out (SecAgg+ then unmasks the others): Flower adds them by
+    numpy's broadcasting, unchecked, so one node's (m, 1) array would make the sum (m, entries), and a short list
+    would drop tensors from it."""
 
-    def __init__(self, exchange, timeout):
+    def __init__(self, exchange, timeout, shapes, modulus):
         self.exchange, self.timeout = exchange, timeout
+        self.shapes, self.modulus = [(1,)] + [(entries,) for entries in shapes], modulus  # the weight, then the tensors
 
     def send_and_receive(self, messages, timeout=None):
-        return [reply for reply in self.exchange(list(messages), time.monotonic() + self.timeout) if reply is not None]
+        replies = self.exchange(list(messages), time.monotonic() + self.timeout)
+        return [reply for reply in replies if reply is not None and self.in_shape(reply)]
+
+    def in_shape(self, reply):
+        if reply.has_error() or RECORD_KEY_CONFIGS not in reply.content.config_records:
+            return True  # the workflow counts an error as a dropout, and fails the round on a record it cannot read
+        masked = reply.content.config_records[RECORD_KEY_CONFIGS].get(Key.MASKED_PARAMETERS)
+        if masked is None:
+            return True  # another stage
+        try:
+            arrays = [bytes_to_ndarray(data) for data in masked]
+        except Exception:  # numpy's reader raises many kinds for bytes that are not an array
+            return False
+        return len(arrays) == len(self.shapes) and all(
+            array.dtype.kind in "iu" and array.shape == shape and ((array >= 0) & (array < self.modulus)).all()
+            for array, shape in zip(arrays, self.shapes))
 
 
 class Round(FedAvg):
@@ -134,7 +159,9 @@ def run_round(exchange, tasks, round_index, conf, quantization_range):
     shares = secure.neighbours(nodes) + 1  # each node and its neighbours in SecAgg+'s graph, as secure.py counts bytes
     workflow = SecAggPlusWorkflow(
         num_shares=shares if 2 < shares < nodes else 1.0,  # 1.0: every node (Flower wants an int above 2)
-        reconstruction_threshold=0.5,  # half of a node's shares rebuild its secrets
+        # two thirds of a node's shares rebuild its secrets: more than half, so that a server claiming different
+        # dropouts to different neighbours cannot rebuild both a node's mask seed and its key (Bell et al. 2020)
+        reconstruction_threshold=max(2, math.ceil(2 * shares / 3)),
         max_weight=quantization_range, quantization_range=quantization_range,
         clipping_range=fixed_step(conf["fixed_range"], conf["fixed_bits"]) / 2,
         modulus_range=2 ** conf["secagg_bits"])
@@ -152,10 +179,26 @@ def run_round(exchange, tasks, round_index, conf, quantization_range):
     return {proxy.node_id: result for proxy, result in strategy.results}
 
 
-def sums_from(aggregated, total_weight, conf):
+def sums_from(aggregated, total_weight, conf, shapes):
     """Per tensor, the integer sums of weight times code (int64) from the sum as Flower delivers it: dequantized and
     divided by the total weight: S * step / total_weight within a few of float64's roundings, and S is an integer below
-    2^32 (the field), so rounding recovers it exactly."""
+    2^32 (the field), so rounding recovers it exactly. Raises ValueError for a sum no honest round gives: not the
+    round's `shapes` (entries per tensor), not finite (the weights in the sum summed to 0), off the integers (they
+    are not the weights the nodes claimed), or past the largest code times the total weight."""
     step = fixed_step(conf["fixed_range"], conf["fixed_bits"])
-    return [torch.from_numpy(np.rint(np.asarray(values, dtype=np.float64) * total_weight / step).astype(np.int64))
-            for values in parameters_to_ndarrays(aggregated)]
+    largest = (2 ** (conf["fixed_bits"] - 1) - 1) * total_weight
+    arrays = parameters_to_ndarrays(aggregated)
+    if [array.shape for array in arrays] != [(entries,) for entries in shapes]:
+        raise ValueError(f"the sum's shapes {[array.shape for array in arrays]} are not the round's")
+    sums = []
+    for values in arrays:
+        scaled = np.asarray(values, dtype=np.float64) * total_weight / step
+        if not np.isfinite(scaled).all():
+            raise ValueError("the sum is not finite: its weights do not add up to the ones the nodes claimed")
+        integers = np.rint(scaled)
+        if (np.abs(scaled - integers) > 1e-9 * np.maximum(1.0, np.abs(scaled))).any():  # honest: 1e-15 relative
+            raise ValueError("the sum is off the fixed-point grid: its weights are not the ones the nodes claimed")
+        if (np.abs(integers) > largest).any():
+            raise ValueError(f"the sum passes {largest}, the largest code times the weights the nodes claimed")
+        sums.append(torch.from_numpy(integers.astype(np.int64)))
+    return sums

@@ -580,7 +580,7 @@ def test_the_sum_flower_delivers_reads_back_to_the_exact_integer_sums():
     aggregated = dequantize([total], step / 2, T)[0] - (3 - 1) * step / 2  # the workflow's unmask stage
     aggregated *= T / sum(registered)
     expected = sum(weight * code for weight, code in zip(registered, codes))
-    assert torch.equal(secagg.sums_from(ndarrays_to_parameters([aggregated]), sum(registered), conf)[0],
+    assert torch.equal(secagg.sums_from(ndarrays_to_parameters([aggregated]), sum(registered), conf, [1000])[0],
                        torch.from_numpy(expected))
     with pytest.raises(secure.SecureAggregationError, match="T = 131072 .* 2\\^secagg_bits = 2\\^18"):
         secagg.ranges({**conf, "secagg_bits": 18}, registered)  # 3 * 2^17 > 2^18
@@ -596,6 +596,49 @@ def test_what_flowers_secagg_plus_cannot_do_is_refused_in_one_line(write_conf, t
     status, _, err = run_main("-c", write_conf(**SECURE, **overrides), "--out", tmp_path / "run", "--engine", "flower")
     assert status == 2 and len(err.strip().splitlines()) == 1, err
     assert f"secure_aggregation on Flower cannot be combined with {message}" in err, err
+
+
+@pytest.mark.parametrize("mean, total, message", [
+    ([[float("inf")] * 6, [0.0] * 2], 30, "not finite"),  # the masked weights summed to 0: Flower divides by it
+    ([[1.5] * 6, [1.5] * 2], 29, "off the fixed-point grid"),  # 1.5 * 29 = 43.5: not the weights it was made with
+    ([[200.0] * 6, [1.0] * 2], 30, "passes 3810"),  # 200 * 30 = 6000, where 127 * 30 is the most
+    ([[1.5] * 6], 30, "shapes"),  # a tensor short
+])
+def test_a_sum_no_honest_round_gives_is_refused(mean, total, message):
+    """`mean` as Flower delivers it (the sum over the total weight) for nn.Linear(3, 2), steps of 1."""
+    import numpy as np
+    from flwr.common import ndarrays_to_parameters
+    from engines import secagg
+    conf = config.validate({**SECURE, "fixed_range": 64.0})
+    with pytest.raises(ValueError, match=message):
+        secagg.sums_from(ndarrays_to_parameters([np.array(v) for v in mean]), total, conf, [6, 2])
+
+
+def test_a_masked_vector_of_other_shapes_is_left_out_as_a_dropout(flower, make_conf, tmp_path, capsys):
+    """Flower adds masked vectors by numpy broadcasting: an (m, 1) array would make the sum (m, entries). The node that
+    sends one is left out of its rounds, SecAgg+ unmasks the others, and the round steps with theirs."""
+    from flwr.common import bytes_to_ndarray, ndarray_to_bytes
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+    conf = make_conf(**{**SECURE, "global_epochs": 2, "no_models": 4, "k": 3})
+    honest = grid_of_secagg_nodes(flower)
+
+    def reshaped(reply):
+        record = reply.content.config_records.get(RECORD_KEY_CONFIGS, {})
+        if Key.MASKED_PARAMETERS in record:
+            record[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(bytes_to_ndarray(data).reshape(-1, 1))
+                                             for data in record[Key.MASKED_PARAMETERS]]
+        return reply
+
+    def factory(conf, dataset, shares, workspace, store):
+        transport = honest(conf, dataset, shares, workspace, store)
+        node = transport.grid.behaviours[3]
+        transport.grid.behaviours[3] = lambda message: reshaped(node(message))
+        return transport
+    rows = federation.run(conf, str(tmp_path / "run"), False, factory)
+    assert any("3" in row["clients"].split() for row in rows)
+    for row in rows:
+        assert row["refused"] == 0 and row["rejected"] == int("3" in row["clients"].split())
+    assert "rejected client 3's upload: its masked vector is not in the sum" in capsys.readouterr().err
 
 
 def summed_round(flower, tiny_model, make_conf, results, monkeypatch):

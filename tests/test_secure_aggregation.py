@@ -121,6 +121,7 @@ def test_a_field_without_headroom_for_the_rounds_sum_is_refused(tmp_path, capsys
     ({"defense": "median"}, "defense 'median'"),
     ({"attackers": 1}, "simulated attackers"),
     ({"download": "relay"}, "download 'relay'"),
+    ({"k": 1}, "k 1 (the sum of one upload is that upload)"),
 ])
 def test_what_does_not_sum_is_refused_in_one_line(tmp_path, capsys, overrides, message):
     assert main.main(["-c", write(tmp_path, secure_aggregation=True, **overrides), "--out", str(tmp_path / "r")]) == 2
@@ -253,3 +254,13 @@ def test_a_clip_within_fixed_points_rounding_is_refused_in_one_line(tmp_path, ca
                       str(tmp_path / "r")]) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "dp_clip 0.02 is within fixed point's rounding" in error, error
+
+
+def test_a_round_with_one_upload_sums_nothing_and_runs_no_protocol():
+    from client import Upload
+    lone = [Upload(0, b"x", 0.5), Upload(1, b"", float("nan"), problem="no reply")]
+    assert [u.problem for u in secure.at_least_two(lone)] == [
+        "secure aggregation needs two uploads in a round, this one has one", "no reply"]
+    pair = [Upload(0, b"x", 0.5), Upload(1, b"y", 0.5)]
+    assert secure.at_least_two(pair) == pair
+    assert secure.protocol_bytes(1, 1) == (0, 0) and secure.protocol_bytes(2, 2) == (400, 336)

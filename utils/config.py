@@ -302,7 +302,8 @@ def check_secure_aggregation(conf):
                                     f"sum)"),
         (conf["attackers"] > 0, "simulated attackers (the server could not bound a hidden upload's claimed count)"),
         (conf["download"] == "relay", "download 'relay' (it forwards each upload to the clients)"),
-        (conf["mode"] == "async", "mode 'async' (FedBuff weighs each upload by its staleness, in floating point)")]
+        (conf["mode"] == "async", "mode 'async' (FedBuff weighs each upload by its staleness, in floating point)"),
+        (conf["k"] < 2, "k 1 (the sum of one upload is that upload)")]
     conflict = next((why for refused, why in conflicts if refused), None)
     if conflict:
         raise ConfigError(f"secure_aggregation cannot be combined with {conflict}")
