@@ -286,6 +286,15 @@ if [ "$what" = all ] || [ "$what" = figures ]; then  # every figure in figures/ 
     --title "Fashion-MNIST, CNN, 1000 clients, k=100 (Poisson), clip 0.1: accuracy against the privacy spent, round by round" \
     -- $p/dense-z0.5 $p/dense-z1.0 $p/dense-z2.0 $p/shared0.1-z0.5 $p/shared0.1-z1.0 $p/shared0.1-z2.0 \
     $p/shared0.01-z1.0 $p/fixed8-z1.0
+  draw figures/privacy-secagg.png privacy --x epsilon \
+    --labels "DP z 1.0,fixed 8-bit + EF + DP,fixed 8-bit + EF + DP + secure aggregation,fixed 3-bit + EF + DP,fixed 3-bit + EF + DP + secure aggregation,shared mask 10% + DP,shared mask 10% + fixed 8-bit + EF + DP + secure aggregation" \
+    --title "Fashion-MNIST, CNN, 1000 clients, k=100 (Poisson), clip 0.1, z 1.0: with and without secure aggregation (the clients clip)" \
+    -- $p/dense-z1.0 $p/fixed8-z1.0 $p/fixed8-z1.0-secagg $p/fixed3-z1.0 $p/fixed3-z1.0-secagg $p/shared0.1-z1.0 \
+    $p/shared0.1-fixed8-z1.0-secagg
+  rounds=100 draw figures/privacy-100.png privacy --x epsilon \
+    --labels "DP z 1.0 (dense),fixed 3-bit + EF + DP z 1.0,fixed 3-bit + EF + DP z 1.0 + secure aggregation" \
+    --title "Fashion-MNIST, CNN, 1000 clients, k=100 (Poisson), clip 0.1, 100 rounds: the target at epsilon 6.0" \
+    -- $p/100/dense-z1.0 $p/100/fixed3-z1.0 $p/100/fixed3-z1.0-secagg
   draw figures/prop-sweep-fashion-mnist.png chapter \
     --title "Fashion-MNIST, CNN, 10 clients, k=2: the chapter's prop sweep, per-entry mean (masked_mean)" \
     -- runs/chapter/masked_mean/prop=1.0 runs/chapter/masked_mean/prop=0.8 runs/chapter/masked_mean/prop=0.5
