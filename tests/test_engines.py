@@ -562,6 +562,16 @@ def test_secure_aggregation_on_flowers_simulation_engine_gives_the_simulated_run
         without_seconds(read_csv(tmp_path / "simulated" / "metrics.csv"))
 
 
+def test_a_secagg_plus_run_resumed_on_new_nodes_equals_the_straight_run(flower, make_conf, tmp_path):
+    """After a resume the nodes are new (no SecAgg+ state, no model): the server hands each its model back in the
+    task, and the protocol starts afresh from its setup stage."""
+    conf = make_conf(**{**SECURE, "global_epochs": 3, "download": "compressed"})
+    straight = federation.run(conf, str(tmp_path / "straight"), False, grid_of_secagg_nodes(flower))
+    out = str(tmp_path / "resumed")
+    federation.run({**conf, "global_epochs": 2}, out, False, grid_of_secagg_nodes(flower))
+    assert without_seconds(federation.run(conf, out, True, grid_of_secagg_nodes(flower))) == without_seconds(straight)
+
+
 def test_the_sum_flower_delivers_reads_back_to_the_exact_integer_sums():
     """Flower's own quantization and dequantization (flwr.common.secure_aggregation), run here as SecAgg+ runs them
     with the ranges engines/secagg.py chooses: what the server reads back is exactly the sum of weight times code."""

@@ -114,9 +114,10 @@ KEYS = {
                             "fill's value"),
     "attack_from": (1, "the first round in which the malicious clients attack"),
     "attack_until": (0, "the last round in which they attack (0: every round from attack_from on)"),
-    "secure_aggregation": (False, "simulated secure aggregation (secure.py): the server learns only the round's sum, "
-                                  "computed modulo 2^secagg_bits; needs uploads that sum (sparsifier none, or random "
-                                  "with mask shared; quantize fixed)"),
+    "secure_aggregation": (False, "secure aggregation (secure.py; Flower's SecAgg+ on the Flower engines: "
+                                  "engines/secagg.py): the server learns only the round's sum, computed modulo "
+                                  "2^secagg_bits; needs uploads that sum (sparsifier none, or random with mask shared; "
+                                  "quantize fixed) and k of at least 2"),
     "secagg_bits": (32, "secure_aggregation: the field's bits; a run whose round sums could wrap around it is refused "
                         "before it starts"),
     "dp_clip": (0.0, "client-level differential privacy, DP-FedAvg (privacy.py): the L2 norm each decoded update is "
