@@ -40,7 +40,6 @@ import privacy
 import secure
 from codec.quantizers import fixed_step
 
-FLOWER_MAX_BITS = 32  # SecAggPlusWorkflow's modulus_range: at most 2^32
 FLOWER_INT32 = 2 ** 30  # Flower holds a quantized value in an int32: T, a power of two, at most 2^30
 
 
@@ -48,13 +47,14 @@ FLOWER_INT32 = 2 ** 30  # Flower holds a quantized value in an int32: T, a power
 
 def mod(message, context, call_next):
     """secaggplus_mod for the messages of SecAgg+'s stages; every other message (this app's own) passes by."""
-    if RECORD_KEY_CONFIGS in message.content.config_records:
+    if in_protocol(message):
         return secaggplus_mod(message, context, call_next)
     return call_next(message, context)
 
 
 def in_protocol(message):
-    """Whether `message` is SecAgg+'s collect stage, whose reply is the node's share of the sum."""
+    """Whether `message` is one of SecAgg+'s stages (the train handler sees only the collect stage, whose reply is the
+    node's share of the sum)."""
     return RECORD_KEY_CONFIGS in message.content.config_records
 
 
