@@ -116,8 +116,8 @@ def weight(conf, count):
 
 
 def check_headroom(conf, registered):
-    """Refuse a run whose field cannot hold the largest honest sum: the round's clients (k with the largest shares; under
-    DP's Poisson sampling, possibly every client, each weighing 1) each adding its weight times a code of up to
+    """Refuse a run whose field cannot hold the largest honest sum: the round's clients (k with the largest shares;
+    under DP's Poisson sampling, possibly every client, each weighing 1) each adding its weight times a code of up to
     2^(fixed_bits-1) - 1, signed."""
     weights = [weight(conf, count) for count in registered]
     heaviest = sum(sorted(weights, reverse=True)[:len(weights) if privacy.enabled(conf) else conf["k"]])
