@@ -63,11 +63,12 @@ def run(conf, out, resume, transport_factory):
     if conf["error_feedback"] and conf["sparsifier"] == "random" and conf["mask"] == "fixed":
         print("note: with a fixed random mask, error feedback never sends what the mask leaves out (only quantization "
               "error is fed back); set mask to 'round' to send it", file=sys.stderr)
+    registered = [len(share) for share in shares]  # the examples each client enrolled with
     if conf["secure_aggregation"]:
-        secure.check_headroom(conf, [len(share) for share in shares])
+        secure.check_headroom(conf, registered)
     torch.manual_seed(derive_seed(conf["seed"], "init"))
     server = Server(models.for_data(conf["model_name"], dataset, conf["pretrained"]),
-                    conf, device, registered=[len(share) for share in shares],
+                    conf, device, registered=registered,
                     validation=dataset.train_split(validation) if len(validation) else None)
     privacy.check_rounding(conf, server.numels)
     # the clients' state: opened (and, unless resumed, emptied) at its first write, so after the check below

@@ -75,8 +75,8 @@ def resolve(args):
     datasets.check_name(conf["type"])
     clock.check_profile(conf)
     privacy.check(conf)
-    if args.engine != "inprocess" and engines.check_secure_aggregation(conf):
-        raise RunError(engines.check_secure_aggregation(conf))
+    if args.engine != "inprocess" and (conflict := engines.check_secure_aggregation(conf)):
+        raise RunError(conflict)
     if args.engine == "flower":
         check_actors(conf, args)
     return conf, out

@@ -144,13 +144,13 @@ def encode_clipped(diffs, conf, round_index, encode):
     clipping to +-fixed_range only shrinks it."""
     movable = secure.movable(conf, round_index, [len(diff) for diff in diffs])
     entries = sum(len(diff) if kept is None else len(kept) for diff, kept in zip(diffs, movable))
-    norm = l2([diff if kept is None else diff[kept.to(diff.device)] for diff, kept in zip(diffs, movable)])
+    norm = robust.l2([diff if kept is None else diff[kept.to(diff.device)] for diff, kept in zip(diffs, movable)])
     clip = conf["dp_clip"]
     bound = min(norm, clip)
     for _ in range(PASSES):
         clipped = scaled(diffs, bound / norm) if norm > bound else diffs
         encoded = encode(clipped)
-        excess = l2(encoded.values) ** 2 - clip ** 2
+        excess = robust.l2(encoded.values) ** 2 - clip ** 2
         if excess <= 0:
             return encoded, clipped
         bound = math.sqrt(max(bound ** 2 - excess, 0.0)) * (1 - 2 ** -10)  # the rounding's share, taken off
@@ -166,16 +166,14 @@ def scaled(diffs, factor):
     return [diff * (factor * (1 - 2 ** -20)) for diff in diffs]
 
 
-def l2(tensors):
-    return math.sqrt(sum(float(tensor.double().square().sum()) for tensor in tensors))
-
-
 def check_rounding(conf, numels):
     """Refuse DP under secure aggregation whose dp_clip the fixed-point rounding of an upload (its first round's
     entries: a shared mask's count varies little round to round) could exceed."""
+    if not clips_on_client(conf):
+        return
     entries = secure.movable_entries(conf, 1, numels)
     worst = worst_rounding(conf, entries)
-    if clips_on_client(conf) and worst >= conf["dp_clip"]:
+    if worst >= conf["dp_clip"]:
         raise PrivacyError(f"dp_clip {conf['dp_clip']:g} is within fixed point's rounding: half a step on each of "
                            f"an upload's {entries} entries can add {worst:.3g} to its norm, and a client could be "
                            f"left nothing to send; raise dp_clip or fixed_bits, or lower fixed_range")

@@ -70,7 +70,12 @@ def attack(conf, diffs, num_samples, client_id, round_index):
 
 def norm(upload):
     """The L2 norm of what the server reconstructs of `upload` (each entry is sent at most once; unsent ones are 0)."""
-    return math.sqrt(sum(float(value.square().sum()) for value in upload.values))
+    return l2(upload.values)
+
+
+def l2(tensors):
+    """The L2 norm of `tensors` together, summed in float64."""
+    return math.sqrt(sum(float(tensor.double().square().sum()) for tensor in tensors))
 
 
 def norm_bound(uploads, clip_norm, clip_multiple):

@@ -68,9 +68,14 @@ def on_shared_mask(uploads, conf, round_index, numels):
     return carried
 
 
+def movable_counts(conf, round_index, numels):
+    """Per tensor, how many entries every upload of round `round_index` carries."""
+    return [numel if kept is None else len(kept) for kept, numel in zip(movable(conf, round_index, numels), numels)]
+
+
 def movable_entries(conf, round_index, numels):
-    """How many entries every upload of round `round_index` carries."""
-    return sum(numel if kept is None else len(kept) for kept, numel in zip(movable(conf, round_index, numels), numels))
+    """How many entries every upload of round `round_index` carries, in all."""
+    return sum(movable_counts(conf, round_index, numels))
 
 
 def masked_upload_size(conf, round_index, numels):

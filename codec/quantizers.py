@@ -14,6 +14,7 @@ QSGD_HEADER = struct.Struct("<HI")
 FIXED_HEADER = struct.Struct("<Bd")
 # fixed_range's bounds: its step stays a normal float32 (>= 2^-126 for 24 bits) and its values finite
 FIXED_SMALLEST_RANGE, FIXED_LARGEST_RANGE = 2.0 ** -100, 1e30
+FIXED_MOST_BITS = 24  # a code and its sums stay exact in float32's 24-bit significand
 
 
 class Quantizer:
@@ -186,7 +187,7 @@ class Fixed(Quantizer):
     @staticmethod
     def decode(reader, counts, method):
         bits, value_range = reader.unpack(FIXED_HEADER)
-        if not 2 <= bits <= 24 or not FIXED_SMALLEST_RANGE <= value_range <= FIXED_LARGEST_RANGE:
+        if not 2 <= bits <= FIXED_MOST_BITS or not FIXED_SMALLEST_RANGE <= value_range <= FIXED_LARGEST_RANGE:
             raise PayloadError(f"fixed point of {bits} bits over +-{value_range} is not one fedsparse writes")
         expect(method, "fixed_bits", bits, "fixed-point bits")
         expect(method, "fixed_range", value_range, "fixed-point range")

@@ -157,8 +157,8 @@ class GridTransport:
         self.registered = registered  # per client, the examples of its share: the most weight its node may claim
         self.numels = [math.prod(shape) for shape in shapes]
         self.secure_sum = None  # under secure aggregation, the round's sums as Flower's SecAgg+ delivered them
-        if engines.check_secure_aggregation(conf):  # main.py checks it before Ray starts; from Python, here
-            raise RunError(engines.check_secure_aggregation(conf))
+        if conflict := engines.check_secure_aggregation(conf):  # main.py checks it before Ray starts; from Python, here
+            raise RunError(conflict)
         self.quantization_range = secagg.ranges(conf, registered) if conf["secure_aggregation"] else None
         self.timeout, self.threads, self.stop = settings["timeout"], settings["threads"], stop
         self.node_of = self._find_nodes()
@@ -219,8 +219,7 @@ class GridTransport:
         then nothing of the round is used."""
         self.secure_sum = None
         client_of = {self.node_of[client_id]: client_id for client_id in contents}
-        entries = [len(kept) if kept is not None else numel
-                   for kept, numel in zip(secure.movable(self.conf, round_index, self.numels), self.numels)]
+        entries = secure.movable_counts(self.conf, round_index, self.numels)
         exchange = secagg.Exchange(self._exchange, self.timeout, entries, 2 ** self.conf["secagg_bits"])
         outcome = secagg.run_round(exchange, {self.node_of[c]: content for c, content in contents.items()},
                                    round_index, self.conf, self.quantization_range)

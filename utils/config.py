@@ -10,6 +10,7 @@ import codec
 import datasets
 import downloads
 import robust
+from codec import quantizers
 from utils import user_code
 
 # key: (default, meaning). The chapter's keys come first, with the chapter's meaning.
@@ -196,8 +197,8 @@ RANGES = {
     "attack_scale": (0, math.inf, True),
     "attack_from": (1, math.inf, True),
     "attack_until": (0, math.inf, True),
-    "fixed_bits": (2, 24, True),
-    "fixed_range": (2.0 ** -100, 1e30, True),  # the codec's bounds (FIXED_SMALLEST_RANGE): a normal float32 step
+    "fixed_bits": (2, quantizers.FIXED_MOST_BITS, True),
+    "fixed_range": (quantizers.FIXED_SMALLEST_RANGE, quantizers.FIXED_LARGEST_RANGE, True),  # the codec's bounds
     "secagg_bits": (8, 62, True),
     "dp_clip": (0, math.inf, True),
     "dp_noise_multiplier": (0, math.inf, True),

@@ -15,6 +15,8 @@ PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the project's own top-level modules and packages: a user's module of the same name could not be imported beside them
 OWN_NAMES = {entry.removesuffix(".py") for entry in os.listdir(PROJECT)
              if entry.endswith(".py") or os.path.isfile(os.path.join(PROJECT, entry, "__init__.py"))}
+# of them, fedsparse's own code: examples/ holds models and data that a config names as a user's would be named
+OURS = OWN_NAMES - {"examples"}
 
 
 class UserCodeError(Exception):
@@ -39,7 +41,7 @@ def find(spec, what):
     if not well_formed(spec):
         raise UserCodeError(f"{what} {shown} is not of the form package.module:function")
     module_name, function_name = spec.split(":")
-    if module_name.split(".")[0] in OWN_NAMES - {"examples"}:
+    if module_name.split(".")[0] in OURS:
         raise UserCodeError(f"{what} {shown}: {module_name.split('.')[0]} is one of fedsparse's own modules; give "
                             f"yours another name")
     if os.getcwd() not in sys.path:
@@ -94,4 +96,4 @@ def ours_or_a_library(path):
     if path.startswith((sys.prefix + os.sep, sys.base_prefix + os.sep)):
         return True
     relative = os.path.relpath(path, PROJECT)
-    return not relative.startswith("..") and relative.split(os.sep)[0].removesuffix(".py") in OWN_NAMES - {"examples"}
+    return not relative.startswith("..") and relative.split(os.sep)[0].removesuffix(".py") in OURS
