@@ -1,10 +1,16 @@
 """The client store (client_store.py): what clients keep, in memory up to a budget and in files under the run folder,
 saved record by record; a run behaves bit for bit as with everything in memory, and its checkpoint does not grow."""
+import errno
+import fcntl
+import hashlib
 import os
+import struct
+from unittest.mock import ANY
 
 import pytest
 import torch
 
+import client_store
 import federation
 from client_store import ClientStore, StoreError
 from conftest import kept_records, without_seconds
@@ -151,3 +157,84 @@ def test_a_fresh_run_never_writes_through_a_link_left_in_its_folder(tmp_path):
     store.committed(store.flush())
     store.close()
     assert victim.read_bytes() == b"precious" and not (tmp_path / "clients" / "residuals.bin").is_symlink()
+
+
+LARGE = {"residual": [16384, 10], "memory": None}  # 65,576 bytes a record: past DIRECT_MIN, in slots of 69,632
+
+
+def large_residual(value):
+    return [torch.full((16384,), float(value)), torch.full((10,), -float(value))]
+
+
+def test_large_records_fill_aligned_slots_and_resume_from_this_layout_or_the_older_one(tmp_path):
+    assert 65576 >= client_store.DIRECT_MIN and client_store.ALIGN == 4096
+    store = ClientStore(str(tmp_path), LARGE, 0, False)  # every record goes to the file
+    for client_id in range(3):
+        store.put("residual", client_id, large_residual(client_id + 1))
+    table = store.flush()
+    store.close()
+    data = (tmp_path / "clients" / "residuals.bin").read_bytes()
+    assert table["slot_bytes"] == {"residual": 17 * 4096} and len(data) == 3 * 17 * 4096
+    for client_id, (slot, digest) in table["records"]["residual"].items():
+        record = data[slot * 17 * 4096:][:65576]
+        assert record == struct.pack("<16384f10f", *[client_id + 1.0] * 16384, *[-client_id - 1.0] * 10)
+        assert digest == hashlib.sha256(record).digest() and set(data[slot * 17 * 4096 + 65576:][:1384]) == {0}
+    resumed = ClientStore(str(tmp_path), LARGE, 0, True)
+    resumed.restore(table)
+    assert [resumed.get("residual", c)[0][0].item() for c in range(3)] == [1, 2, 3]
+    resumed.close()
+
+    # a checkpoint written before slots were aligned: no slot_bytes, a record per slot
+    older = tmp_path / "older"
+    (older / "clients").mkdir(parents=True)
+    records = [struct.pack("<16384f10f", *[7.0] * 16384, *[-7.0] * 10), struct.pack("<16384f10f", *[8.0] * 16394)]
+    (older / "clients" / "residuals.bin").write_bytes(b"".join(records))
+    resumed = ClientStore(str(older), LARGE, 0, True)
+    resumed.restore({"numels": LARGE, "records": {"residual": {
+        5: (1, hashlib.sha256(records[1]).digest()), 9: (0, hashlib.sha256(records[0]).digest())}}})
+    assert resumed.get("residual", 9)[1].tolist() == [-7.0] * 10 and resumed.get("residual", 5)[1][0] == 8
+    resumed.put("residual", 5, large_residual(3))  # written in the file's own layout, to a free slot
+    resumed.committed(resumed.flush())
+    assert len((older / "clients" / "residuals.bin").read_bytes()) == 3 * 65576
+    resumed.close()
+
+    for slot_size in (65577, 18 * 4096, 2**40):
+        resumed = ClientStore(str(tmp_path), LARGE, 0, True)
+        with pytest.raises(ValueError, match=f"gives slots of {slot_size} bytes for records of 65576"):
+            resumed.restore({**table, "slot_bytes": {"residual": slot_size}})
+        resumed.close()
+
+
+def test_a_file_system_refusing_o_direct_at_open_or_at_a_transfer_gets_buffered_io(tmp_path, monkeypatch):
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT on this platform: the store's files are buffered")
+    opened, open_file, pwritev = [], os.open, os.pwritev
+
+    def refusing_open(path, flags, *mode):
+        opened.append(bool(flags & os.O_DIRECT))
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return open_file(path, flags, *mode)
+    monkeypatch.setattr(client_store.os, "open", refusing_open)
+    store = ClientStore(str(tmp_path / "at_open"), LARGE, 0, False)
+    store.put("residual", 0, large_residual(4))
+    table = store.flush()
+    assert opened == [True, False] and not store.direct and store.get("residual", 0)[0][0] == 4
+    store.close()
+    monkeypatch.setattr(client_store.os, "open", open_file)
+
+    def refusing_pwritev(descriptor, buffers, offset):
+        if fcntl.fcntl(descriptor, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return pwritev(descriptor, buffers, offset)
+    monkeypatch.setattr(client_store.os, "pwritev", refusing_pwritev)
+    store = ClientStore(str(tmp_path / "at_write"), LARGE, 0, False)
+    store.put("residual", 0, large_residual(5))
+    store.put("residual", 1, large_residual(6))
+    second = store.flush()
+    assert not store.direct and [store.get("residual", c)[0][0].item() for c in (0, 1)] == [5, 6]
+    store.close()
+    assert second["records"] == {"residual": {0: (0, ANY), 1: (1, ANY)}}  # the first write retried, not moved
+    for folder, saved in (("at_open", table), ("at_write", second)):
+        assert len((tmp_path / folder / "clients" / "residuals.bin").read_bytes()) == \
+            len(saved["records"]["residual"]) * 17 * 4096
