@@ -15,7 +15,7 @@ import clock
 import codec
 import privacy
 import robust
-from utils.seeding import derive_seed, generator
+from utils.seeding import derive_seed, generator, seed_torch
 
 # what a client keeps from one round to the next: its attribute -> its key in the checkpoint's client state
 KEPT = {"residual": "residuals", "memory": "memories"}
@@ -89,7 +89,7 @@ class Client:
         model.train()
         optimizer = torch.optim.SGD(model.parameters(), lr=conf["lr"], momentum=conf["momentum"])
         shuffle = generator(conf["seed"], "shuffle", round_index, self.id)
-        torch.manual_seed(derive_seed(conf["seed"], "dropout", round_index, self.id))  # models with dropout (VGG)
+        seed_torch(conf["seed"], "dropout", round_index, self.id)  # models with dropout (VGG)
         total_steps = local_steps(len(self.indices), conf)
         loss_sum, steps = 0.0, 0
         for _ in range(conf["local_epochs"]):

@@ -10,6 +10,7 @@ import models
 from client import Client
 from codec.sparsifiers import topk_positions
 from conftest import dense_from
+from utils.seeding import derive_seed, seed_torch
 
 
 def flat_float_state(model):
@@ -256,3 +257,13 @@ def test_local_train_lowers_loss_on_own_data(make_conf, synthetic):
     before = loss_of(model)
     Client(0, indices, conf).local_train(workspace, model.state_dict(), synthetic, 1)
     assert loss_of(workspace) < before - 0.1
+
+
+def test_a_clients_dropout_is_seeded_as_torch_manual_seed_seeds_it():
+    """seed_torch skips torch.manual_seed's queued seeding of a CUDA not started; what dropout draws is the same."""
+    seed_torch(3, "dropout", 2, 7)
+    ours = torch.nn.functional.dropout(torch.ones(256), 0.5)
+    torch.manual_seed(derive_seed(3, "dropout", 2, 7))
+    assert torch.equal(ours, torch.nn.functional.dropout(torch.ones(256), 0.5))
+    torch.manual_seed(derive_seed(3, "dropout", 2, 8))  # another client
+    assert 0 < ours.count_nonzero() < 256 and not torch.equal(ours, torch.nn.functional.dropout(torch.ones(256), 0.5))

@@ -17,3 +17,13 @@ def derive_seed(*parts):
 def generator(*parts):
     """A CPU torch.Generator for the stream named by `parts`; CPU so that draws do not depend on the device."""
     return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+def seed_torch(*parts):
+    """Seed torch's global generators, which a model's dropout draws from, with the stream named by `parts`.
+    torch.manual_seed does the same but, while CUDA has not started, queues CUDA's seeding with a captured stack trace,
+    0.24 ms a call (24 ms of a round of 100 clients); a model that trains on the GPU has started CUDA."""
+    seed = derive_seed(*parts)
+    torch.random.default_generator.manual_seed(seed)
+    if torch.cuda.is_initialized():
+        torch.cuda.manual_seed_all(seed)
