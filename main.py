@@ -51,7 +51,7 @@ try:  # torch takes seconds to import: Ctrl-C meanwhile is a clean stop, not a t
     import privacy
     import secure
     from engines.inprocess import InProcess
-    from utils import config, partition, run_files, user_code
+    from utils import allocator, config, partition, run_files, user_code
     from utils.run_files import RunError
 except KeyboardInterrupt as stop:
     print("\ninterrupted while starting: nothing was saved", file=sys.stderr)
@@ -338,6 +338,7 @@ def one_line(error):
 
 
 def main(argv=None):
+    allocator.keep_freed_memory()  # each client's model-sized tensors reuse the last one's pages
     runs, continue_with = [], None
     try:  # outside the block, so that a SIGTERM as the block ends is a stop reported like any other
         with sigterm_as_interrupt():

@@ -36,7 +36,7 @@ import federation  # noqa: E402
 import models  # noqa: E402
 from engines.inprocess import InProcess  # noqa: E402
 from server import EVAL_BATCH_SIZE  # noqa: E402
-from utils import config, partition  # noqa: E402
+from utils import allocator, config, partition  # noqa: E402
 from utils.seeding import generator  # noqa: E402
 
 
@@ -152,6 +152,7 @@ def main_bench():
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--memory-probe", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    allocator.keep_freed_memory()  # as main.py runs: for the simulator and the plain loop alike
     overrides = [config.parse_assignment(a) for a in args.set]
     conf = config.validate({**config.load(os.path.join(ROOT, "utils", "conf.json")), **dict(overrides)})
     if args.memory_probe:

@@ -3,7 +3,7 @@ factor, code positions and values) and decode, per method, best of a few repeats
 
     python benchmarks/codec_bench.py [--prop 0.01] [--repeats 5]
 
-The cache of drawn random masks (codec/sparsifiers.py, MASKS) is off: every encode and decode draws its mask, as a
+The caches of drawn random masks (codec/sparsifiers.py, MASKS and PACKED_MASKS) are off: every encode and decode draws its mask, as a
 client and a server on different machines do. The last line is machine-readable: the slowest method's encode and
 decode times in seconds, with the sizes.
 """
@@ -21,7 +21,7 @@ import codec  # noqa: E402
 import models  # noqa: E402
 from codec import sparsifiers  # noqa: E402
 
-sparsifiers.MASKS = sparsifiers.NewestFirst(0)  # holds nothing: each repeat draws its mask
+sparsifiers.MASKS = sparsifiers.PACKED_MASKS = sparsifiers.NewestFirst(0)  # hold nothing: each repeat draws its mask
 
 METHODS = {  # label: the config keys that choose the method
     "top-k per tensor, f32": {"sparsifier": "topk", "topk_scope": "tensor", "quantize": "none"},

@@ -31,7 +31,7 @@ import bench  # noqa: E402
 import datasets  # noqa: E402
 import federation  # noqa: E402
 from engines.inprocess import InProcess  # noqa: E402
-from utils import config  # noqa: E402
+from utils import allocator, config  # noqa: E402
 
 CROSS_DEVICE = {"no_models": 1000, "k": 100}
 STC_BOTH_WAYS = {"sparsifier": "topk", "topk_scope": "model", "quantize": "ternary", "prop": 0.04,
@@ -94,6 +94,7 @@ def main():
     parser.add_argument("--big-rounds", type=int, default=30, help="rounds of part 3")
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    allocator.keep_freed_memory()  # as main.py runs: for the simulator and the plain loop alike
     if args.probe:
         probe(make_conf(json.loads(args.probe)))
         return

@@ -260,8 +260,14 @@ def random_positions(seed, prop, numels):
     key = (seed, prop, tuple(numels))
     positions = MASKS.get(key)
     if positions is None:
-        generator = torch.Generator().manual_seed(seed)
-        positions = [true_positions(torch.rand(numel, generator=generator) < prop) for numel in numels]
+        packed = PACKED_MASKS.get(key)
+        if packed is None:
+            generator = torch.Generator().manual_seed(seed)
+            kept = [(torch.rand(numel, generator=generator) < prop).numpy() for numel in numels]
+            PACKED_MASKS.put(key, [np.packbits(k) for k in kept], sum(-(-numel // 8) for numel in numels))
+        else:
+            kept = [np.unpackbits(bits, count=numel).view(bool) for bits, numel in zip(packed, numels)]
+        positions = [torch.from_numpy(np.flatnonzero(k)) for k in kept]
         MASKS.put(key, positions, sum(8 * len(where) for where in positions))
     return positions
 
@@ -296,6 +302,9 @@ class NewestFirst:
 # clients; the server draws the same mask again to decode the upload. In one process the second draw is a lookup: 256
 # MB holds the masks of 100 uploads of the CNN at prop 0.6 (2 MB each), so a round's decodes find all its encodes'
 MASKS = NewestFirst(256 * 2**20)
+# ... and a fixed mask (the default) is the same every round a client is sampled: kept packed, a bit an entry (53 KB
+# for the CNN: 64 MB holds 1200 clients'), it is unpacked and its positions found in 0.25 ms instead of drawn in 1.6
+PACKED_MASKS = NewestFirst(64 * 2**20)
 
 
 def with_random_others(top, numels, seed, count):

@@ -152,15 +152,16 @@ def dense_from(positions, values, numels):
 
 def kept_records(run_dir):
     """What a finished run's clients keep, {name: {client: flat f32 tensors}}, read from its client store's files at
-    the slots its checkpoint names (each record: the client's tensors, f32, one after another)."""
+    the slots its checkpoint names (each record: the client's tensors, f32, one after another, at the start of a slot
+    of slot_bytes)."""
     import numpy as np
     from utils import run_files
     table = run_files.load_checkpoint(str(run_dir), "cpu")["store"]
     kept = {}
     for name, records in table["records"].items():
-        numels = table["numels"][name]
+        numels, floats = table["numels"][name], table["slot_bytes"][name] // 4
         values = np.fromfile(os.path.join(run_dir, "clients", {"residual": "residuals", "memory": "memories"}[name]
                                           + ".bin"), dtype="<f4")
-        kept[name] = {c: list(torch.from_numpy(values[slot * sum(numels):(slot + 1) * sum(numels)].copy())
+        kept[name] = {c: list(torch.from_numpy(values[slot * floats:slot * floats + sum(numels)].copy())
                               .split(numels)) for c, (slot, _) in records.items()}
     return kept

@@ -61,6 +61,19 @@ def test_random_positions_depend_on_the_seed_only():
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
 
 
+
+def test_a_mask_found_again_in_its_packed_bits_is_the_mask_drawn(monkeypatch):
+    numels = [200_003, 17, 5_000]  # not whole bytes of bits
+    monkeypatch.setattr(codec.sparsifiers, "MASKS", codec.sparsifiers.NewestFirst(0))  # positions never kept
+    monkeypatch.setattr(codec.sparsifiers, "PACKED_MASKS", codec.sparsifiers.NewestFirst(2**20))
+    drawn = codec.sparsifiers.random_positions(42, 0.6, numels)
+    assert codec.sparsifiers.PACKED_MASKS.used == 25_001 + 3 + 625
+    unpacked = codec.sparsifiers.random_positions(42, 0.6, numels)
+    generator = torch.Generator().manual_seed(42)
+    for numel, first, again in zip(numels, drawn, unpacked):
+        expected = (torch.rand(numel, generator=generator) < 0.6).nonzero().squeeze(1)
+        assert torch.equal(first, expected) and torch.equal(again, expected)
+
 # ---- round trips: positions exactly, values as the encoder says the receiver will see them ------------------------
 
 @pytest.mark.parametrize("sparsifier, quantize, scope", [
