@@ -141,8 +141,10 @@ class ClientStore:
         for name, records in table["records"].items():
             where = self._named(name)
             # checkpoints before O_DIRECT have no slot_bytes: their slots are their records
-            slot_size = table.get("slot_bytes", {}).get(name, self.record_bytes[name])
-            if slot_size not in (self.record_bytes[name], slot_bytes(self.record_bytes[name])):
+            sizes = table.get("slot_bytes", {})
+            slot_size = sizes.get(name, self.record_bytes[name]) if isinstance(sizes, dict) else None
+            if type(slot_size) is not int or slot_size not in (self.record_bytes[name],
+                                                               slot_bytes(self.record_bytes[name])):
                 raise ValueError(f"its table of {where} gives slots of {slot_size!r} bytes for records of "
                                  f"{self.record_bytes[name]}")
             self.slot_bytes[name] = slot_size

@@ -198,11 +198,15 @@ def test_large_records_fill_aligned_slots_and_resume_from_this_layout_or_the_old
     assert len((older / "clients" / "residuals.bin").read_bytes()) == 3 * 65576
     resumed.close()
 
-    for slot_size in (65577, 18 * 4096, 2**40):
+    for slot_size in (65577, 18 * 4096, 2**40, 17 * 4096.0, "69632"):
         resumed = ClientStore(str(tmp_path), LARGE, 0, True)
-        with pytest.raises(ValueError, match=f"gives slots of {slot_size} bytes for records of 65576"):
+        with pytest.raises(ValueError, match=f"gives slots of {slot_size!r} bytes for records of 65576"):
             resumed.restore({**table, "slot_bytes": {"residual": slot_size}})
         resumed.close()
+    resumed = ClientStore(str(tmp_path), LARGE, 0, True)
+    with pytest.raises(ValueError, match="gives slots of None bytes"):
+        resumed.restore({**table, "slot_bytes": [69632]})
+    resumed.close()
 
 
 def test_a_file_system_refusing_o_direct_at_open_or_at_a_transfer_gets_buffered_io(tmp_path, monkeypatch):
