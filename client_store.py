@@ -20,11 +20,12 @@ A record of DIRECT_MIN bytes or more fills a slot rounded up to ALIGN bytes and 
 past the kernel's page cache: a record read back is a client's beyond the budget, read once when it is sampled, so
 caching the file is of no use, and the pages a buffered write needs cost more than the write (on this project's
 virtual machines, whose host takes back the memory the kernel frees, a round's 100 records of the CNN took 0.5 s to
-write buffered, 0.11 s direct). A file system that refuses O_DIRECT gets buffered writes, then has the file's pages
-dropped from the cache at each save.
+write buffered, 0.11 s direct). A file system that refuses O_DIRECT (ramfs) gets buffered writes, then has the file's
+pages dropped from the cache at each save.
 """
 import collections
 import errno
+import fcntl
 import hashlib
 import heapq
 import mmap
@@ -57,7 +58,7 @@ class ClientStore:
         self.folder = os.path.join(run_dir, FOLDER)
         self.numels = {name: list(n) for name, n in numels.items() if n is not None}
         self.record_bytes = {name: 4 * sum(n) for name, n in self.numels.items()}
-        self.slot_bytes = {name: slot_bytes(size) for name, size in self.record_bytes.items()}  # a resume: the table's
+        self.slot_bytes = {name: slot_bytes(size) for name, size in self.record_bytes.items()}  # restore: the table's
         self.budget = memory_mb * 2**20
         self.cached = collections.OrderedDict()  # (name, client) -> its tensors, the least recently used first
         self.cached_bytes = 0
@@ -68,6 +69,7 @@ class ClientStore:
         self.ends = {name: 0 for name in self.numels}  # slots in the file
         self.files = {}  # name -> its open file descriptor
         self.direct = set()  # the names whose file is open with O_DIRECT
+        self.buffered = set()  # the names whose file system refused O_DIRECT
         self.staging = {}  # name -> a page-aligned buffer of one slot, through which every record is written and read
         self.fresh = not resume
         self.made = set()  # the names whose file this run has opened: a fresh run's is made anew only once
@@ -89,6 +91,9 @@ class ClientStore:
     def put(self, name, client_id, tensors):
         """Keep `tensors` as `client_id`'s `name` from now on."""
         tensors = [t.detach().to("cpu", torch.float32) for t in tensors]
+        if [t.numel() for t in tensors] != self.numels[name]:  # the file's slots hold exactly this
+            raise ValueError(f"client {client_id}'s {name} has tensors of {[t.numel() for t in tensors]} entries, "
+                             f"this run's {self.numels[name]}")
         superseded = self.written[name].pop(client_id, None)
         if superseded:  # never named by a checkpoint: free at once
             heapq.heappush(self.free[name], superseded[0])
@@ -138,6 +143,11 @@ class ClientStore:
                 raise ValueError(f"its clients keep a {name}, which this run's clients do not keep" if ours is None else
                                  f"its clients keep no {name}, which this run's clients keep" if theirs is None else
                                  f"its clients' {name} has tensors of {theirs} entries, this run's {ours}")
+        if not set(table["records"]) <= set(self.numels) or not all(
+                type(where) is tuple and len(where) == 2 and type(where[1]) is bytes
+                for records in table["records"].values() for where in records.values()):
+            raise ValueError("its table names records this run's clients do not keep, or records that are not a slot "
+                             "and a digest")
         for name, records in table["records"].items():
             where = self._named(name)
             # checkpoints before O_DIRECT have no slot_bytes: their slots are their records
@@ -227,16 +237,17 @@ class ClientStore:
 
     def _transfer(self, io, name, slot):
         """os.pwritev or os.preadv of `slot` from or into the staging buffer; the bytes moved. A file system that
-        takes O_DIRECT at open but refuses it at the transfer gets the file reopened buffered, and the transfer again."""
+        takes O_DIRECT on the file but refuses it at the transfer gets the file buffered, and the transfer again."""
         descriptor, offset = self._file(name), slot * self.slot_bytes[name]
         try:
             return io(descriptor, [self._staging(name)], offset)
         except OSError as e:
             if e.errno != errno.EINVAL or name not in self.direct:
                 raise
-        os.close(self.files.pop(name))
+        fcntl.fcntl(descriptor, fcntl.F_SETFL, fcntl.fcntl(descriptor, fcntl.F_GETFL) & ~os.O_DIRECT)
         self.direct.discard(name)
-        return io(self._file(name, direct=False), [self._staging(name)], offset)
+        self.buffered.add(name)
+        return io(descriptor, [self._staging(name)], offset)
 
     def _staging(self, name):
         if name not in self.staging:
@@ -254,29 +265,28 @@ class ClientStore:
     def _path(self, name):
         return os.path.join(self.folder, f"{KEPT[name]}.bin")
 
-    def _file(self, name, direct=True):
-        """The open file of `name`'s records, with O_DIRECT where its slots are aligned and the file system takes it. A
-        fresh run's is made anew (a file or link left there is removed, never written through); a resumed run's must
-        be a file, not a link."""
+    def _file(self, name):
+        """The open file of `name`'s records, with O_DIRECT where its slots are DIRECT_MIN or more and aligned, and the
+        file system takes it. A fresh run's is made anew (a file or link left there is removed, never written through);
+        a resumed run's must be a file, not a link."""
         if name not in self.files:
             path = self._path(name)
             fresh = self.fresh and name not in self.made
-            flags = os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT | os.O_EXCL if fresh else 0)
-            direct = direct and hasattr(os, "O_DIRECT") and self.slot_bytes[name] % ALIGN == 0
             try:
                 os.makedirs(self.folder, exist_ok=True)
                 if fresh and os.path.lexists(path):
                     os.unlink(path)
-                try:
-                    self.files[name] = os.open(path, flags | (os.O_DIRECT if direct else 0), 0o644)
-                except OSError as e:
-                    if not direct or e.errno != errno.EINVAL:
-                        raise
-                    direct = False
-                    self.files[name] = os.open(path, flags, 0o644)
+                descriptor = os.open(path, os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT | os.O_EXCL if fresh else 0), 0o644)
             except OSError as e:
                 raise SaveError(f"cannot open {path}: {e.strerror or e}") from None
+            self.files[name] = descriptor
             self.made.add(name)
-            if direct:
-                self.direct.add(name)
+            # set on the open file rather than asked at the open: Linux makes the file before it refuses the flag
+            if (self.slot_bytes[name] >= DIRECT_MIN and self.slot_bytes[name] % ALIGN == 0 and name not in self.buffered
+                    and hasattr(os, "O_DIRECT")):
+                try:
+                    fcntl.fcntl(descriptor, fcntl.F_SETFL, fcntl.fcntl(descriptor, fcntl.F_GETFL) | os.O_DIRECT)
+                    self.direct.add(name)
+                except OSError:
+                    self.buffered.add(name)
         return self.files[name]

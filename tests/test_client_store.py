@@ -209,26 +209,30 @@ def test_large_records_fill_aligned_slots_and_resume_from_this_layout_or_the_old
     resumed.close()
 
 
-def test_a_file_system_refusing_o_direct_at_open_or_at_a_transfer_gets_buffered_io(tmp_path, monkeypatch):
+def test_a_file_system_refusing_o_direct_on_the_file_or_at_a_transfer_gets_buffered_io(tmp_path, monkeypatch):
+    """O_DIRECT is set on the open file: asked at the open, Linux makes the file before refusing the flag (ramfs), and
+    the fresh run's exclusive open could not make it again."""
     if not hasattr(os, "O_DIRECT"):
         pytest.skip("no O_DIRECT on this platform: the store's files are buffered")
-    opened, open_file, pwritev = [], os.open, os.pwritev
+    asked, set_flags = [], fcntl.fcntl
 
-    def refusing_open(path, flags, *mode):
-        opened.append(bool(flags & os.O_DIRECT))
-        if flags & os.O_DIRECT:
+    def refusing_fcntl(descriptor, command, *argument):
+        if command == fcntl.F_SETFL and argument[0] & os.O_DIRECT:
+            asked.append(descriptor)
             raise OSError(errno.EINVAL, "Invalid argument")
-        return open_file(path, flags, *mode)
-    monkeypatch.setattr(client_store.os, "open", refusing_open)
+        return set_flags(descriptor, command, *argument)
+    monkeypatch.setattr(client_store.fcntl, "fcntl", refusing_fcntl)
     store = ClientStore(str(tmp_path / "at_open"), LARGE, 0, False)
     store.put("residual", 0, large_residual(4))
     table = store.flush()
-    assert opened == [True, False] and not store.direct and store.get("residual", 0)[0][0] == 4
+    assert len(asked) == 1 and not store.direct and store.get("residual", 0)[0][0] == 4
     store.close()
-    monkeypatch.setattr(client_store.os, "open", open_file)
+    monkeypatch.setattr(client_store.fcntl, "fcntl", set_flags)
+    refused, pwritev = [], os.pwritev
 
     def refusing_pwritev(descriptor, buffers, offset):
         if fcntl.fcntl(descriptor, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(offset)
             raise OSError(errno.EINVAL, "Invalid argument")
         return pwritev(descriptor, buffers, offset)
     monkeypatch.setattr(client_store.os, "pwritev", refusing_pwritev)
@@ -236,9 +240,29 @@ def test_a_file_system_refusing_o_direct_at_open_or_at_a_transfer_gets_buffered_
     store.put("residual", 0, large_residual(5))
     store.put("residual", 1, large_residual(6))
     second = store.flush()
-    assert not store.direct and [store.get("residual", c)[0][0].item() for c in (0, 1)] == [5, 6]
+    assert refused == [0] and not store.direct and [store.get("residual", c)[0][0].item() for c in (0, 1)] == [5, 6]
     store.close()
     assert second["records"] == {"residual": {0: (0, ANY), 1: (1, ANY)}}  # the first write retried, not moved
     for folder, saved in (("at_open", table), ("at_write", second)):
         assert len((tmp_path / folder / "clients" / "residuals.bin").read_bytes()) == \
             len(saved["records"]["residual"]) * 17 * 4096
+
+
+def test_records_of_other_sizes_or_names_are_refused_and_small_ones_stay_buffered(tmp_path):
+    store = ClientStore(str(tmp_path), LARGE, 0, False)
+    with pytest.raises(ValueError, match=r"client 3's residual has tensors of \[16384, 9\] entries, this run's "
+                                         r"\[16384, 10\]"):
+        store.put("residual", 3, [torch.zeros(16384), torch.zeros(9)])  # its slot would hold another client's rest
+    store.put("residual", 0, large_residual(1))
+    table = store.flush()
+    store.close()
+    for records in ({"memory": {}}, {"residual": {0: 5}}, {"residual": {0: (0, "digest")}}):
+        resumed = ClientStore(str(tmp_path), LARGE, 0, True)
+        with pytest.raises(ValueError, match="names records this run's clients do not keep, or records that are not"):
+            resumed.restore({**table, "records": records})
+        resumed.close()
+    small = ClientStore(str(tmp_path / "small"), {"residual": [1024]}, 0, False)  # 4096 bytes: aligned, but small
+    small.put("residual", 0, [torch.ones(1024)])
+    small.committed(small.flush())
+    assert not small.direct and small.slot_bytes == {"residual": 4096} and small.get("residual", 0)[0].sum() == 1024
+    small.close()
