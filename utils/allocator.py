@@ -3,9 +3,10 @@ that time what it runs.
 
 glibc's malloc often hands freed blocks of a few hundred KB and more back to the kernel (it unmaps those above a
 threshold that adapts, and trims its heap's free top), so a client's model-sized tensors (its diff, its residual, the
-selection's scratch) come as new pages, a page fault for each 4 KB. At 1000 clients and 100 per round (STC with error feedback, the Fashion-MNIST CNN) that was 850 page
-faults a client; kept, 150 to 300, and a round 18% faster on this project's virtual machines, whose host takes back
-the memory the kernel frees (a fault there costs 3.4 us). The peak resident memory grew 9%, 1843 to 2016 MB.
+selection's scratch) come as new pages, a page fault for each 4 KB. At 1000 clients and 100 per round (STC with error
+feedback, the Fashion-MNIST CNN) that was 850 page faults a client; kept, 150 to 300, and a round 18% faster on this
+project's virtual machines, whose host takes back the memory the kernel frees (a fault there costs 3.4 us). The peak
+resident memory grew 9%, 1843 to 2016 MB.
 """
 import ctypes
 
