@@ -178,7 +178,10 @@ class ClientStore:
                     raise StoreError(f"{where}: {e}") from None
             self.saved[name] = dict(records)
             self.ends[name] = max(slots, default=-1) + 1
-            self.free[name] = sorted(set(range(self.ends[name])) - set(slots))
+            # an honest file never ends past twice the records its checkpoint names (those, and the ones changed since,
+            # each written to the lowest free slot): a table naming slots far past them, over a sparse file that long
+            # with digests to match, gets no free list as long as its slot numbers
+            self.free[name] = sorted(set(range(min(self.ends[name], 2 * len(slots)))) - set(slots))
 
     def close(self):
         for descriptor in self.files.values():

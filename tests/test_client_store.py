@@ -266,3 +266,19 @@ def test_records_of_other_sizes_or_names_are_refused_and_small_ones_stay_buffere
     small.committed(small.flush())
     assert not small.direct and small.slot_bytes == {"residual": 4096} and small.get("residual", 0)[0].sum() == 1024
     small.close()
+
+
+def test_a_table_naming_a_slot_far_past_its_records_over_a_sparse_file_lists_no_more_free_slots(tmp_path):
+    path = tmp_path / "clients" / "residuals.bin"
+    path.parent.mkdir()
+    far = 10**7  # slot ten million of 20-byte records: a sparse file of 200 MB, zeros, whose digest is the zeros'
+    with open(path, "wb") as f:
+        f.truncate((far + 1) * 20)
+    resumed = ClientStore(str(tmp_path), NUMELS, 1, True)
+    resumed.restore({"numels": {"residual": [3, 2]}, "records": {"residual": {0: (far, hashlib.sha256(bytes(20))
+                                                                                   .digest())}}})
+    assert resumed.free["residual"] == [0, 1] and resumed.get("residual", 0)[0].tolist() == [0.0] * 3
+    resumed.put("residual", 1, residual(2))
+    resumed.committed(resumed.flush())
+    assert resumed.saved["residual"][1][0] == 0  # the lowest free slot
+    resumed.close()
