@@ -69,10 +69,8 @@ class ClientStore:
         self.ends = {name: 0 for name in self.numels}  # slots in the file
         self.files = {}  # name -> its open file descriptor
         self.direct = set()  # the names whose file is open with O_DIRECT
-        self.buffered = set()  # the names whose file system refused O_DIRECT
         self.staging = {}  # name -> a page-aligned buffer of one slot, through which every record is written and read
         self.fresh = not resume
-        self.made = set()  # the names whose file this run has opened: a fresh run's is made anew only once
         self.unsynced = set()  # files written since their last fsync
 
     def get(self, name, client_id):
@@ -249,7 +247,6 @@ class ClientStore:
                 raise
         fcntl.fcntl(descriptor, fcntl.F_SETFL, fcntl.fcntl(descriptor, fcntl.F_GETFL) & ~os.O_DIRECT)
         self.direct.discard(name)
-        self.buffered.add(name)
         return io(descriptor, [self._staging(name)], offset)
 
     def _staging(self, name):
@@ -274,22 +271,20 @@ class ClientStore:
         a resumed run's must be a file, not a link."""
         if name not in self.files:
             path = self._path(name)
-            fresh = self.fresh and name not in self.made
             try:
                 os.makedirs(self.folder, exist_ok=True)
-                if fresh and os.path.lexists(path):
+                if self.fresh and os.path.lexists(path):
                     os.unlink(path)
-                descriptor = os.open(path, os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT | os.O_EXCL if fresh else 0), 0o644)
+                flags = os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT | os.O_EXCL if self.fresh else 0)
+                descriptor = os.open(path, flags, 0o644)
             except OSError as e:
                 raise SaveError(f"cannot open {path}: {e.strerror or e}") from None
             self.files[name] = descriptor
-            self.made.add(name)
             # set on the open file rather than asked at the open: Linux makes the file before it refuses the flag
-            if (self.slot_bytes[name] >= DIRECT_MIN and self.slot_bytes[name] % ALIGN == 0 and name not in self.buffered
-                    and hasattr(os, "O_DIRECT")):
+            if self.slot_bytes[name] >= DIRECT_MIN and self.slot_bytes[name] % ALIGN == 0 and hasattr(os, "O_DIRECT"):
                 try:
                     fcntl.fcntl(descriptor, fcntl.F_SETFL, fcntl.fcntl(descriptor, fcntl.F_GETFL) | os.O_DIRECT)
                     self.direct.add(name)
-                except OSError:
-                    self.buffered.add(name)
+                except OSError:  # the file stays buffered
+                    pass
         return self.files[name]
