@@ -5,6 +5,7 @@ import fcntl
 import hashlib
 import os
 import struct
+import threading
 from unittest.mock import ANY
 
 import pytest
@@ -282,3 +283,45 @@ def test_a_table_naming_a_slot_far_past_its_records_over_a_sparse_file_lists_no_
     resumed.committed(resumed.flush())
     assert resumed.saved["residual"][1][0] == 0  # the lowest free slot
     resumed.close()
+
+
+def test_a_save_writes_its_records_on_two_threads_to_the_slots_one_thread_would_use(tmp_path, monkeypatch):
+    """A save hands its records to WRITERS threads (SHA-256 and the transfers release the GIL), each through its own
+    staging buffer; the slots are taken in the records' order first, so the file's layout is the one-thread layout."""
+    assert client_store.WRITERS == 2
+    threads, pwritev = {}, os.pwritev
+
+    def recording_pwritev(descriptor, buffers, offset):
+        threads[offset] = threading.get_ident()
+        return pwritev(descriptor, buffers, offset)
+    monkeypatch.setattr(client_store.os, "pwritev", recording_pwritev)
+    store = ClientStore(str(tmp_path), LARGE, 100, False)  # all held in memory until the save
+    for client_id in (6, 2, 9, 4, 0, 7):
+        store.put("residual", client_id, large_residual(client_id + 1))
+    table = store.flush()
+    store.close()
+    slot = 17 * 4096
+    assert sorted(threads) == [i * slot for i in range(6)] and len(set(threads.values())) == 2
+    assert threading.get_ident() not in threads.values()
+    data = (tmp_path / "clients" / "residuals.bin").read_bytes()
+    for position, client_id in enumerate((0, 2, 4, 6, 7, 9)):  # client order, slot by slot
+        record = struct.pack("<16384f10f", *[client_id + 1.0] * 16384, *[-client_id - 1.0] * 10)
+        assert data[position * slot:][:65576] == record and set(data[position * slot + 65576:][:1384]) == {0}
+        assert table["records"]["residual"][client_id] == (position, hashlib.sha256(record).digest())
+
+    # both writers meet a file system that refuses O_DIRECT at the transfer: each retries buffered, whichever clears
+    # the flag first
+    if hasattr(os, "O_DIRECT"):
+        def refusing_pwritev(descriptor, buffers, offset):
+            if fcntl.fcntl(descriptor, fcntl.F_GETFL) & os.O_DIRECT:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return pwritev(descriptor, buffers, offset)
+        monkeypatch.setattr(client_store.os, "pwritev", refusing_pwritev)
+        store = ClientStore(str(tmp_path / "refused"), LARGE, 100, False)
+        for client_id in range(8):
+            store.put("residual", client_id, large_residual(client_id))
+        store.committed(store.flush())
+        assert not store.direct and store.cached_bytes == 8 * 65576
+        store.cached.clear()  # read back from the file
+        assert [store.get("residual", c)[1][0].item() for c in range(8)] == [-c for c in range(8)]
+        store.close()
