@@ -259,7 +259,8 @@ class ClientStore:
 
     def _transfer(self, io, name, slot, writer=0):
         """os.pwritev or os.preadv of `slot` from or into `writer`'s staging buffer; the bytes moved. A file system
-        that takes O_DIRECT on the file but refuses it at the transfer gets the file buffered, and the transfer again."""
+        that takes O_DIRECT on the file but refuses it at the transfer gets the file buffered, and the transfer
+        again."""
         descriptor, offset, staging = self._file(name), slot * self.slot_bytes[name], self._staging(name, writer)
         direct = name in self.direct  # asked before the transfer: another writer may clear it meanwhile
         try:

@@ -312,7 +312,8 @@ def apply_sync(sync, replica, rounds_played):
 
 
 def checksum(tensors):
-    """A digest of a model's flat floating tensors, bit for bit: a node sends it, the server compares it with its own."""
+    """A digest of a model's flat floating tensors, bit for bit: a node sends it, the server compares it with its
+    own."""
     digest = hashlib.sha256()
     for t in tensors:
         digest.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())

@@ -30,7 +30,8 @@ from codec.quantizers import fixed_step
 # SecAgg+ messages, per client, in bytes (X25519 keys, Shamir shares over a 32-byte secret, AES-GCM for the shares
 # that go through the server)
 PUBLIC_KEYS = 2 * 32  # its two public keys (one to agree masks, one to encrypt shares), advertised once per round
-ENCRYPTED_SHARES = 4 + 4 + 2 * 32 + 12 + 16  # to one neighbour: ids, a share of its mask seed and of its key, nonce, tag
+# to one neighbour: ids, a share of its mask seed and of its key, nonce, tag
+ENCRYPTED_SHARES = 4 + 4 + 2 * 32 + 12 + 16
 UNMASKING_SHARE = 4 + 32  # a neighbour's id and the one share the server asks it for
 CLIENT_ID = 4
 

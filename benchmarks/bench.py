@@ -170,7 +170,8 @@ def main_bench():
     samples = sum(len(shares[c]) for chosen in rounds for c in chosen) * conf["local_epochs"]
     samples += len(dataset.test_labels) * len(rounds)
     print(f"{conf['type']}, {conf['model_name']}, {conf['no_models']} clients, k={conf['k']}, "
-          f"{len(rounds)} rounds: {samples} samples (training + evaluation) per loop, {torch.get_num_threads()} threads")
+          f"{len(rounds)} rounds: {samples} samples (training + evaluation) per loop, "
+          f"{torch.get_num_threads()} threads")
 
     timings = {"chapter": [], "plain": [], "simulator": []}
     for _ in range(3):  # alternated, the fastest of each kept: a loop's time varies by up to 30% from run to run here

@@ -3,9 +3,9 @@ factor, code positions and values) and decode, per method, best of a few repeats
 
     python benchmarks/codec_bench.py [--prop 0.01] [--repeats 5]
 
-The caches of drawn random masks (codec/sparsifiers.py, MASKS and PACKED_MASKS) are off: every encode and decode draws its mask, as a
-client and a server on different machines do. The last line is machine-readable: the slowest method's encode and
-decode times in seconds, with the sizes.
+The caches of drawn random masks (codec/sparsifiers.py, MASKS and PACKED_MASKS) are off: every encode and decode
+draws its mask, as a client and a server on different machines do. The last line is machine-readable: the slowest
+method's encode and decode times in seconds, with the sizes.
 """
 import argparse
 import os

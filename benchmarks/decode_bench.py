@@ -46,15 +46,17 @@ def header(sparsifier, quantizer, numels):
 def gamma_bomb(numels, size=23_800_000):
     """Dense QSGD claiming 65535 levels, its Elias-gamma lengths all ones bytes up to `size`."""
     buckets = sum(math.ceil(n / 512) for n in numels)
-    head = header(codec.sparsifiers.Dense, codec.quantizers.QSGD, numels) + codec.quantizers.QSGD_HEADER.pack(65535, 512) + bytes(4 * buckets)
+    head = (header(codec.sparsifiers.Dense, codec.quantizers.QSGD, numels)
+            + codec.quantizers.QSGD_HEADER.pack(65535, 512) + bytes(4 * buckets))
     return head + b"\xff" * (size - len(head))
 
 
 def all_random_hybrid(numels):
     """A hybrid upload of no top-k positions and every entry drawn at random, sign-coded: 1.4 MB."""
-    positions = codec.positions.POSITIONS_HEADER.pack(codec.positions.INDEX_U32, 0) + codec.sparsifiers.HYBRID_RANDOM.pack(7, sum(numels))
-    return (header(codec.sparsifiers.Hybrid, codec.quantizers.Sign, numels) + positions + struct.pack(f"<{len(numels)}f", *[1.0] * len(numels))
-            + bytes(math.ceil(sum(numels) / 8)))
+    positions = (codec.positions.POSITIONS_HEADER.pack(codec.positions.INDEX_U32, 0)
+                 + codec.sparsifiers.HYBRID_RANDOM.pack(7, sum(numels)))
+    return (header(codec.sparsifiers.Hybrid, codec.quantizers.Sign, numels) + positions
+            + struct.pack(f"<{len(numels)}f", *[1.0] * len(numels)) + bytes(math.ceil(sum(numels) / 8)))
 
 
 def hostile(numels):

@@ -93,7 +93,8 @@ def main():
     for clients in (10, 1000):
         _, startup, peak = run(engines["flower, 1 actor"], args.set + [f"no_models={clients}"], 1)
         memory[clients] = peak
-        print(f"flower, 1 actor, {clients:>4} clients, one round: peak memory {peak:6.0f} MB, start-up {startup:5.1f} s")
+        print(f"flower, 1 actor, {clients:>4} clients, one round: peak memory {peak:6.0f} MB, "
+              f"start-up {startup:5.1f} s")
     print(f"one_actor_ratio={per_round['flower, 1 actor'] / per_round['in-process']:.3f} "
           f"two_actor_ratio={per_round['flower, 2 actors'] / per_round['in-process']:.3f} "
           f"memory_ratio={memory[1000] / memory[10]:.3f}")

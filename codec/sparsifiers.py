@@ -267,7 +267,7 @@ def random_positions(seed, prop, numels):
             PACKED_MASKS.put(key, [np.packbits(k) for k in kept], sum(-(-numel // 8) for numel in numels))
         else:
             kept = [np.unpackbits(bits, count=numel).view(bool) for bits, numel in zip(packed, numels)]
-        positions = [torch.from_numpy(np.flatnonzero(k)) for k in kept]
+        positions = [true_positions(torch.from_numpy(k)) for k in kept]
         MASKS.put(key, positions, sum(8 * len(where) for where in positions))
     return positions
 
@@ -357,11 +357,11 @@ def topk_positions(diffs, prop, scope="tensor"):
 def largest(values, count):
     """The sorted positions of the `count` largest of `values` (flat), the set torch.topk chooses.
 
-    torch.topk selects among all entries (3 ms for STC's 16,866 of the CNN's 421,642 on the CPU, most of an STC encode). On
-    the CPU, when exactly `count` entries are at least the count-th largest value, that set is the only answer, and it
-    is found among the entries above a threshold read off a sample of 8192, about twice as many as asked.
-    Where it is not (a tie at the boundary, NaN, a threshold that leaves too few), torch.topk decides, as before: the
-    same set in every case."""
+    torch.topk selects among all entries (3 ms for STC's 16,866 of the CNN's 421,642 on the CPU, most of an STC
+    encode). On the CPU, when exactly `count` entries are at least the count-th largest value, that set is the only
+    answer, and it is found among the entries above a threshold read off a sample of 8192, about twice as many as
+    asked. Where it is not (a tie at the boundary, NaN, a threshold that leaves too few), torch.topk decides, as
+    before: the same set in every case."""
     if values.device.type != "cpu" or count == 0 or count * 4 > len(values) or len(values) < 2**16:
         return values.topk(count, sorted=False).indices.sort().values
     array = values.numpy()
