@@ -1,6 +1,6 @@
 """Cross-device scale, measured side by side in one run (a benchmark, not a test). Fashion-MNIST, the default CNN.
 
-    python benchmarks/cross_device.py [--rounds 3] [--long-rounds 20] [--big-rounds 30]
+    python benchmarks/cross_device.py [--rounds 3] [--long-rounds 20] [--big-rounds 30] [--speed-only]
 
 1. 1000 clients (59 examples each), 100 per round: the simulator's time per round against a plain loop doing the same
    SGD steps and evaluation (benchmarks/bench.py's), alternated three times, the fastest of each kept; for the default
@@ -11,7 +11,8 @@
    `--big-rounds` rounds, in a fresh process: peak resident memory (the kernel's high-water mark, what
    `/usr/bin/time -v` reports as "Maximum resident set size"), the client store's size, and the last round (its
    save included) against round 2 (and, less noisy, the last 5 rounds against rounds 2 to 6).
-The last line is machine-readable: default=<simulator/plain> stc=<simulator/plain> big_rss_mb=<MB>
+`--speed-only` runs part 1 alone (its spread over a few runs is the noisiest figure). The last line is
+machine-readable: default=<simulator/plain> stc=<simulator/plain> big_rss_mb=<MB>
 big_last_over_second=<round 30 / round 2>.
 """
 import argparse
@@ -92,6 +93,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3, help="rounds timed in each loop of part 1")
     parser.add_argument("--long-rounds", type=int, default=20, help="rounds of part 2")
     parser.add_argument("--big-rounds", type=int, default=30, help="rounds of part 3")
+    parser.add_argument("--speed-only", action="store_true", help="run part 1 alone")
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
     allocator.keep_freed_memory()  # as main.py runs: for the simulator and the plain loop alike
@@ -106,6 +108,9 @@ def main():
         ratios[name] = simulator / plain
         print(f"1000 clients, k=100, {name:>7}: simulator {simulator:.2f} s/round, plain loop {plain:.2f} s/round: "
               f"{ratios[name]:.3f}x", flush=True)
+    if args.speed_only:
+        print(f"default={ratios['default']:.3f} stc={ratios['stc']:.3f}")
+        return
 
     long = in_fresh_process({**CROSS_DEVICE, **STC_BOTH_WAYS, "global_epochs": args.long_rounds})
     print(f"1000 clients, k=100, STC, {args.long_rounds} rounds: peak memory {long['peaks_mb'][0]:.0f} MB after "
