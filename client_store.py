@@ -115,13 +115,15 @@ class ClientStore:
         client, (slot, SHA-256 digest of its record)."""
         for name in {name for name, _ in self.dirty}:
             self._file(name)  # opened here, not by two writers at once
-        # slots are taken in the order of the records, so the file's layout does not depend on the threads
+        # slots are taken, and the written records named, in the records' order: neither the file's layout nor the
+        # table's order (so checkpoint.pt's bytes) depends on which writer finished first
         jobs = [(key, self._take_slot(key[0]), self.cached[key]) for key in sorted(self.dirty)]
-        if len(jobs) > 1:
+        if jobs:
             with ThreadPoolExecutor(WRITERS) as pool:
-                list(pool.map(self._write_jobs, [jobs[writer::WRITERS] for writer in range(WRITERS)], range(WRITERS)))
-        else:
-            self._write_jobs(jobs, 0)
+                digests = list(pool.map(self._write_share, [jobs[writer::WRITERS] for writer in range(WRITERS)],
+                                        range(WRITERS)))
+        for index, ((name, client_id), slot, _) in enumerate(jobs):
+            self.written[name][client_id] = (slot, digests[index % WRITERS][index // WRITERS])
         self.dirty.clear()
         for name in sorted(self.unsynced):
             try:
@@ -215,7 +217,8 @@ class ClientStore:
             key, tensors = self.cached.popitem(last=False)
             self.cached_bytes -= self.record_bytes[key[0]]
             if key in self.dirty:
-                self._write(key, self._take_slot(key[0]), tensors, 0)
+                slot = self._take_slot(key[0])
+                self.written[key[0]][key[1]] = (slot, self._write(key[0], slot, tensors, 0))
                 self.dirty.discard(key)
 
     def _take_slot(self, name):
@@ -223,13 +226,13 @@ class ClientStore:
         self.ends[name] = max(self.ends[name], slot + 1)
         return slot
 
-    def _write_jobs(self, jobs, writer):
-        """Write each (key, slot, tensors) of `jobs`, one after another, through `writer`'s staging buffer."""
-        for key, slot, tensors in jobs:
-            self._write(key, slot, tensors, writer)
+    def _write_share(self, jobs, writer):
+        """Write each (key, slot, tensors) of `jobs`, one after another, through `writer`'s staging buffer; their
+        digests."""
+        return [self._write(name, slot, tensors, writer) for (name, _), slot, tensors in jobs]
 
-    def _write(self, key, slot, tensors, writer):
-        name, client_id = key
+    def _write(self, name, slot, tensors, writer):
+        """Write `tensors` to `name`'s `slot`; the SHA-256 digest of the record."""
         staging = self._staging(name, writer)
         torch.cat([t.flatten() for t in tensors], out=torch.frombuffer(staging, dtype=torch.float32,
                                                                        count=self.record_bytes[name] // 4))
@@ -241,7 +244,7 @@ class ClientStore:
         if written != self.slot_bytes[name]:
             raise SaveError(f"cannot write {self._path(name)}: {written} of {self.slot_bytes[name]} bytes written")
         self.unsynced.add(name)
-        self.written[name][client_id] = (slot, digest)  # put freed any earlier written slot
+        return digest
 
     def _read(self, name, slot):
         data = self._read_bytes(name, slot)

@@ -6,6 +6,7 @@ import hashlib
 import os
 import struct
 import threading
+import time
 from unittest.mock import ANY
 
 import pytest
@@ -287,12 +288,15 @@ def test_a_table_naming_a_slot_far_past_its_records_over_a_sparse_file_lists_no_
 
 def test_a_save_writes_its_records_on_two_threads_to_the_slots_one_thread_would_use(tmp_path, monkeypatch):
     """A save hands its records to WRITERS threads (SHA-256 and the transfers release the GIL), each through its own
-    staging buffer; the slots are taken in the records' order first, so the file's layout is the one-thread layout."""
+    staging buffer; the slots are taken, and the records named in the table, in the records' order, so the file's
+    layout and the checkpoint's bytes are the one-thread ones."""
     assert client_store.WRITERS == 2
     threads, pwritev = {}, os.pwritev
 
     def recording_pwritev(descriptor, buffers, offset):
         threads[offset] = threading.get_ident()
+        if offset == 0:
+            time.sleep(0.1)  # the first record's writer finishes last
         return pwritev(descriptor, buffers, offset)
     monkeypatch.setattr(client_store.os, "pwritev", recording_pwritev)
     store = ClientStore(str(tmp_path), LARGE, 100, False)  # all held in memory until the save
@@ -308,6 +312,7 @@ def test_a_save_writes_its_records_on_two_threads_to_the_slots_one_thread_would_
         record = struct.pack("<16384f10f", *[client_id + 1.0] * 16384, *[-client_id - 1.0] * 10)
         assert data[position * slot:][:65576] == record and set(data[position * slot + 65576:][:1384]) == {0}
         assert table["records"]["residual"][client_id] == (position, hashlib.sha256(record).digest())
+    assert list(table["records"]["residual"]) == [0, 2, 4, 6, 7, 9]  # checkpoint.pt's bytes do not depend on threads
 
     # both writers meet a file system that refuses O_DIRECT at the transfer: each retries buffered, whichever clears
     # the flag first

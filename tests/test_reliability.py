@@ -442,16 +442,17 @@ def test_a_damaged_checkpoint_is_refused_in_one_line_and_the_folder_left_as_it_w
     store = out / "clients" / "residuals.bin"  # the client store, whose records the checkpoint names
     client, (slot, _) = next(iter(state["store"]["records"]["residual"].items()))
     record = 4 * sum(state["store"]["numels"]["residual"])
+    record_at = slot * state["store"]["slot_bytes"]["residual"]  # slots of records past 64 KB are rounded up to 4 KB
     if where == "a client's residual":
         named = "clients/residuals.bin"
         data = bytearray(store.read_bytes())
         if damage == "one flipped bit":
-            data[slot * record + 3] ^= 0x40  # the first f32's highest exponent bit
+            data[record_at + 3] ^= 0x40  # the first f32's highest exponent bit
             reason = f"client {client}'s residual does not match the SHA-256 digest saved with it"
         else:
-            data[slot * record:slot * record + 4] = struct.pack("<f", math.nan)
-            state["store"]["records"]["residual"][client] = (slot, hashlib.sha256(
-                data[slot * record:(slot + 1) * record]).digest())
+            data[record_at:record_at + 4] = struct.pack("<f", math.nan)
+            digest = hashlib.sha256(data[record_at:record_at + record]).digest()
+            state["store"]["records"]["residual"][client] = (slot, digest)
             run_files.write_checkpoint(out, state)
             reason = "holds NaN or Inf"
         store.write_bytes(bytes(data))
