@@ -118,12 +118,8 @@ class ClientStore:
         # slots are taken, and the written records named, in the records' order: neither the file's layout nor the
         # table's order (so checkpoint.pt's bytes) depends on which writer finished first
         jobs = [(key, self._take_slot(key[0]), self.cached[key]) for key in sorted(self.dirty)]
-        if jobs:
-            with ThreadPoolExecutor(WRITERS) as pool:
-                digests = list(pool.map(self._write_share, [jobs[writer::WRITERS] for writer in range(WRITERS)],
-                                        range(WRITERS)))
-        for index, ((name, client_id), slot, _) in enumerate(jobs):
-            self.written[name][client_id] = (slot, digests[index % WRITERS][index // WRITERS])
+        for ((name, client_id), slot, _), digest in zip(jobs, self._write_all(jobs)):
+            self.written[name][client_id] = (slot, digest)
         self.dirty.clear()
         for name in sorted(self.unsynced):
             try:
@@ -217,8 +213,9 @@ class ClientStore:
             key, tensors = self.cached.popitem(last=False)
             self.cached_bytes -= self.record_bytes[key[0]]
             if key in self.dirty:
-                slot = self._take_slot(key[0])
-                self.written[key[0]][key[1]] = (slot, self._write(key[0], slot, tensors, 0))
+                name, client_id = key
+                slot = self._take_slot(name)
+                self.written[name][client_id] = (slot, self._write(name, slot, tensors, 0))
                 self.dirty.discard(key)
 
     def _take_slot(self, name):
@@ -226,10 +223,16 @@ class ClientStore:
         self.ends[name] = max(self.ends[name], slot + 1)
         return slot
 
-    def _write_share(self, jobs, writer):
-        """Write each (key, slot, tensors) of `jobs`, one after another, through `writer`'s staging buffer; their
-        digests."""
-        return [self._write(name, slot, tensors, writer) for (name, _), slot, tensors in jobs]
+    def _write_all(self, jobs):
+        """Write each (key, slot, tensors) of `jobs`, shared among WRITERS threads, each writing its share one record
+        after another through its own staging buffer; the records' digests, in the order of `jobs`."""
+        if not jobs:
+            return []
+        with ThreadPoolExecutor(WRITERS) as pool:
+            shares = list(pool.map(lambda writer: [self._write(name, slot, tensors, writer)
+                                                   for (name, _), slot, tensors in jobs[writer::WRITERS]],
+                                   range(WRITERS)))
+        return [shares[index % WRITERS][index // WRITERS] for index in range(len(jobs))]
 
     def _write(self, name, slot, tensors, writer):
         """Write `tensors` to `name`'s `slot`; the SHA-256 digest of the record."""

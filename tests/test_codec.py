@@ -61,7 +61,6 @@ def test_random_positions_depend_on_the_seed_only():
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
 
 
-
 def test_a_mask_found_again_in_its_packed_bits_is_the_mask_drawn(monkeypatch):
     numels = [200_003, 17, 5_000]  # not whole bytes of bits
     monkeypatch.setattr(codec.sparsifiers, "MASKS", codec.sparsifiers.NewestFirst(0))  # positions never kept
