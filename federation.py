@@ -86,7 +86,7 @@ def run(conf, out, resume, transport_factory):
             rows = restore(out, conf, server, transport, store, device, dataset.digest, timer, buffered)
             run_files.write_metrics(out, rows)  # the checkpoint's rows: a kill -9 may have cut metrics.csv short
         run_files.write_config(out, conf)
-        run_files.write_environment(out, device, len(rows) + 1)
+        run_files.write_environment(out, device, len(rows) + 1, transport.client_threads)
         show_progress = sys.stdout.isatty()
         for round_index in range(len(rows) + 1, conf["global_epochs"] + 1):
             rows.append(play_step(round_index, server, buffered, dataset) if buffered else

@@ -3,6 +3,7 @@
 Run:     python main.py -c ./utils/conf.json [--set prop=0.5 ...] [--out DIR]
 Resume:  python main.py --out DIR --resume          (continues an interrupted run to the same end)
 Sweep:   python main.py -c ./utils/conf.json --sweep prop=1.0,0.8,0.5 [--out DIR]
+Threads: python main.py -c ./utils/conf.json --parallel 2       (2 clients train at once, on a thread each)
 Flower:  python main.py -c ./utils/conf.json --engine flower [--parallel 2]      (Flower's simulation engine)
          deploy/local.sh --nodes 10 -- -c ./utils/conf.json --out DIR          (a Flower deployment, on 127.0.0.1)
 
@@ -17,6 +18,7 @@ continues (exit status 130 and 143).
 import argparse
 import contextlib
 import copy
+import functools
 import math
 import os
 import shlex
@@ -50,7 +52,7 @@ try:  # torch takes seconds to import: Ctrl-C meanwhile is a clean stop, not a t
     import models
     import privacy
     import secure
-    from engines.inprocess import InProcess
+    from engines import inprocess
     from utils import allocator, config, partition, run_files, user_code
     from utils.run_files import RunError
 except KeyboardInterrupt as stop:
@@ -77,16 +79,19 @@ def resolve(args):
     privacy.check(conf)
     if args.engine != "inprocess" and (conflict := engines.check_secure_aggregation(conf)):
         raise RunError(conflict)
-    if args.engine == "flower":
-        check_actors(conf, args)
+    if args.engine != "deployment":
+        check_parallel(conf, args)
     return conf, out
 
 
-def check_actors(conf, args):
-    """--engine flower: refuse actors that could not start or would sit idle, before Ray starts."""
-    if args.parallel > conf["k"]:  # each actor holds the data and a model; at most k clients train at once
+def check_parallel(conf, args):
+    """Refuse clients at once that could not train or would sit idle, before data loads or Ray starts."""
+    if args.parallel > conf["k"]:  # each holds a model (a Ray actor: the data too); at most k clients train at once
         raise RunError(f"--parallel {args.parallel} is more than the {conf['k']} clients that train per round (k): "
                        f"give at most {conf['k']}")
+    if args.engine == "inprocess":
+        inprocess.check_device(args.parallel, federation.pick_device(conf["device"]))
+        return
     gpus, present = engines.node_gpus(args.client_gpus, args.parallel), torch.cuda.device_count()
     if gpus > present:
         raise RunError(f"--client-gpus {args.client_gpus:g} with --parallel {args.parallel} needs {gpus} GPU(s); "
@@ -168,7 +173,9 @@ def check_distinct(key, raws, runs):
 def engine_options(args):
     """The command-line options that chose the engine, to repeat in the command that continues a run."""
     if args.engine == "inprocess":
-        return ""
+        options = [f"--parallel {args.parallel}"] if args.parallel > 1 else []
+        options += [f"--client-cpus {args.client_cpus:g}"] if args.client_cpus else []
+        return "".join(f" {option}" for option in options)
     options = [f"--engine {args.engine}", f"--timeout {args.timeout:g}"]
     if args.engine == "deployment":
         options.append(f"--superlink {shlex.quote(args.superlink)}")
@@ -181,7 +188,8 @@ def engine_options(args):
 def train_rounds(conf, out, resume, args):
     """The run's rounds on the engine the command line asks for; returns the metrics rows."""
     if args.engine == "inprocess":
-        return federation.run(conf, out, resume, InProcess)
+        return federation.run(conf, out, resume, functools.partial(inprocess.InProcess, parallel=args.parallel,
+                                                                   client_cpus=args.client_cpus))
     try:
         from engines import flower  # Flower and Ray load only for these engines
     except ImportError as e:
@@ -277,11 +285,12 @@ def parse_args(argv):
                         metavar="SECONDS",
                         help="Flower engines: how long a round waits for a client before leaving it out")
     parser.add_argument("--parallel", type=positive(int), default=1, metavar="N",
-                        help="--engine flower: how many clients train at once (Ray actors, each with its own copy "
-                             "of the data and a model; at most k)")
+                        help="how many clients train at once (at most k): in-process, on threads of this process, "
+                             "each with its own model (CPU only); --engine flower: Ray actors, each with its own "
+                             "copy of the data and a model")
     parser.add_argument("--client-cpus", type=positive(float), metavar="C",
-                        help="--engine flower: CPUs per actor, that is its torch threads (a fraction rounds down, "
-                             "to at least 1; default: this machine's torch threads divided by --parallel)")
+                        help="torch threads each client trains with (a fraction rounds down, to at least 1; default: "
+                             "this machine's torch threads divided by --parallel); --engine flower: CPUs per actor")
     parser.add_argument("--client-gpus", type=gpu_share, default=0.0, metavar="G",
                         help="--engine flower: GPUs per actor, a fraction up to 1 shares one (default 0)")
     parser.add_argument("--dry-run", action="store_true",

@@ -8,15 +8,26 @@
         dense payload}} (what clients keep between rounds, their residuals and warm starts, lives in the client store
         given to the transport: client_store.py)
     restore_client_state(state)  (client ids already checked against the run's clients by federation.restore)
+    client_threads: the torch threads each client trains with (environment.json records it: the uploads' last
+        digits depend on it)
     secure_sum: after train, the round's sums when the transport ran secure aggregation itself (Flower's SecAgg+:
         secure.delivered), its Uploads then carrying no payload; None when the server sums the payloads
 
 A transport is built as transport_factory(conf, dataset, shares, workspace model, client store).
 
-inprocess: one process trains the clients one after another (the default).
+inprocess: one process trains the clients one after another (the default), or some at once on threads.
 flower: Flower's simulation engine (Ray actors) and deployment engine (a SuperLink and SuperNodes).
 """
 import math
+
+import torch
+
+
+def client_threads(parallel, client_cpus=None):
+    """The torch threads each client trains with when `parallel` train at once: `client_cpus` (a fraction rounds down,
+    to at least 1), or this process's threads shared among them. A client's upload depends on the count in its last
+    digits, so every engine trains with the count this gives."""
+    return max(1, int(client_cpus or torch.get_num_threads() // parallel))
 
 
 def node_gpus(client_gpus, parallel):

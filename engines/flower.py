@@ -160,7 +160,7 @@ class GridTransport:
         if conflict := engines.check_secure_aggregation(conf):  # main.py checks it before Ray starts; from Python, here
             raise RunError(conflict)
         self.quantization_range = secagg.ranges(conf, registered) if conf["secure_aggregation"] else None
-        self.timeout, self.threads, self.stop = settings["timeout"], settings["threads"], stop
+        self.timeout, self.client_threads, self.stop = settings["timeout"], settings["threads"], stop
         self.node_of = self._find_nodes()
         self.kept_numels = kept_numels(conf, shapes)
         self.models = {}  # client id -> the model its node holds, a dense payload (one object per round, shared)
@@ -191,7 +191,7 @@ class GridTransport:
         floats = [t.flatten() for t in global_state.values() if torch.is_floating_point(t)]
         expected = downloads.checksum(floats)  # what every node's model must be after its sync
         held = codec.encode(codec.DENSE_F32, floats, 0).payload if self.conf["download"] != "dense" else None
-        task = {"round": round_index, "conf": json.dumps(self.conf), "threads": self.threads}
+        task = {"round": round_index, "conf": json.dumps(self.conf), "threads": self.client_threads}
         contents = {}  # client id -> its train task, in the order of `chosen`
         for client_id in chosen:
             if client_id in self.resumed:
@@ -386,10 +386,10 @@ def simulate(conf, out, resume, parallel=1, client_cpus=None, client_gpus=0.0, t
     import logging
     # Flower's log would bury the one line per round; the transport reports a node's failure in one line itself
     logging.getLogger("flwr").setLevel(logging.CRITICAL)
-    client_cpus = client_cpus or max(1, torch.get_num_threads() // parallel)
-    # each actor trains with as many threads as it has CPUs (whole, at least one); with this process's thread count,
-    # the sums match the in-process engine's bit for bit
-    settings = {"conf": conf, "out": out, "resume": resume, "timeout": timeout, "threads": max(1, int(client_cpus))}
+    # each actor trains with as many threads as it has CPUs; with the in-process engine's count, the sums match its
+    # bit for bit
+    settings = {"conf": conf, "out": out, "resume": resume, "timeout": timeout,
+                "threads": engines.client_threads(parallel, client_cpus)}
     stop, result = threading.Event(), {}
     app = ServerApp()
 

@@ -113,9 +113,10 @@ def write_config(run_dir, conf):
     write_atomically(os.path.join(run_dir, "config.json"), (json.dumps(conf, indent=2) + "\n").encode())
 
 
-def write_environment(run_dir, device, first_round):
+def write_environment(run_dir, device, first_round, client_threads):
     """Add to environment.json what computes the rounds from `first_round` on (one entry per start or resume): a run
-    repeats to the last digit only with the same torch build and CPU family, whose kernels round differently."""
+    repeats to the last digit only with the same torch build and CPU family, whose kernels round differently, and the
+    same thread counts (this process's, and the `client_threads` each client trains with)."""
     path = os.path.join(run_dir, "environment.json")
     try:
         with open(path, encoding="utf-8") as f:
@@ -126,7 +127,7 @@ def write_environment(run_dir, device, first_round):
     entries.append({
         "from_round": first_round, "python": platform.python_version(), "torch": torch.__version__,
         "numpy": numpy.__version__, "cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "threads": torch.get_num_threads(), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        "threads": torch.get_num_threads(), "client_threads": client_threads, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
         else "cpu", "platform": platform.platform()})
     write_atomically(path, (json.dumps(entries, indent=2) + "\n").encode())
 
