@@ -4,17 +4,20 @@
 
 On the same model, data and number of SGD steps and evaluations it times, three times alternately, the fastest of each
 kept:
-  (a) the simulator: federation.run for a few rounds (data loading excluded, checkpoints included);
+  (a) the simulator: federation.run for a few rounds (data loading excluded, checkpoints included), training one
+      client at a time, and with --parallel 2 (two at once, on a thread each);
   (b) a plain training loop over the same tensors in memory: the compute limit;
   (c) a chapter-style loop: torchvision dataset with per-sample ToTensor through DataLoaders, a model object per
       client in PyTorch's default memory format, state-dict copies, evaluation through a DataLoader of the training
       batch size.
 Then it measures the simulator's peak memory (one round, in a fresh process) with 10 and with 1000 clients.
 The last line is machine-readable:
-    overhead=<simulator/plain> speedup=<chapter/simulator> memory_ratio=<1000 clients/10 clients>
+    overhead=<simulator/plain> parallel=<simulator/simulator --parallel 2> speedup=<chapter/simulator>
+    memory_ratio=<1000 clients/10 clients>
 """
 import argparse
 import copy
+import functools
 import gzip
 import os
 import resource
@@ -47,10 +50,10 @@ def schedule(conf, dataset):
     return shares, [federation.sample_clients(conf, r) for r in range(1, conf["global_epochs"] + 1)]
 
 
-def time_simulator(conf, dataset_load_seconds):
+def time_simulator(conf, dataset_load_seconds, transport_factory=InProcess):
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
-        federation.run(conf, out, False, InProcess)
+        federation.run(conf, out, False, transport_factory)
         return time.perf_counter() - started - dataset_load_seconds
 
 
@@ -144,7 +147,19 @@ def peak_memory(clients, overrides):
 def memory_probe(conf):
     with tempfile.TemporaryDirectory() as out:
         federation.run(conf, out, False, InProcess)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(peak_memory_mb())
+
+
+def peak_memory_mb():
+    """This process's peak resident memory so far, in MB: the kernel's high-water mark of its own pages (VmHWM), where
+    /proc has it. Not getrusage's ru_maxrss: a process started by another inherits its starter's peak there, so a probe
+    started by a benchmark that had grown to 2.7 GB reported 2.7 GB whatever it used (as `/usr/bin/time -v`, a small
+    starter, does not)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 2**20)
 
 
 def main_bench():
@@ -173,18 +188,22 @@ def main_bench():
           f"{len(rounds)} rounds: {samples} samples (training + evaluation) per loop, "
           f"{torch.get_num_threads()} threads")
 
-    timings = {"chapter": [], "plain": [], "simulator": []}
+    timings = {"chapter": [], "plain": [], "simulator": [], "parallel": []}
     for _ in range(3):  # alternated, the fastest of each kept: a loop's time varies by up to 30% from run to run here
         with tempfile.TemporaryDirectory() as root:
             timings["chapter"].append(time_chapter(conf, dataset, shares, rounds, root))
         timings["plain"].append(time_plain(conf, dataset, shares, rounds))
         timings["simulator"].append(time_simulator(conf, load_seconds))
-    chapter, plain, simulator = (min(timings[name]) for name in ("chapter", "plain", "simulator"))
-    for name, seconds in (("simulator", simulator), ("plain loop", plain), ("chapter-style", chapter)):
+        timings["parallel"].append(time_simulator(conf, load_seconds, functools.partial(InProcess, parallel=2)))
+    chapter, plain, simulator, parallel = (min(timings[name]) for name in ("chapter", "plain", "simulator",
+                                                                           "parallel"))
+    for name, seconds in (("simulator", simulator), ("--parallel 2", parallel), ("plain loop", plain),
+                          ("chapter-style", chapter)):
         print(f"{name:>14}: {seconds:7.2f} s  {samples / seconds:8.0f} samples/s")
     small, large = peak_memory(10, overrides), peak_memory(1000, overrides)
     print(f"peak memory, one round: 10 clients {small:.0f} MB, 1000 clients {large:.0f} MB")
-    print(f"overhead={simulator / plain:.3f} speedup={chapter / simulator:.3f} memory_ratio={large / small:.3f}")
+    print(f"overhead={simulator / plain:.3f} parallel={simulator / parallel:.3f} speedup={chapter / simulator:.3f} "
+          f"memory_ratio={large / small:.3f}")
 
 
 if __name__ == "__main__":

@@ -2,23 +2,24 @@
 
     python benchmarks/cross_device.py [--rounds 3] [--long-rounds 20] [--big-rounds 30] [--speed-only]
 
-1. 1000 clients (59 examples each), 100 per round: the simulator's time per round against a plain loop doing the same
-   SGD steps and evaluation (benchmarks/bench.py's), alternated three times, the fastest of each kept; for the default
+1. 1000 clients (59 examples each), 100 per round: the simulator's time per round, training one client at a time and
+   with --parallel 2 (two at once, a torch thread each), against a plain loop doing the same SGD steps and evaluation
+   one client at a time (benchmarks/bench.py's), alternated three times, the fastest of each kept; for the default
    conf and for STC both ways with error feedback.
 2. The STC run for `--long-rounds` rounds, in a fresh process: its peak resident memory so far, its save's time (the
    client store's records and checkpoint.pt) and checkpoint.pt's size, at round 1 and at the last round.
 3. 6000 clients (9 or 10 examples each), 100 per round, STC with error feedback, `client_state_memory` 1000 MB, for
-   `--big-rounds` rounds, in a fresh process: peak resident memory (the kernel's high-water mark, what
-   `/usr/bin/time -v` reports as "Maximum resident set size"), the client store's size, and the last round (its
+   `--big-rounds` rounds, in a fresh process: peak resident memory (the kernel's high-water mark of the process's
+   pages, what `/usr/bin/time -v` reports as "Maximum resident set size"), the client store's size, and the last round (its
    save included) against round 2 (and, less noisy, the last 5 rounds against rounds 2 to 6).
 `--speed-only` runs part 1 alone (its spread over a few runs is the noisiest figure). The last line is
-machine-readable: default=<simulator/plain> stc=<simulator/plain> big_rss_mb=<MB>
-big_last_over_second=<round 30 / round 2>.
+machine-readable: default=<simulator/plain> default_parallel=<simulator --parallel 2/plain> stc=... stc_parallel=...
+big_rss_mb=<MB> big_last_over_second=<round 30 / round 2>.
 """
 import argparse
+import functools
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -37,6 +38,7 @@ from utils import allocator, config  # noqa: E402
 CROSS_DEVICE = {"no_models": 1000, "k": 100}
 STC_BOTH_WAYS = {"sparsifier": "topk", "topk_scope": "model", "quantize": "ternary", "prop": 0.04,
                  "error_feedback": True, "download": "compressed", "download_prop": 0.02}
+PARALLEL = 2  # clients at once in the second simulator run (--parallel), one torch thread each on 2 cores
 BIG = {"no_models": 6000, "k": 100, "client_state_memory": 1000, **STC_BOTH_WAYS}
 
 
@@ -45,17 +47,18 @@ def make_conf(overrides):
 
 
 def side_by_side(conf):
-    """(simulator seconds per round, plain loop seconds per round): each timed three times, alternately, the fastest
-    kept (on this machine a loop's time varies by up to 20% from one run to the next)."""
+    """(simulator seconds per round, the same with --parallel 2, plain loop seconds per round): each timed three times,
+    alternately, the fastest kept (on this machine a loop's time varies by up to 30% from one run to the next)."""
     started = time.perf_counter()
     dataset = datasets.load(conf["type"], conf["data_dir"], federation.pick_device(conf["device"]))
     load_seconds = time.perf_counter() - started
     shares, rounds = bench.schedule(conf, dataset)
-    plain, simulator = [], []
+    plain, simulator, parallel = [], [], []
     for _ in range(3):
         plain.append(bench.time_plain(conf, dataset, shares, rounds))
         simulator.append(bench.time_simulator(conf, load_seconds))
-    return min(simulator) / len(rounds), min(plain) / len(rounds)
+        parallel.append(bench.time_simulator(conf, load_seconds, functools.partial(InProcess, parallel=PARALLEL)))
+    return min(simulator) / len(rounds), min(parallel) / len(rounds), min(plain) / len(rounds)
 
 
 def probe(conf):
@@ -68,7 +71,7 @@ def probe(conf):
         save(out, *args, **kwargs)
         saves.append(time.perf_counter() - started)
         sizes.append(os.path.getsize(os.path.join(out, "checkpoint.pt")))
-        peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # so far
+        peaks.append(bench.peak_memory_mb())  # so far
     federation.save = timed_save
     with tempfile.TemporaryDirectory(dir=ROOT) as out:  # on the disk the runs go to, not a RAM-backed /tmp
         rows = federation.run(conf, out, False, InProcess)
@@ -77,7 +80,7 @@ def probe(conf):
             if os.path.isdir(store) else 0
     print(json.dumps({"seconds": [row["seconds"] for row in rows], "saves": saves, "checkpoint_bytes": sizes,
                       "store_bytes": store_bytes, "peaks_mb": peaks,
-                      "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "peak_mb": bench.peak_memory_mb()}))
 
 
 def in_fresh_process(overrides):
@@ -104,12 +107,14 @@ def main():
     ratios = {}
     for name, method in (("default", {}), ("stc", STC_BOTH_WAYS)):
         conf = make_conf({**CROSS_DEVICE, **method, "global_epochs": args.rounds})
-        simulator, plain = side_by_side(conf)
-        ratios[name] = simulator / plain
-        print(f"1000 clients, k=100, {name:>7}: simulator {simulator:.2f} s/round, plain loop {plain:.2f} s/round: "
-              f"{ratios[name]:.3f}x", flush=True)
+        simulator, parallel, plain = side_by_side(conf)
+        ratios[name], ratios[f"{name}_parallel"] = simulator / plain, parallel / plain
+        print(f"1000 clients, k=100, {name:>7}: simulator {simulator:.2f} s/round, with --parallel {PARALLEL} "
+              f"{parallel:.2f} s/round, plain loop {plain:.2f} s/round: {ratios[name]:.3f}x and "
+              f"{ratios[f'{name}_parallel']:.3f}x", flush=True)
+    speed = " ".join(f"{name}={ratio:.3f}" for name, ratio in ratios.items())
     if args.speed_only:
-        print(f"default={ratios['default']:.3f} stc={ratios['stc']:.3f}")
+        print(speed)
         return
 
     long = in_fresh_process({**CROSS_DEVICE, **STC_BOTH_WAYS, "global_epochs": args.long_rounds})
@@ -126,8 +131,7 @@ def main():
           f"(save {big['saves'][1]:.2f} s), round {args.big_rounds} {rounds[-1]:.2f} s "
           f"(save {big['saves'][-1]:.2f} s): {rounds[-1] / rounds[1]:.3f}x; the last 5 rounds against rounds 2 to 6, "
           f"mean: {sum(rounds[-5:]) / sum(rounds[1:6]):.3f}x")
-    print(f"default={ratios['default']:.3f} stc={ratios['stc']:.3f} big_rss_mb={big['peak_mb']:.0f} "
-          f"big_last_over_second={rounds[-1] / rounds[1]:.3f}")
+    print(f"{speed} big_rss_mb={big['peak_mb']:.0f} big_last_over_second={rounds[-1] / rounds[1]:.3f}")
 
 
 if __name__ == "__main__":
