@@ -90,6 +90,9 @@ def check_parallel(conf, args):
         raise RunError(f"--parallel {args.parallel} is more than the {conf['k']} clients that train per round (k): "
                        f"give at most {conf['k']}")
     if args.engine == "inprocess":
+        if args.parallel > cpus():  # more threads than CPUs would only wait for each other, holding a model each
+            raise RunError(f"--parallel {args.parallel} trains {args.parallel} clients at once on threads, and this "
+                           f"machine has {cpus()} CPUs: give at most {cpus()}")
         inprocess.check_device(args.parallel, federation.pick_device(conf["device"]))
         return
     gpus, present = engines.node_gpus(args.client_gpus, args.parallel), torch.cuda.device_count()
@@ -288,7 +291,7 @@ def parse_args(argv):
                         help="how many clients train at once (at most k): in-process, on threads of this process, "
                              "each with its own model (CPU only); --engine flower: Ray actors, each with its own "
                              "copy of the data and a model")
-    parser.add_argument("--client-cpus", type=positive(float), metavar="C",
+    parser.add_argument("--client-cpus", type=client_cpus, metavar="C",
                         help="torch threads each client trains with (a fraction rounds down, to at least 1; default: "
                              "this machine's torch threads divided by --parallel); --engine flower: CPUs per actor")
     parser.add_argument("--client-gpus", type=gpu_share, default=0.0, metavar="G",
@@ -315,6 +318,20 @@ def positive(kind, zero=False, most=None):
             raise argparse.ArgumentTypeError(f"{text!r} is more than {most:.0f}")
         return value
     return parse
+
+
+def cpus():
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def client_cpus(text):
+    """An argparse type for --client-cpus: above 0 and at most this machine's CPUs (a client's torch threads: more
+    than the CPUs only wait for each other, and torch fails or crashes on counts in the millions)."""
+    value = positive(float)(text)
+    if value > cpus():
+        raise argparse.ArgumentTypeError(f"{text!r} is more than this machine's {cpus()} CPUs")
+    return value
 
 
 def gpu_share(text):

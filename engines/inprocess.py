@@ -189,7 +189,7 @@ def check_parallel(model, dataset, shares, conf, parallel):
     GPU (check_device), or with a model that draws from torch's global random generator
     as it trains (dropout does; each client seeds it before training, and clients at once would take each other's
     draws). The draws are looked for in one step on a copy of the model, which leaves the generator as it was."""
-    check_device(parallel, next(model.parameters()).device)
+    check_device(parallel, next((p.device for p in model.parameters()), torch.device("cpu")))
     share = next((share for share in shares if len(share)), None)
     if share is None:
         return

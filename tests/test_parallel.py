@@ -74,9 +74,14 @@ def test_the_command_line_trains_at_once_and_records_the_thread_count(write_conf
 
 @pytest.mark.parametrize("flags, message", [
     (["--parallel", "3"], "--parallel 3 is more than the 2 clients that train per round (k): give at most 2"),
+    (["--parallel", "3", "--set", "k=3"], "--parallel 3 trains 3 clients at once on threads, and this machine has 2 "
+                                          "CPUs: give at most 2"),
+    (["--client-cpus", "3"], "argument --client-cpus: '3' is more than this machine's 2 CPUs"),
+    (["--client-cpus", "1e30"], "argument --client-cpus: '1e30' is more than this machine's 2 CPUs"),  # crashed torch
     (["--parallel", "2", "--set", "device=cuda"], "this run trains on cuda"),
 ])
 def test_what_cannot_train_at_once_is_one_line(write_conf, tmp_path, run_main, monkeypatch, flags, message):
+    monkeypatch.setattr(main, "cpus", lambda: 2)
     monkeypatch.setattr(federation, "pick_device", lambda asked: torch.device(asked if asked != "auto" else "cpu"))
     status, _, err = run_main("-c", write_conf(), "--out", tmp_path / "run", *flags)
     assert status == 2 and message in err and len(err.strip().splitlines()) == 1
