@@ -8,8 +8,9 @@ and takes it back after; only this process's main thread touches the store, in t
 downloads is counted by the server (downloads.py); that applying it gives the client exactly the server's state is
 what the Flower engines check on every node, and tests/test_downloads.py here.
 
-Why threads: a small model's batches keep torch's threads poorly busy (on 2 cores, one client trains in 0.6 of the
-time on 2 threads that it takes on 1), so two clients at once, on one thread each, train a round's clients sooner.
+Why threads: a small model's batches keep torch's threads poorly busy (on 2 cores a plain loop trains 100 clients of
+the CNN in 0.6 of the time on 2 threads that it takes on 1, not in half), so two clients at once, on one thread each,
+get through a round's clients sooner.
 Each client trains with `client_threads` torch threads (engines.client_threads: this process's shared among the
 clients that train at once); a client's upload depends on that count in its last digits, never on which thread ran
 it or when, so a run with --parallel N gives the metrics of a run that trains one client at a time with as many
@@ -186,9 +187,10 @@ def check_device(parallel, device):
 
 def check_parallel(model, dataset, shares, conf, parallel):
     """Refuse clients training at once where they could not give the uploads of clients trained one at a time: on a
-    GPU (check_device), or with a model that draws from torch's global random generator
-    as it trains (dropout does; each client seeds it before training, and clients at once would take each other's
-    draws). The draws are looked for in one step on a copy of the model, which leaves the generator as it was."""
+    GPU (check_device), or with a model that draws from torch's global random generator as it trains (dropout does;
+    each client seeds it before training, and clients at once would take each other's draws). The draws are looked
+    for in one step on a copy of the model, which leaves the generator as it was; a model that draws only on some
+    inputs would escape it."""
     check_device(parallel, next((p.device for p in model.parameters()), torch.device("cpu")))
     share = next((share for share in shares if len(share)), None)
     if share is None:
