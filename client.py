@@ -77,6 +77,11 @@ class Client:
     def mask_seed(self, round_index):
         return mask_seed(self.conf, self.id, round_index)
 
+    def dropout_stream(self, round_index):
+        """The stream (seeding.seed_torch's parts) that torch's global generators are seeded with before this client
+        trains: a model's dropout draws from them."""
+        return self.conf["seed"], "dropout", round_index, self.id
+
     def rounding_seed(self, round_index):
         """The seed of this client's random rounding (QSGD's levels): new every round, whatever `mask` says, since
         rounding drawn alike every round would make the same errors every round."""
@@ -89,7 +94,7 @@ class Client:
         model.train()
         optimizer = torch.optim.SGD(model.parameters(), lr=conf["lr"], momentum=conf["momentum"])
         shuffle = generator(conf["seed"], "shuffle", round_index, self.id)
-        seed_torch(conf["seed"], "dropout", round_index, self.id)  # models with dropout (VGG)
+        seed_torch(*self.dropout_stream(round_index))  # models with dropout (VGG)
         total_steps = local_steps(len(self.indices), conf)
         loss_sum, steps = 0.0, 0
         for _ in range(conf["local_epochs"]):

@@ -74,10 +74,12 @@ def run(conf, out, resume, transport_factory):
     # the clients' state: opened (and, unless resumed, emptied) at its first write, so after the check below
     store = ClientStore(out, kept_numels(conf, [t.shape for t in server.globals]), conf["client_state_memory"],
                         resume)
+    # before the run folder is made: a transport that refuses the run (in process, a model whose clients cannot
+    # train at once) leaves no folder behind
+    transport = transport_factory(conf, dataset, shares, copy.deepcopy(server.model), store)
     with run_files.locked(out), contextlib.closing(store):
         if not resume and run_files.holds_run(out):  # another run finished here since the command line was checked
             raise RunError(f"{out} already holds a run: continue it with --resume, or choose another --out")
-        transport = transport_factory(conf, dataset, shares, copy.deepcopy(server.model), store)
         timer = clock.Clock(conf, [local_steps(len(share), conf) for share in shares]) if conf["clock"] != "none" \
             else None
         buffered = fedbuff.FedBuff(conf, server, transport, timer, sample_clients) if conf["mode"] == "async" else None
@@ -86,7 +88,7 @@ def run(conf, out, resume, transport_factory):
             rows = restore(out, conf, server, transport, store, device, dataset.digest, timer, buffered)
             run_files.write_metrics(out, rows)  # the checkpoint's rows: a kill -9 may have cut metrics.csv short
         run_files.write_config(out, conf)
-        run_files.write_environment(out, device, len(rows) + 1, transport.client_threads)
+        run_files.write_environment(out, device, len(rows) + 1, getattr(transport, "client_threads", None))
         show_progress = sys.stdout.isatty()
         for round_index in range(len(rows) + 1, conf["global_epochs"] + 1):
             rows.append(play_step(round_index, server, buffered, dataset) if buffered else

@@ -90,9 +90,11 @@ def check_parallel(conf, args):
         raise RunError(f"--parallel {args.parallel} is more than the {conf['k']} clients that train per round (k): "
                        f"give at most {conf['k']}")
     if args.engine == "inprocess":
-        if args.parallel > cpus():  # more threads than CPUs would only wait for each other, holding a model each
-            raise RunError(f"--parallel {args.parallel} trains {args.parallel} clients at once on threads, and this "
-                           f"machine has {cpus()} CPUs: give at most {cpus()}")
+        threads = args.parallel * engines.client_threads(args.parallel, args.client_cpus)
+        if args.parallel > 1 and threads > cpus():  # more threads than CPUs only wait for each other, a model each
+            raise RunError(f"--parallel {args.parallel} trains {args.parallel} clients at once on {threads} torch "
+                           f"threads in all (--client-cpus), and this machine has {cpus()} CPUs: ask for at most "
+                           f"{cpus()}")
         inprocess.check_device(args.parallel, federation.pick_device(conf["device"]))
         return
     gpus, present = engines.node_gpus(args.client_gpus, args.parallel), torch.cuda.device_count()
@@ -293,7 +295,7 @@ def parse_args(argv):
                              "copy of the data and a model")
     parser.add_argument("--client-cpus", type=client_cpus, metavar="C",
                         help="torch threads each client trains with (a fraction rounds down, to at least 1; default: "
-                             "this machine's torch threads divided by --parallel); --engine flower: CPUs per actor")
+                             "this process's torch threads divided by --parallel); --engine flower: CPUs per actor")
     parser.add_argument("--client-gpus", type=gpu_share, default=0.0, metavar="G",
                         help="--engine flower: GPUs per actor, a fraction up to 1 shares one (default 0)")
     parser.add_argument("--dry-run", action="store_true",

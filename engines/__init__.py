@@ -8,8 +8,8 @@
         dense payload}} (what clients keep between rounds, their residuals and warm starts, lives in the client store
         given to the transport: client_store.py)
     restore_client_state(state)  (client ids already checked against the run's clients by federation.restore)
-    client_threads: the torch threads each client trains with (environment.json records it: the uploads' last
-        digits depend on it)
+    client_threads: the torch threads each client trains with (environment.json records it, null where a transport
+        does not say: the uploads' last digits depend on it)
     secure_sum: after train, the round's sums when the transport ran secure aggregation itself (Flower's SecAgg+:
         secure.delivered), its Uploads then carrying no payload; None when the server sums the payloads
 

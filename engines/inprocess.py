@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from client import Client
 from engines import client_threads
 from utils.run_files import RunError
+from utils.seeding import derive_seed
 
 
 class InProcess:
@@ -61,7 +62,8 @@ class InProcess:
 
     def _train_at_once(self, chosen, global_state, round_index, progress, device):
         """Train `chosen` on `parallel` threads; their uploads in the order of `chosen`. At most twice as many clients
-        as threads hold their kept state at a time."""
+        as threads hold their kept state at a time. Raises RunError if the model drew from torch's global generator
+        (check_no_draws)."""
         idle, stop = queue.SimpleQueue(), threading.Event()
         for workspace in self.workspaces:
             idle.put(workspace)
@@ -90,13 +92,14 @@ class InProcess:
             for position, client_id in enumerate(chosen):
                 running.append((client_id, pool.submit(train_one, client_id, self._kept(client_id, device),
                                                        steps_until_stopped(position))))
-                if len(running) > 2 * self.parallel:
+                if len(running) >= 2 * self.parallel:
                     uploads.append(self._keep(*oldest(running)))
             while running:
                 uploads.append(self._keep(*oldest(running)))
         finally:
             stop.set()
             pool.shutdown(wait=True, cancel_futures=True)
+        check_no_draws([self.clients[client_id] for client_id in chosen], round_index)
         return uploads
 
     def _kept(self, client_id, device):
@@ -160,6 +163,21 @@ def oldest(running):
                 raise future.exception()
     running.popleft()
     return client_id, first.result()
+
+
+def check_no_draws(clients, round_index):
+    """After `clients` trained at once: torch's global generator must be as the last of them to start seeded it (each
+    seeds it before training). Otherwise the model drew from it, on inputs check_parallel's step did not meet, and
+    the round's uploads are not those of clients trained one at a time: raise RunError (the round is not saved).
+    It sees the draws made after the last client seeded it: a model that draws on some batch of every client is seen
+    at the round's last; one whose draws all came before that goes unseen."""
+    state = torch.random.get_rng_state()
+    seeded = (torch.Generator().manual_seed(derive_seed(*c.dropout_stream(round_index))).get_state() for c in clients)
+    if not any(torch.equal(state, fresh) for fresh in seeded):
+        raise RunError(f"round {round_index}: the model drew from torch's global random generator while clients "
+                       f"trained at once (dropout on some inputs, say), so the round's uploads are not those of "
+                       f"clients trained one at a time; it was not saved: continue the saved rounds with --resume, "
+                       f"without --parallel")
 
 
 class Abandoned(Exception):

@@ -2,6 +2,8 @@
 at a time with the same torch thread count; what cannot be run that way is refused in one line; a client's error
 abandons its round without waiting for the others to finish training."""
 import functools
+import json
+import math
 import threading
 import time
 
@@ -64,7 +66,6 @@ def test_the_command_line_trains_at_once_and_records_the_thread_count(write_conf
     assert status == 0
     assert without_seconds(read_csv(out / "metrics.csv")) == \
         without_seconds(read_csv(tmp_path / "sequential" / "metrics.csv"))
-    import json
     environment = json.loads((out / "environment.json").read_text())
     assert environment[-1]["client_threads"] == 1  # the tests' one torch thread, shared out: at least one each
     assert main.engine_options(main.parse_args(["--parallel", "2", "--client-cpus", "1.5"])) == \
@@ -74,8 +75,9 @@ def test_the_command_line_trains_at_once_and_records_the_thread_count(write_conf
 
 @pytest.mark.parametrize("flags, message", [
     (["--parallel", "3"], "--parallel 3 is more than the 2 clients that train per round (k): give at most 2"),
-    (["--parallel", "3", "--set", "k=3"], "--parallel 3 trains 3 clients at once on threads, and this machine has 2 "
-                                          "CPUs: give at most 2"),
+    (["--parallel", "3", "--set", "k=3"], "--parallel 3 trains 3 clients at once on 3 torch threads in all "
+                                          "(--client-cpus), and this machine has 2 CPUs: ask for at most 2"),
+    (["--parallel", "2", "--client-cpus", "2"], "--parallel 2 trains 2 clients at once on 4 torch threads in all"),
     (["--client-cpus", "3"], "argument --client-cpus: '3' is more than this machine's 2 CPUs"),
     (["--client-cpus", "1e30"], "argument --client-cpus: '1e30' is more than this machine's 2 CPUs"),  # crashed torch
     (["--parallel", "2", "--set", "device=cuda"], "this run trains on cuda"),
@@ -112,6 +114,38 @@ def test_a_model_that_draws_from_the_global_generator_is_refused_and_the_generat
     assert torch.equal(torch.random.get_rng_state(), state)
     check_parallel(still, synthetic, shares, conf, 2)  # draws nothing: accepted
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def dropping(input_shape, num_classes):
+    """model_name "test_parallel:dropping"."""
+    return Dropping(math.prod(input_shape), num_classes)
+
+
+def test_a_dropping_model_is_refused_before_the_run_folder_is_made(write_conf, tmp_path, run_main):
+    status, _, err = run_main("-c", write_conf(model_name="test_parallel:dropping"), "--out", tmp_path / "run",
+                              "--parallel", "2")
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert "draws from torch's global random generator" in err
+    assert not (tmp_path / "run").exists()
+
+
+class Rare(Dropping):
+    """Dropout on short batches only: the first batch, which the check before the first round trains on, is full."""
+
+    def forward(self, images):
+        out = self.linear(images.flatten(1))
+        return self.dropout(out) if len(images) < 64 else out
+
+
+def test_a_model_that_draws_on_some_batches_only_is_refused_at_the_end_of_the_round(synthetic, make_conf, tmp_path):
+    conf = make_conf(k=4)  # batch_size 64: each client's 500 examples end on a batch of 52
+    _, shares = partition.server_and_clients(synthetic, conf)
+    workspace = Rare(synthetic.train_inputs[0].numel(), 10)
+    store = ClientStore(str(tmp_path), client.kept_numels(conf, [p.shape for p in workspace.parameters()]), 100,
+                        False)
+    transport = InProcess(conf, synthetic, shares, workspace, store, parallel=2)  # the first batch draws nothing
+    with pytest.raises(RunError, match="round 1: the model drew from torch's global random generator"):
+        transport.train([0, 1, 2, 3], {}, workspace.state_dict(), 1)
 
 
 class Slow(torch.nn.Module):

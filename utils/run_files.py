@@ -127,8 +127,9 @@ def write_environment(run_dir, device, first_round, client_threads):
     entries.append({
         "from_round": first_round, "python": platform.python_version(), "torch": torch.__version__,
         "numpy": numpy.__version__, "cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "threads": torch.get_num_threads(), "client_threads": client_threads, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else "cpu", "platform": platform.platform()})
+        "threads": torch.get_num_threads(), "client_threads": client_threads,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "platform": platform.platform()})
     write_atomically(path, (json.dumps(entries, indent=2) + "\n").encode())
 
 
