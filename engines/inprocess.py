@@ -9,7 +9,7 @@ downloads is counted by the server (downloads.py); that applying it gives the cl
 what the Flower engines check on every node, and tests/test_downloads.py here.
 
 Why threads: a small model's batches keep torch's threads poorly busy (on 2 cores a plain loop trains 100 clients of
-the CNN in 0.6 of the time on 2 threads that it takes on 1, not in half), so two clients at once, on one thread each,
+the CNN in 0.66 of the time on 2 threads that it takes on 1, not in half), so two clients at once, on one thread each,
 get through a round's clients sooner.
 Each client trains with `client_threads` torch threads (engines.client_threads: this process's shared among the
 clients that train at once); a client's upload depends on that count in its last digits, never on which thread ran
