@@ -280,9 +280,10 @@ def parse_args(argv):
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
     parser.add_argument("--sweep", metavar="KEY=V1,V2,...", help="one run per value, then a comparison figure")
     parser.add_argument("--engine", choices=("inprocess", "flower", "deployment"), default="inprocess",
-                        help="inprocess: clients train one after another in this process; flower: on Flower's "
-                             "simulation engine (Ray); deployment: on a running SuperLink and its SuperNodes (run "
-                             "this on the SuperLink's machine); all three give the same metrics")
+                        help="inprocess: clients train in this process, one after another (--parallel: some at "
+                             "once, on threads); flower: on Flower's simulation engine (Ray); deployment: on a running "
+                             "SuperLink and its SuperNodes (run this on the SuperLink's machine); all three give the "
+                             "same metrics")
     parser.add_argument("--superlink", default="local-rehearsal", metavar="NAME",
                         help="--engine deployment: the SuperLink connection of $FLWR_HOME/config.toml to run on")
     # waits longer than threading.TIMEOUT_MAX (292 years) raise OverflowError
