@@ -226,13 +226,16 @@ class ClientStore:
     def _write_all(self, jobs):
         """Write each (key, slot, tensors) of `jobs`, shared among WRITERS threads, each writing its share one record
         after another through its own staging buffer; the records' digests, in the order of `jobs`."""
-        if not jobs:
-            return []
-        with ThreadPoolExecutor(WRITERS) as pool:
-            shares = list(pool.map(lambda writer: [self._write(name, slot, tensors, writer)
-                                                   for (name, _), slot, tensors in jobs[writer::WRITERS]],
-                                   range(WRITERS)))
-        return [shares[index % WRITERS][index // WRITERS] for index in range(len(jobs))]
+        digests = [None] * len(jobs)
+
+        def write_share(writer):
+            for index in range(writer, len(jobs), WRITERS):
+                (name, _), slot, tensors = jobs[index]
+                digests[index] = self._write(name, slot, tensors, writer)
+        if jobs:
+            with ThreadPoolExecutor(WRITERS) as pool:
+                list(pool.map(write_share, range(WRITERS)))  # list(): a writer's error is raised here
+        return digests
 
     def _write(self, name, slot, tensors, writer):
         """Write `tensors` to `name`'s `slot`; the SHA-256 digest of the record."""
